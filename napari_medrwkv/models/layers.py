@@ -1,0 +1,173 @@
+"""Building blocks shared by the RWKV segmentation families.
+
+Module and parameter names follow Vision-RWKV (``spatial_decay``,
+``spatial_mix_k``, ``key``, ...) so official checkpoints load by name.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import bi_wkv
+
+
+def q_shift(x: torch.Tensor, hw: tuple, shift: int = 1, gamma: float = 0.25) -> torch.Tensor:
+    """Vision-RWKV's quad-directional token shift of ``x`` (B, T, C) on an (H, W) grid.
+
+    Four channel groups of ``gamma * C`` move right, left, down and up by
+    ``shift`` pixels with zero fill; the remaining channels pass unchanged.
+    """
+    B, T, C = x.shape
+    H, W = hw
+    g = int(C * gamma)
+    grid = x.transpose(1, 2).reshape(B, C, H, W)
+    out = torch.zeros_like(grid)
+    out[:, 0 * g:1 * g, :, shift:] = grid[:, 0 * g:1 * g, :, :W - shift]
+    out[:, 1 * g:2 * g, :, :W - shift] = grid[:, 1 * g:2 * g, :, shift:]
+    out[:, 2 * g:3 * g, shift:, :] = grid[:, 2 * g:3 * g, :H - shift, :]
+    out[:, 3 * g:4 * g, :H - shift, :] = grid[:, 3 * g:4 * g, shift:, :]
+    out[:, 4 * g:] = grid[:, 4 * g:]
+    return out.flatten(2).transpose(1, 2)
+
+
+def _lerp(x, shifted, mix):
+    return x * mix + shifted * (1 - mix)
+
+
+class SpatialMix(nn.Module):
+    """VRWKV spatial mix: Q-shift, lerp, bias-free K/V/R, Bi-WKV, optional key norm, gated output.
+
+    ``init="fancy"`` is Vision-RWKV's layer-dependent init; ``init="zero"`` is
+    RWKV-UNet's (decay and first 0, mixes 0.5).
+    """
+
+    def __init__(self, dim: int, layer_id: int = 0, n_layer: int = 1, key_norm: bool = False,
+                 init: str = "fancy", shift_pixel: int = 1):
+        super().__init__()
+        self.shift_pixel = shift_pixel
+        self.spatial_decay = nn.Parameter(torch.zeros(dim))
+        self.spatial_first = nn.Parameter(torch.zeros(dim))
+        self.spatial_mix_k = nn.Parameter(torch.full((1, 1, dim), 0.5))
+        self.spatial_mix_v = nn.Parameter(torch.full((1, 1, dim), 0.5))
+        self.spatial_mix_r = nn.Parameter(torch.full((1, 1, dim), 0.5))
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.key_norm = nn.LayerNorm(dim) if key_norm else None
+        self.output = nn.Linear(dim, dim, bias=False)
+        if init == "fancy":
+            self._fancy_init(layer_id, n_layer)
+        elif init != "zero":
+            raise ValueError(f"SpatialMix init={init!r}: use 'fancy' or 'zero'")
+
+    @torch.no_grad()
+    def _fancy_init(self, layer_id: int, n_layer: int):
+        C = self.spatial_decay.numel()
+        depth = layer_id / max(n_layer - 1, 1)            # 0 .. 1 through the network
+        shallowness = 1.0 - layer_id / n_layer             # 1 .. ~0
+        h = torch.arange(C, dtype=torch.float64)
+        self.spatial_decay.copy_(-5 + 8 * (h / max(C - 1, 1)) ** (0.7 + 1.3 * depth))
+        zigzag = torch.tensor([(i + 1) % 3 - 1 for i in range(C)], dtype=torch.float64) * 0.5
+        self.spatial_first.copy_(math.log(0.3) + zigzag)
+        x = (torch.arange(C, dtype=torch.float64) / C).view(1, 1, C)
+        self.spatial_mix_k.copy_(x ** shallowness)
+        self.spatial_mix_v.copy_(x ** shallowness + 0.3 * depth)
+        self.spatial_mix_r.copy_(x ** (0.5 * shallowness))
+
+    def forward(self, x: torch.Tensor, hw: tuple) -> torch.Tensor:
+        T = x.shape[1]
+        shifted = q_shift(x, hw, self.shift_pixel)
+        k = self.key(_lerp(x, shifted, self.spatial_mix_k))
+        v = self.value(_lerp(x, shifted, self.spatial_mix_v))
+        r = torch.sigmoid(self.receptance(_lerp(x, shifted, self.spatial_mix_r)))
+        wkv = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
+        if self.key_norm is not None:
+            wkv = self.key_norm(wkv)
+        return self.output(r * wkv)
+
+
+class ChannelMix(nn.Module):
+    """RWKV channel mix: Q-shift, lerp, squared-ReLU MLP gated by sigmoid(receptance)."""
+
+    def __init__(self, dim: int, hidden_rate: int = 4, layer_id: int = 0, n_layer: int = 1,
+                 key_norm: bool = False, init: str = "fancy", shift_pixel: int = 1):
+        super().__init__()
+        hidden = hidden_rate * dim
+        self.shift_pixel = shift_pixel
+        self.spatial_mix_k = nn.Parameter(torch.full((1, 1, dim), 0.5))
+        self.spatial_mix_r = nn.Parameter(torch.full((1, 1, dim), 0.5))
+        self.key = nn.Linear(dim, hidden, bias=False)
+        self.key_norm = nn.LayerNorm(hidden) if key_norm else None
+        self.receptance = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(hidden, dim, bias=False)
+        if init == "fancy":
+            with torch.no_grad():
+                x = (torch.arange(dim, dtype=torch.float64) / dim).view(1, 1, dim)
+                ratio = (1.0 - layer_id / n_layer)
+                self.spatial_mix_k.copy_(x ** ratio)
+                self.spatial_mix_r.copy_(x ** ratio)
+        elif init != "zero":
+            raise ValueError(f"ChannelMix init={init!r}: use 'fancy' or 'zero'")
+
+    def forward(self, x: torch.Tensor, hw: tuple) -> torch.Tensor:
+        shifted = q_shift(x, hw, self.shift_pixel)
+        k = torch.square(torch.relu(self.key(_lerp(x, shifted, self.spatial_mix_k))))
+        if self.key_norm is not None:
+            k = self.key_norm(k)
+        return torch.sigmoid(self.receptance(_lerp(x, shifted, self.spatial_mix_r))) * self.value(k)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode or at rate 0)."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x):
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+def conv_bn_act(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1,
+                act: type = nn.ReLU, norm: bool = True) -> nn.Sequential:
+    """Conv (no bias) + BatchNorm + activation; ``act=None``/``norm=False`` drop those."""
+    layers = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=not norm)]
+    if norm:
+        layers.append(nn.BatchNorm2d(c_out))
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int):
+    """Pad (B, C, H, W) on the bottom/right to multiples of ``multiple``; returns (x, (H, W))."""
+    H, W = x.shape[-2:]
+    ph, pw = (-H) % multiple, (-W) % multiple
+    if ph or pw:
+        # Reflection keeps image statistics at the border; tiny inputs can only replicate.
+        mode = "reflect" if ph < H and pw < W else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, (H, W)
+
+
+def tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def grid(x: torch.Tensor, hw: tuple) -> torch.Tensor:
+    """(B, H*W, C) -> (B, C, H, W)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *hw)

@@ -1,0 +1,66 @@
+"""Bi-WKV, the bidirectional WKV attention of Vision-RWKV.
+
+``bi_wkv(w, u, k, v)`` picks a path per call:
+
+* ``cuda``  -- the compiled kernel from ``kernels/`` for CUDA tensors, when it
+  can be built on this machine;
+* ``torch`` -- :func:`bi_wkv_chunked`, pure PyTorch, any device.
+
+``MEDRWKV_WKV=torch|cuda`` forces one.  :func:`bi_wkv_naive` is the O(T^2)
+float64 reference the tests compare every path with.
+"""
+import os
+
+import torch
+
+from .chunked import bi_wkv_chunked
+from .naive import bi_wkv_naive
+
+__all__ = ["bi_wkv", "bi_wkv_chunked", "bi_wkv_naive", "selected_path"]
+
+_PATHS = ("torch", "cuda")
+
+
+def selected_path(k: torch.Tensor) -> str:
+    """The path :func:`bi_wkv` takes for a tensor like ``k``."""
+    forced = os.environ.get("MEDRWKV_WKV", "").strip().lower()
+    if forced and forced not in _PATHS:
+        raise ValueError(f"MEDRWKV_WKV={forced!r}: use one of {', '.join(_PATHS)} (or unset it).")
+    if forced == "torch":
+        return "torch"
+    if k.is_cuda:
+        from . import cuda
+        if cuda.available():
+            return "cuda"
+        if forced == "cuda":
+            raise RuntimeError(f"MEDRWKV_WKV=cuda but the CUDA Bi-WKV kernel is unavailable: {cuda.unavailable_reason()}")
+        return "torch"
+    if forced == "cuda":
+        raise RuntimeError("MEDRWKV_WKV=cuda needs CUDA tensors; these are on " + str(k.device))
+    return "torch"
+
+
+def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bidirectional WKV (Vision-RWKV, exact formula).
+
+    ``w``, ``u``: (C,), already divided by T as the models pass them;
+    ``k``, ``v``: (B, T, C).  Returns (B, T, C) in the dtype of ``k``::
+
+        wkv_t = (sum_{i!=t} e^{-(|t-i|-1) w + k_i} v_i + e^{u + k_t} v_t)
+              / (sum_{i!=t} e^{-(|t-i|-1) w + k_i}     + e^{u + k_t})
+    """
+    _check(w, u, k, v)
+    if selected_path(k) == "cuda":
+        from . import cuda
+        return cuda.bi_wkv_cuda(w, u, k, v)
+    return bi_wkv_chunked(w, u, k, v)
+
+
+def _check(w, u, k, v):
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"bi_wkv: k and v must both be (B, T, C); got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    C = k.shape[2]
+    if w.shape != (C,) or u.shape != (C,):
+        raise ValueError(f"bi_wkv: w and u must be ({C},) to match k; got w {tuple(w.shape)}, u {tuple(u.shape)}")
+    if k.shape[1] < 1:
+        raise ValueError("bi_wkv: T must be at least 1")

@@ -1,0 +1,53 @@
+# Sourced by launch.sh and test.sh: installs what is missing, quickly a second time.
+#   bootstrap EXTRAS   e.g. bootstrap "napari,pyqt5"
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+# Debian packages a headless or desktop Qt/OpenGL napari needs.
+QT_DEBS="xvfb libgl1 libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0
+libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1"
+
+install_debs() {
+    command -v dpkg-query >/dev/null || return 0
+    local missing=()
+    for pkg in $QT_DEBS; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ]; then
+        echo "[medrwkv] installing Debian packages: ${missing[*]}"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "[medrwkv] missing Debian packages for Qt: ${missing[*]}"
+        echo "[medrwkv] install them with: sudo apt-get install -y ${missing[*]}"
+    fi
+}
+
+pick_python() {
+    for py in python3.11 python3.12 python3.10 python3; do
+        if command -v "$py" >/dev/null && "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+            echo "$py"; return
+        fi
+    done
+    echo "[medrwkv] need Python >= 3.10 (3.11 recommended)" >&2; exit 1
+}
+
+bootstrap() {
+    local extras="$1"
+    install_debs
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "[medrwkv] creating $VENV"
+        "$(pick_python)" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+    fi
+    # Reinstall only when the package metadata or the requested extras changed.
+    local stamp="$VENV/.medrwkv-$(echo "$extras" | tr ',' '-')"
+    local digest
+    digest="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
+        # The CPU wheel of torch first: an unpinned torch would pull a multi-GB CUDA build.
+        "$VENV/bin/python" -c 'import torch' 2>/dev/null || "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+        "$VENV/bin/python" -m pip install -q -e "$ROOT[$extras]"
+        echo "$digest" > "$stamp"
+    fi
+}

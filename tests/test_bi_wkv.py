@@ -1,0 +1,157 @@
+"""Bi-WKV: every path against the O(T^2) float64 reference."""
+import pytest
+import torch
+
+from napari_medrwkv.ops import bi_wkv
+from napari_medrwkv.ops.bi_wkv import bi_wkv_chunked, bi_wkv_naive, selected_path
+
+
+def _inputs(B, T, C, w_scale=1.0, k_scale=1.0, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(C, generator=g, dtype=torch.float64) * w_scale
+    u = torch.randn(C, generator=g, dtype=torch.float64)
+    k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * k_scale
+    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (w, u, k, v)]
+
+
+def _rel_err(out, ref):
+    return float((out.detach().double() - ref).norm() / ref.norm())
+
+
+def test_naive_matches_the_formula_written_out():
+    # The reference itself, against a literal double loop over the paper's formula.
+    w, u, k, v = _inputs(2, 7, 3, dtype=torch.float64)
+    ref = bi_wkv_naive(w, u, k, v)
+    for b in range(2):
+        for t in range(7):
+            for c in range(3):
+                num = torch.exp(u[c] + k[b, t, c]) * v[b, t, c]
+                den = torch.exp(u[c] + k[b, t, c])
+                for i in range(7):
+                    if i != t:
+                        weight = torch.exp(-(abs(t - i) - 1) * w[c] + k[b, i, c])
+                        num, den = num + weight * v[b, i, c], den + weight
+                assert torch.allclose(ref[b, t, c], num / den, rtol=1e-12, atol=0)
+
+
+SHAPES = [(1, 1, 4), (2, 2, 3), (1, 31, 5), (2, 33, 7), (3, 100, 17), (1, 257, 9), (2, 1000, 3)]
+
+
+@pytest.mark.parametrize("B,T,C", SHAPES)
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_float64_is_exact(B, T, C, grad):
+    w, u, k, v = _inputs(B, T, C, dtype=torch.float64, seed=T)
+    with torch.set_grad_enabled(grad):
+        if grad:
+            k.requires_grad_()
+        out = bi_wkv_chunked(w, u, k, v)
+    assert _rel_err(out, bi_wkv_naive(w, u, k, v)) < 1e-12
+
+
+@pytest.mark.parametrize("B,T,C", SHAPES)
+@pytest.mark.parametrize("grad", [False, True])
+def test_chunked_float32(B, T, C, grad):
+    w, u, k, v = _inputs(B, T, C, w_scale=5.0 / T, seed=T)
+    with torch.set_grad_enabled(grad):
+        if grad:
+            v.requires_grad_()
+        out = bi_wkv_chunked(w, u, k, v)
+    assert out.dtype == torch.float32
+    assert _rel_err(out, bi_wkv_naive(w, u, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 16, 64])
+def test_every_chunk_length_gives_the_same_answer(chunk):
+    w, u, k, v = _inputs(2, 77, 6, dtype=torch.float64)
+    assert _rel_err(bi_wkv_chunked(w, u, k, v, chunk=chunk), bi_wkv_naive(w, u, k, v)) < 1e-12
+
+
+@pytest.mark.parametrize("w_times_T", [-30.0, -8.0, 8.0, 30.0, 100.0])
+def test_large_decay_float32(w_times_T):
+    T = 600
+    w, u, k, v = _inputs(1, T, 8, seed=1)
+    w = torch.full_like(w, w_times_T / T) * torch.linspace(0.2, 1.0, 8)
+    assert _rel_err(bi_wkv_chunked(w, u, k, v), bi_wkv_naive(w, u, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("k_scale", [20.0, 100.0, 1000.0])
+def test_large_keys_stay_finite_and_exact(k_scale):
+    # Exponents far outside float32's range: the running references must absorb them.
+    w, u, k, v = _inputs(2, 300, 5, w_scale=0.05, k_scale=k_scale, seed=2)
+    out = bi_wkv_chunked(w, u, k, v)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, bi_wkv_naive(w, u, k, v)) < 1e-5
+
+
+def test_per_token_decay_larger_than_a_chunk_can_hold():
+    # |w| = 5 per token: the chunk length must shrink so e^{|w| L} stays finite.
+    w, u, k, v = _inputs(1, 50, 4, seed=3)
+    w = torch.tensor([5.0, -5.0, 0.5, -0.01])
+    assert _rel_err(bi_wkv_chunked(w, u, k, v), bi_wkv_naive(w, u, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_compute_in_float32(dtype):
+    w, u, k, v = _inputs(2, 129, 8, w_scale=0.02, dtype=dtype, seed=4)
+    out = bi_wkv(w, u, k, v)
+    assert out.dtype == dtype
+    # Exact for the rounded inputs; only the output rounding remains.
+    tol = 4e-3 if dtype == torch.float16 else 2e-2
+    assert _rel_err(out, bi_wkv_naive(w, u, k, v)) < tol
+
+
+def test_non_contiguous_inputs():
+    w, u, k, v = _inputs(3, 40, 6, dtype=torch.float64)
+    kt, vt = k.transpose(0, 1).contiguous().transpose(0, 1), v[:, :, :].flip(0).flip(0)
+    assert not kt.is_contiguous()
+    assert _rel_err(bi_wkv_chunked(w, u, kt, vt), bi_wkv_naive(w, u, k, v)) < 1e-12
+
+
+@pytest.mark.parametrize("T", [1, 3, 20, 41])
+def test_gradcheck_all_four_inputs(T):
+    w, u, k, v = _inputs(2, T, 3, dtype=torch.float64, seed=T)
+    w = w * 0.3
+    args = [t.clone().requires_grad_() for t in (w, u, k, v)]
+    assert torch.autograd.gradcheck(lambda *a: bi_wkv_chunked(*a, chunk=8), args, eps=1e-6, atol=1e-7)
+
+
+def test_gradients_match_the_reference_in_float32():
+    w, u, k, v = _inputs(2, 200, 6, w_scale=0.02, seed=5)
+    gy = torch.randn(2, 200, 6, dtype=torch.float64)
+    grads = []
+    for fn, dtype in ((bi_wkv_chunked, torch.float32), (bi_wkv_naive, torch.float64)):
+        args = [t.detach().to(dtype).requires_grad_() for t in (w, u, k, v)]
+        (fn(*args).double() * gy).sum().backward()
+        grads.append([a.grad.double() for a in args])
+    for ours, ref in zip(*grads):
+        assert _rel_err(ours, ref) < 1e-4
+
+
+def test_dispatcher_uses_torch_on_cpu_and_honours_the_variable(monkeypatch):
+    k = torch.zeros(1, 2, 3)
+    monkeypatch.delenv("MEDRWKV_WKV", raising=False)
+    assert selected_path(k) == "torch"
+    monkeypatch.setenv("MEDRWKV_WKV", "torch")
+    assert selected_path(k) == "torch"
+    monkeypatch.setenv("MEDRWKV_WKV", "cuda")
+    with pytest.raises(RuntimeError, match="MEDRWKV_WKV=cuda"):
+        bi_wkv(torch.zeros(3), torch.zeros(3), k, k)
+    monkeypatch.setenv("MEDRWKV_WKV", "triton")
+    with pytest.raises(ValueError, match="MEDRWKV_WKV"):
+        bi_wkv(torch.zeros(3), torch.zeros(3), k, k)
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match=r"w and u must be \(3,\)"):
+        bi_wkv(torch.zeros(4), torch.zeros(3), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="k and v must both be"):
+        bi_wkv(torch.zeros(3), torch.zeros(3), torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_path_on_cuda_tensors():
+    w, u, k, v = _inputs(2, 500, 33, w_scale=0.01)
+    out = bi_wkv_chunked(*(t.cuda() for t in (w, u, k, v)))
+    assert _rel_err(out.cpu(), bi_wkv_naive(w, u, k, v)) < 1e-5

@@ -1,0 +1,52 @@
+"""RWKV-UNet against the facts of the paper's code."""
+import pytest
+import torch
+
+from napari_medrwkv.models import create_model
+from napari_medrwkv.models.rwkv_unet import GLSP, CONFIGS
+from napari_medrwkv.models.layers import SpatialMix
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,expected", [("rwkv_unet_t", 3.15e6), ("rwkv_unet_s", 9.70e6), ("rwkv_unet_b", 17.13e6)])
+def test_parameter_counts_match_the_paper_code(name, expected):
+    # Counted over the modules the authors' forward uses (their dead per-block attention excluded).
+    assert abs(_params(create_model(name)) - expected) / expected < 0.03
+
+
+@pytest.mark.parametrize("variant", ["t", "s", "b"])
+def test_attention_only_in_stages_three_and_four(variant):
+    model = create_model(f"rwkv_unet_{variant}")
+    cfg = CONFIGS[variant]
+    for i, stage in enumerate(model.encoder.stages):
+        blocks = list(stage)
+        assert blocks[0].attn is None, "the downsampling block never attends"
+        for block in blocks[1:]:
+            assert (block.attn is not None) == cfg.attention_stages[i]
+    assert model.encoder.stem.attn is None
+
+
+def test_stage_widths_and_downsampling():
+    model = create_model("rwkv_unet_t").eval()
+    with torch.no_grad():
+        feats = model.encoder(torch.randn(1, 3, 64, 96))
+    assert [f.shape[1] for f in feats] == [32, 48, 96, 160]
+    assert [f.shape[-2:] for f in feats] == [(32, 48), (16, 24), (8, 12), (4, 6)]
+
+
+def test_attention_uses_zero_init_and_key_norm():
+    block = create_model("rwkv_unet_t").encoder.stages[2][1]
+    assert isinstance(block, GLSP) and isinstance(block.attn, SpatialMix)
+    assert torch.all(block.attn.spatial_decay == 0) and torch.all(block.attn.spatial_mix_k == 0.5)
+    assert block.attn.key_norm is not None
+
+
+def test_ccm_follows_the_input_size():
+    # The paper's CCM is fixed to one square size; ours must serve any.
+    model = create_model("rwkv_unet_t").eval()
+    with torch.no_grad():
+        for hw in [(64, 64), (48, 112), (100, 36)]:
+            assert model(torch.randn(1, 3, *hw)).shape[-2:] == hw

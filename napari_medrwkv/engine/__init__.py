@@ -1,0 +1,1 @@
+"""Headless engine: data, inference, training, evaluation, checkpoints."""

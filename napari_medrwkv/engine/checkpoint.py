@@ -1,0 +1,348 @@
+"""Checkpoints: one ``.safetensors`` file holding the weights, with everything needed to
+rebuild and use the model (architecture, classes, normalization, tile size, how it was
+trained, its metrics) as JSON in the file's header.
+
+The header is a string->string map; we store a single key, ``"napari_medrwkv"``, whose
+value is a JSON object (:class:`ModelInfo`).  Loading never unpickles anything:
+:func:`read_info` parses only the header, :func:`load_checkpoint` reads raw tensors with
+``safetensors``.  Imports neither Qt nor napari.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+import safetensors
+import safetensors.torch
+
+from .. import __version__
+
+__all__ = [
+    "CheckpointError",
+    "ModelInfo",
+    "METADATA_KEY",
+    "save_checkpoint",
+    "read_info",
+    "load_checkpoint",
+]
+
+METADATA_KEY = "napari_medrwkv"
+PathLike = Union[str, os.PathLike]
+
+# Buffers whose statistics we keep at full precision even in a half-precision checkpoint.
+_KEEP_FULL_PRECISION_SUFFIXES = ("running_mean", "running_var")
+_FP16_MAX = 65504.0
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or used.  The message names the file and says what to do."""
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def default_class_names(num_classes: int) -> List[str]:
+    """``["background", "foreground"]`` for a binary model, else background + class_1..."""
+    if num_classes <= 1:
+        return ["background", "foreground"]
+    return ["background"] + [f"class_{i}" for i in range(1, num_classes)]
+
+
+@dataclass
+class ModelInfo:
+    """What a checkpoint says about its model.
+
+    ``num_classes == 1`` means one sigmoid output (binary: ``class_names`` is
+    ``["background", name]``); ``num_classes >= 2`` means softmax over classes, class 0 is
+    background and ``class_names`` has one entry per class.
+    """
+
+    architecture: str
+    in_chans: int
+    num_classes: int
+    arch_kwargs: Dict[str, Any] = field(default_factory=dict)
+    class_names: List[str] = field(default_factory=list)
+    normalization: Dict[str, Any] = field(default_factory=dict)
+    tile_size: int = 256
+    training: Dict[str, Any] = field(default_factory=dict)
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    version: str = __version__
+    created: str = field(default_factory=_now_iso)
+
+    def __post_init__(self):
+        if not isinstance(self.architecture, str) or not self.architecture:
+            raise ValueError(f"architecture must be a non-empty string, got {self.architecture!r}")
+        for name in ("in_chans", "num_classes", "tile_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.arch_kwargs = dict(self.arch_kwargs or {})
+        self.normalization = dict(self.normalization or {})
+        self.training = dict(self.training or {})
+        self.metrics = dict(self.metrics or {})
+        names = [str(n) for n in (self.class_names or [])]
+        if not names:
+            names = default_class_names(self.num_classes)
+        elif self.num_classes == 1 and len(names) == 1:
+            names = ["background", names[0]]
+        expected = 2 if self.num_classes == 1 else self.num_classes
+        if len(names) != expected:
+            raise ValueError(
+                f"class_names has {len(names)} entries but a model with num_classes={self.num_classes} "
+                f"needs {expected}" + (" (background + the foreground name)" if self.num_classes == 1 else "")
+            )
+        self.class_names = names
+
+    @property
+    def binary(self) -> bool:
+        return self.num_classes == 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, default=_json_default)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelInfo":
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        missing = [k for k in ("architecture", "in_chans", "num_classes") if k not in data]
+        if missing:
+            raise ValueError(f"missing required field(s): {', '.join(missing)}")
+        known = {f.name for f in fields(cls)}
+        # Unknown keys come from newer versions: ignore them.  Explicit nulls take defaults.
+        kwargs = {k: v for k, v in data.items() if k in known and v is not None}
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelInfo":
+        try:
+            data = json.loads(text)
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"metadata is not valid JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    item = getattr(obj, "item", None)  # numpy scalars
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    tolist = getattr(obj, "tolist", None)  # numpy arrays, tensors
+    if callable(tolist):
+        return tolist()
+    return str(obj)
+
+
+# ---------------------------------------------------------------------------- saving
+
+def _tensors_for_file(model: nn.Module, half: bool) -> Dict[str, torch.Tensor]:
+    out: Dict[str, torch.Tensor] = {}
+    seen_storage = set()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach()
+        fresh = False
+        if half and t.is_floating_point() and t.dtype != torch.float16 \
+                and not key.endswith(_KEEP_FULL_PRECISION_SUFFIXES) and t.numel() \
+                and t.abs().max().item() <= _FP16_MAX:  # never turn a large value into inf
+            t = t.to(torch.float16)
+            fresh = True
+        if t.device.type != "cpu":
+            t = t.cpu()
+            fresh = True
+        if not t.is_contiguous():
+            t = t.contiguous()
+            fresh = True
+        if not fresh:
+            # safetensors refuses tensors sharing storage (tied weights, views): give each its own.
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen_storage or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()
+            else:
+                seen_storage.add(ptr)
+        out[key] = t
+    return out
+
+
+def save_checkpoint(model: nn.Module, path: PathLike, info: ModelInfo, half: bool = True) -> Path:
+    """Write ``model``'s weights and ``info`` to one ``.safetensors`` file, atomically.
+
+    With ``half=True`` floating weights are stored as float16 (BatchNorm running statistics,
+    integer buffers and values beyond float16 range keep their dtype).  The file is written
+    to a temporary file in the same folder and then renamed over ``path``: a crash never
+    leaves a half-written file and never destroys an existing checkpoint.
+    """
+    path = Path(path)
+    if not isinstance(info, ModelInfo):
+        raise TypeError(f"info must be a ModelInfo, got {type(info).__name__}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CheckpointError(
+            f"cannot save checkpoint {path}: folder {parent} does not exist; create it first or choose another folder"
+        )
+    if path.is_dir():
+        raise CheckpointError(f"cannot save checkpoint {path}: it is a folder; give a file name ending in .safetensors")
+    tensors = _tensors_for_file(model, half)
+    metadata = {"format": "pt", METADATA_KEY: info.to_json()}
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        _apply_default_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"cannot save checkpoint {path}: {exc}; check the folder is writable and has space") from exc
+        raise
+    return path
+
+
+def _apply_default_permissions(filename: str) -> None:
+    # mkstemp creates 0600; give the checkpoint the permissions an ordinary new file would get.
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(filename, 0o666 & ~umask)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file; choose the .safetensors file inside it")
+
+
+def read_info(path: PathLike) -> ModelInfo:
+    """The :class:`ModelInfo` stored in a checkpoint's header.  Reads only the header."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        with safetensors.safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+    except Exception as exc:  # SafetensorError, OSError, ...
+        raise CheckpointError(
+            f"{path} is not a readable .safetensors checkpoint ({type(exc).__name__}: {exc}); "
+            "the file may be corrupt or incomplete: save or download it again"
+        ) from None
+    if not metadata or METADATA_KEY not in metadata:
+        raise CheckpointError(
+            f"{path} was not written by napari-medrwkv; it has no {METADATA_KEY!r} metadata, so its "
+            "architecture and classes are unknown. Use a checkpoint saved by napari-medrwkv, or "
+            "load the weights into a model you build yourself"
+        )
+    try:
+        return ModelInfo.from_json(metadata[METADATA_KEY])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path} has unusable napari-medrwkv metadata ({exc}); save the checkpoint again"
+        ) from None
+
+
+def _mismatch_report(path: Path, file_sd: Dict[str, torch.Tensor], model_sd: Dict[str, torch.Tensor],
+                     architecture: str) -> str:
+    missing = [k for k in model_sd if k not in file_sd]
+    unexpected = [k for k in file_sd if k not in model_sd]
+    shapes = [
+        f"{k}: file {tuple(file_sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
+        for k in model_sd if k in file_sd and tuple(file_sd[k].shape) != tuple(model_sd[k].shape)
+    ]
+    parts = []
+
+    def listing(title, items):
+        shown = ", ".join(items[:10])
+        more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+        parts.append(f"{title} ({len(items)}): {shown}{more}")
+
+    if missing:
+        listing("missing keys", missing)
+    if unexpected:
+        listing("unexpected keys", unexpected)
+    if shapes:
+        listing("shape mismatches", shapes)
+    if not parts:
+        return ""
+    return (
+        f"checkpoint {path} does not match the {architecture!r} model its metadata describes; "
+        + "; ".join(parts)
+        + ". The file was probably edited or written for a different configuration: save it again from the trained model"
+    )
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, ModelInfo]:
+    """Rebuild the model a checkpoint describes and load its weights.
+
+    Returns ``(model, info)``; the model is in eval mode on ``device`` with the dtypes
+    ``create_model`` gives it (float16 weights in the file are cast back).
+    """
+    from ..models import create_model, list_models
+
+    path = Path(path)
+    info = read_info(path)
+    available = list_models()
+    if info.architecture not in available:
+        raise CheckpointError(
+            f"checkpoint {path} needs architecture {info.architecture!r}, which this version of "
+            f"napari-medrwkv ({__version__}) does not have; available: {', '.join(available)}. "
+            "Update napari-medrwkv or use another checkpoint"
+        )
+    try:
+        model = create_model(info.architecture, in_chans=info.in_chans, num_classes=info.num_classes,
+                             **info.arch_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: cannot build {info.architecture!r} with in_chans={info.in_chans}, "
+            f"num_classes={info.num_classes}, arch_kwargs={info.arch_kwargs} ({exc}); the metadata does "
+            "not fit this version of napari-medrwkv"
+        ) from None
+    try:
+        file_sd = safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a readable .safetensors checkpoint ({type(exc).__name__}: {exc}); "
+            "the file may be corrupt or incomplete: save or download it again"
+        ) from None
+
+    model_sd = model.state_dict()
+    report = _mismatch_report(path, file_sd, model_sd, info.architecture)
+    if report:
+        raise CheckpointError(report)
+    state = {k: file_sd[k].to(model_sd[k].dtype) for k in model_sd}
+    del file_sd
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # pragma: no cover - the pre-check catches what strict loading would
+        raise CheckpointError(f"checkpoint {path} does not fit its model: {exc}") from None
+    model.eval()
+    model.to(device)
+    return model, info

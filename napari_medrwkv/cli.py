@@ -1,0 +1,202 @@
+"""``medrwkv``: the engine on the command line.
+
+    medrwkv models
+    medrwkv segment --model M [--device D] [--tile N] INPUT... --out DIR
+    medrwkv train --model M --data DIR [--split train] [--val-split val] [--epochs N] [--max-minutes X] --out FILE
+    medrwkv evaluate --model M --data DIR [--split test] [--device D] [--json]
+"""
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("medrwkv: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        print(f"medrwkv {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="medrwkv", description="RWKV U-Net segmentation: segment, train, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="list shipped checkpoints and architectures")
+    models.set_defaults(run=_models)
+
+    seg = sub.add_parser("segment", help="segment image files")
+    _model_args(seg)
+    seg.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, TIFF, BMP, GIF)")
+    seg.add_argument("--out", required=True, help="folder for the label images (created if missing)")
+    seg.add_argument("--tile", type=int, help="tile size for large images (default: the model's)")
+    seg.add_argument("--probabilities", action="store_true", help="also write float32 probability TIFFs")
+    seg.add_argument("--overwrite", action="store_true", help="replace label files that already exist")
+    seg.set_defaults(run=_segment)
+
+    tr = sub.add_parser("train", help="train or fine-tune on a dataset folder")
+    _model_args(tr)
+    tr.add_argument("--data", required=True, help="folder with images/ and masks/ (and optionally splits.json)")
+    tr.add_argument("--split", help="training split in splits.json (default: all pairs)")
+    tr.add_argument("--val-split", help="validation split (default: hold out 15%% of the training pairs)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--max-minutes", type=float)
+    tr.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--patch-size", type=int)
+    tr.add_argument("--samples-per-epoch", type=int)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--workers", type=int, help="DataLoader worker processes")
+    tr.add_argument("--in-chans", type=int, default=3, help="input channels for a bare architecture (default 3)")
+    tr.add_argument("--num-classes", type=int, default=1, help="classes for a bare architecture (1 = binary)")
+    tr.add_argument("--class-names", help="comma-separated class names for a bare architecture")
+    tr.set_defaults(run=_train)
+
+    ev = sub.add_parser("evaluate", help="Dice / IoU / HD95 on a dataset folder")
+    _model_args(ev)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--split", help="split in splits.json (default: all pairs)")
+    ev.add_argument("--tile", type=int)
+    ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ev.set_defaults(run=_evaluate)
+    return parser
+
+
+def _model_args(p):
+    p.add_argument("--model", required=True, help="shipped name, checkpoint path, or architecture name")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+
+
+def _models(args) -> int:
+    from .engine.checkpoint import read_info
+    from ._resources import weights_dir
+    from .engine.model import list_shipped
+    from .models import list_models
+    print("shipped checkpoints:")
+    for name in list_shipped():
+        info = read_info(weights_dir() / f"{name}.safetensors")
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in info.metrics.items() if isinstance(v, (int, float)))
+        print(f"  {name:24s} {info.architecture:14s} classes: {', '.join(info.class_names[1:]) or '-'}"
+              + (f"  ({metrics})" if metrics else ""))
+    if not list_shipped():
+        print("  (none)")
+    print("architectures:")
+    for name in list_models():
+        print(f"  {name}")
+    return 0
+
+
+def _segment(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+    from .engine.data import read_image
+    from .engine.infer import segment
+    from .engine.io import write_labels
+    from .engine.model import load_model
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = [(Path(p), out / f"{Path(p).stem}_labels{'.tif' if _is_stack(p) else '.png'}") for p in args.inputs]
+    existing = [str(t) for _, t in targets if t.exists()]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{existing[0]} exists ({len(existing)} in all); pass --overwrite to replace them")
+    model = load_model(args.model, device=args.device)
+    for source, target in tqdm(targets, desc="segment", unit="image", disable=len(targets) < 2):
+        image = read_image(source)
+        labels, probs = segment(image, model=model, tile=args.tile, return_probabilities=True)
+        write_labels(target, labels)
+        if args.probabilities:
+            write_labels(target.with_name(f"{source.stem}_probabilities.tif"), probs.astype(np.float32))
+    print(f"wrote {len(targets)} label image(s) to {out}")
+    return 0
+
+
+def _is_stack(path) -> bool:
+    return Path(path).suffix.lower() in (".tif", ".tiff")
+
+
+def _train(args) -> int:
+    from .engine.model import load_model
+    from .engine.train import TrainConfig, train
+    cfg = TrainConfig()
+    for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.workers is not None:
+        cfg.num_workers = args.workers
+    class_names = args.class_names.split(",") if args.class_names else None
+    model = load_model(args.model, device=args.device, in_chans=args.in_chans, num_classes=args.num_classes,
+                       class_names=class_names)
+    bar = _LazyBar("train", "step")
+
+    def progress(p):
+        if p.val_dice is None:
+            bar.update_to(p.step, p.steps_per_epoch, epoch=p.epoch, loss=f"{p.loss:.4f}")
+        else:
+            bar.write(f"epoch {p.epoch}: loss {p.loss:.4f}, val Dice {p.val_dice:.4f}, {p.elapsed / 60:.1f} min")
+
+    command = "medrwkv " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "medrwkv train"
+    result = train(model, args.data, out=args.out, epochs=args.epochs, max_minutes=args.max_minutes,
+                   device=args.device, progress=progress, split=args.split, val_split=args.val_split,
+                   config=cfg, command=command)
+    bar.close()
+    best = f"{result.best_val_dice:.4f}" if result.best_val_dice is not None else "n/a"
+    print(f"best epoch {result.best_epoch} (val Dice {best}) after {result.minutes:.1f} min; wrote {result.path}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .engine.evaluate import evaluate
+    bar = _LazyBar("evaluate", "image")
+
+    def progress(done, total):
+        bar.update_to(done, total)
+
+    scores = evaluate(args.model, args.data, split=args.split, device=args.device, tile=args.tile, progress=progress)
+    bar.close()
+    print(f"n={scores['n']}  Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
+          + (f"  (HD95 undefined for {scores['hd95_undefined']})" if scores["hd95_undefined"] else ""))
+    if args.json:
+        summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
+        print(json.dumps(summary))
+    return 0
+
+
+class _LazyBar:
+    """A tqdm bar that appears with the first progress report, so that errors in the
+    input come out as one clean line."""
+
+    def __init__(self, desc: str, unit: str):
+        self.desc, self.unit, self.bar = desc, unit, None
+
+    def update_to(self, done: int, total: int, **postfix):
+        from tqdm import tqdm
+        if self.bar is None:
+            self.bar = tqdm(desc=self.desc, unit=self.unit, total=total)
+        if self.bar.total != total or done < self.bar.n:
+            self.bar.reset(total=total)
+        self.bar.update(done - self.bar.n)
+        if postfix:
+            self.bar.set_postfix(**postfix, refresh=False)
+
+    def write(self, text: str):
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

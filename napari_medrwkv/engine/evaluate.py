@@ -1,0 +1,48 @@
+"""Dice, IoU and HD95 of a model on a dataset folder (or in-memory pairs)."""
+import math
+import os
+from typing import Callable, Optional
+
+import numpy as np
+
+from .data import find_pairs, read_image, read_mask
+from .infer import Cancelled, segment
+from .metrics import per_class_scores
+from .model import SegmentationModel, load_model
+
+
+def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Optional[int] = None,
+             progress: Optional[Callable[[int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> dict:
+    """``{"dice", "iou", "hd95", "n", "hd95_undefined", "per_image": [...]}``, means over images.
+
+    HD95 is undefined for an image where exactly one of prediction and truth is
+    empty; those are left out of the mean and counted in ``hd95_undefined``.
+    """
+    model = model if isinstance(model, SegmentationModel) else load_model(model, device=device)
+    items = find_pairs(data, split) if isinstance(data, (str, os.PathLike)) else list(data)
+    per_image = []
+    for i, item in enumerate(items):
+        if cancel is not None and cancel():
+            raise Cancelled("evaluation cancelled")
+        name, image, truth = _load(item, i, model.info.num_classes)
+        pred = segment(image, model=model, tile=tile)
+        scores = per_class_scores(pred, truth, model.info.num_classes)
+        per_image.append({"name": name, **scores})
+        if progress is not None:
+            progress(i + 1, len(items))
+    return summarize(per_image)
+
+
+def summarize(per_image) -> dict:
+    def mean(key):
+        values = [s[key] for s in per_image if not math.isnan(s[key])]
+        return float(np.mean(values)) if values else float("nan")
+    return {"dice": mean("dice"), "iou": mean("iou"), "hd95": mean("hd95"), "n": len(per_image),
+            "hd95_undefined": sum(math.isnan(s["hd95"]) for s in per_image), "per_image": per_image}
+
+
+def _load(item, index, num_classes):
+    if isinstance(item, tuple):
+        image, mask = item
+        return f"pair {index}", np.asarray(image), np.asarray(mask)
+    return item.stem, read_image(item.image), read_mask(item.mask, num_classes)

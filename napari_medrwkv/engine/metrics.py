@@ -1,0 +1,130 @@
+"""Segmentation metrics: Dice, IoU and HD95 (numpy + scipy only).
+
+Conventions
+-----------
+* ``dice`` / ``iou`` of two empty masks are 1.0 (nothing to find, nothing found).
+* ``hd95`` of two empty masks is 0.0; if exactly one is empty it is undefined and
+  returned as NaN.  ``evaluate()`` averages HD95 over the finite values only and
+  reports how many images were NaN (see :func:`mean_finite`).
+* HD95 follows MedPy's ``hd95`` (the definition used by TransUNet / RWKV-UNet
+  evaluations): boundaries are the foreground pixels removed by one erosion with
+  the 4-connected (face) structure, pixels on the image edge included; the
+  distances from each boundary pixel to the other mask's boundary, in both
+  directions, are pooled and their 95th percentile (linear interpolation) taken.
+"""
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from scipy import ndimage
+
+Spacing = Optional[Union[float, Sequence[float]]]
+
+
+def _binary_pair(pred, target) -> Tuple[np.ndarray, np.ndarray]:
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+    return pred > 0, target > 0
+
+
+def dice(pred, target) -> float:
+    """Dice coefficient ``2|A∩B| / (|A| + |B|)`` of two binary masks (non-zero = foreground); both empty -> 1.0."""
+    a, b = _binary_pair(pred, target)
+    total = int(a.sum()) + int(b.sum())
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def iou(pred, target) -> float:
+    """Intersection over union ``|A∩B| / |A∪B|`` of two binary masks; both empty -> 1.0."""
+    a, b = _binary_pair(pred, target)
+    union = int(np.logical_or(a, b).sum())
+    if union == 0:
+        return 1.0
+    return int(np.logical_and(a, b).sum()) / union
+
+
+def boundary(mask) -> np.ndarray:
+    """Boundary pixels of a binary mask: foreground pixels with a 4-neighbour (or the image edge) outside it."""
+    mask = np.asarray(mask) > 0
+    if not mask.any():
+        return mask
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, iterations=1, border_value=0)
+
+
+def surface_distances(pred, target, spacing: Spacing = None) -> np.ndarray:
+    """Distance from every boundary pixel of ``pred`` to the nearest boundary pixel of ``target``.
+
+    Both masks must be non-empty.  ``spacing``: pixel size per axis (scalar or sequence); pixels by default.
+    """
+    a, b = _binary_pair(pred, target)
+    if not a.any() or not b.any():
+        raise ValueError("surface_distances needs two non-empty masks")
+    distance_to_b = ndimage.distance_transform_edt(~boundary(b), sampling=spacing)
+    return distance_to_b[boundary(a)]
+
+
+def hd95(pred, target, spacing: Spacing = None) -> float:
+    """95th percentile symmetric Hausdorff distance between the mask boundaries (in pixels, or ``spacing`` units).
+
+    Both empty -> 0.0; exactly one empty -> NaN (undefined; averaged over finite values by ``evaluate()``).
+    The directed distances pred->target and target->pred are pooled before the percentile (as MedPy does).
+    """
+    a, b = _binary_pair(pred, target)
+    has_a, has_b = bool(a.any()), bool(b.any())
+    if not has_a and not has_b:
+        return 0.0
+    if has_a != has_b:
+        return float("nan")
+    distances = np.concatenate([surface_distances(a, b, spacing), surface_distances(b, a, spacing)])
+    return float(np.percentile(distances, 95))
+
+
+def _scores(pred: np.ndarray, target: np.ndarray, spacing: Spacing) -> Dict[str, float]:
+    return {"dice": dice(pred, target), "iou": iou(pred, target), "hd95": hd95(pred, target, spacing)}
+
+
+def mean_finite(values: Iterable[float]) -> Tuple[float, int]:
+    """``(mean of the finite values, number of NaN/inf values)``; the mean is NaN when none is finite."""
+    values = np.asarray(list(values), dtype=np.float64)
+    finite = np.isfinite(values)
+    mean = float(values[finite].mean()) if finite.any() else float("nan")
+    return mean, int((~finite).sum())
+
+
+def per_class_scores(pred, target, num_classes: int, spacing: Spacing = None) -> Dict[str, object]:
+    """Dice, IoU and HD95 of one predicted label image against its target.
+
+    ``num_classes == 1`` (binary model): the foreground scores (non-zero = foreground).
+    ``num_classes >= 2``: the mean over the classes 1..n-1 that occur in the target
+    or the prediction (background 0 is not scored); HD95 is averaged over the finite
+    per-class values (NaN when none is finite).  If no foreground class occurs in
+    either, the image scores dice = iou = 1, hd95 = 0 (as two empty binary masks).
+
+    Returns ``{"dice", "iou", "hd95", "per_class": {class_id: {"dice", "iou", "hd95"}}}``.
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (1 = binary), got {num_classes}")
+    if num_classes == 1:
+        scores = _scores(pred > 0, target > 0, spacing)
+        return {**scores, "per_class": {1: dict(scores)}}
+    for name, labels in (("prediction", pred), ("target", target)):
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{name} has labels {labels.min()}..{labels.max()} outside the {num_classes} "
+                             f"classes 0..{num_classes - 1} (drop ignored/padded pixels first)")
+    present = sorted(int(c) for c in np.union1d(np.unique(pred), np.unique(target)) if 0 < c < num_classes)
+    per_class = {c: _scores(pred == c, target == c, spacing) for c in present}
+    if not per_class:
+        return {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "per_class": {}}
+    return {
+        "dice": float(np.mean([s["dice"] for s in per_class.values()])),
+        "iou": float(np.mean([s["iou"] for s in per_class.values()])),
+        "hd95": mean_finite(s["hd95"] for s in per_class.values())[0],
+        "per_class": per_class,
+    }

@@ -1,0 +1,119 @@
+"""A network together with what it needs to be used: its metadata and device.
+
+``load_model`` resolves a shipped name, a checkpoint file, or a bare
+architecture name (an untrained model, for training from scratch).
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .._resources import weights_dir
+from ..models import create_model, list_models
+from .checkpoint import ModelInfo, load_checkpoint
+from .data import NORMALIZATION
+from .fuse import fuse_for_inference
+
+DEFAULT_TILE = 512
+
+
+@dataclass
+class SegmentationModel:
+    net: nn.Module
+    info: ModelInfo
+    source: str                       # shipped name, checkpoint path or architecture name
+    device: torch.device
+    _fused: Optional[nn.Module] = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).stem if self.source.endswith(".safetensors") else self.source
+
+    @property
+    def binary(self) -> bool:
+        return self.info.num_classes == 1
+
+    def inference_net(self) -> nn.Module:
+        """The eval-mode network with BatchNorm folded in, built once per model."""
+        if self._fused is None:
+            self._fused = fuse_for_inference(self.net).to(self.device)
+        return self._fused
+
+    def to(self, device) -> "SegmentationModel":
+        device = resolve_device(device)
+        if device != self.device:
+            self.net.to(device)
+            self.device, self._fused = device, None
+        return self
+
+
+def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
+    """'auto' -> cuda if usable, else mps, else cpu.  Unavailable devices are an error."""
+    if isinstance(device, torch.device):
+        return device
+    name = (device or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available on this machine (use 'cpu' or 'auto').")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r}: Apple MPS is not available on this machine (use 'cpu' or 'auto').")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={device!r} is not a device: use auto, cpu, cuda, cuda:N or mps ({err})") from None
+
+
+def available_devices() -> List[str]:
+    """Devices this machine can run on, best first (for menus)."""
+    devices = ["auto"]
+    if torch.cuda.is_available():
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(1, torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices + ["cpu"]
+
+
+def list_shipped() -> List[str]:
+    """Names of the checkpoints shipped in ``weights/``."""
+    return sorted(p.stem for p in weights_dir().glob("*.safetensors"))
+
+
+def load_model(name_or_path, device="auto", *, in_chans: int = 3, num_classes: int = 1,
+               class_names: Optional[List[str]] = None) -> SegmentationModel:
+    """A shipped name, a ``.safetensors`` checkpoint path, or an architecture name.
+
+    ``in_chans``, ``num_classes`` and ``class_names`` apply only to a bare
+    architecture, which starts untrained.
+    """
+    if isinstance(name_or_path, SegmentationModel):
+        return name_or_path.to(device)
+    device = resolve_device(device)
+    source = str(name_or_path)
+    if source in list_shipped():
+        net, info = load_checkpoint(weights_dir() / f"{source}.safetensors", device=device)
+        return SegmentationModel(net, info, source, device)
+    path = Path(source).expanduser()
+    if path.suffix == ".safetensors" or path.exists():
+        net, info = load_checkpoint(path, device=device)
+        return SegmentationModel(net, info, str(path), device)
+    if source in list_models():
+        info = ModelInfo(architecture=source, arch_kwargs={}, in_chans=in_chans, num_classes=num_classes,
+                         class_names=class_names or _default_class_names(num_classes),
+                         normalization=dict(NORMALIZATION), tile_size=DEFAULT_TILE)
+        net = create_model(source, in_chans=in_chans, num_classes=num_classes).to(device).eval()
+        return SegmentationModel(net, info, source, device)
+    raise ValueError(f"model {source!r} is neither a shipped model ({', '.join(list_shipped()) or 'none'}), "
+                     f"a checkpoint file, nor an architecture ({', '.join(list_models())}).")
+
+
+def _default_class_names(num_classes: int) -> List[str]:
+    if num_classes == 1:
+        return ["background", "foreground"]
+    return ["background"] + [f"class {i}" for i in range(1, num_classes)]

@@ -1,0 +1,306 @@
+"""Training and fine-tuning: Dice + cross-entropy, AdamW with warm-up and cosine decay,
+validation Dice every epoch with the best weights kept, stop by epochs or minutes.
+"""
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from .checkpoint import save_checkpoint
+from .data import SegmentationDataset, find_pairs
+from .metrics import dice
+from .model import SegmentationModel, load_model
+
+IGNORE = -1     # label of padding pixels (SegmentationDataset)
+
+
+@dataclass
+class TrainConfig:
+    """Defaults are for few-shot fine-tuning on a laptop CPU (see README, "Fine-tuning defaults")."""
+    epochs: Optional[int] = None          # None: run until max_minutes
+    max_minutes: Optional[float] = None
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    batch_size: int = 8
+    patch_size: int = 256
+    samples_per_epoch: Optional[int] = None   # default: the number of training images, at least 4 batches
+    augment: bool = True
+    val_fraction: float = 0.15            # held out when no validation data is given
+    seed: int = 0
+    num_workers: Optional[int] = None     # None: 0 on Windows/macOS, else 1
+    dice_weight: float = 0.5
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    val_dice: Optional[float]
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainProgress:
+    """Passed to ``progress``: after every step (val_dice None) and after every epoch."""
+    epoch: int
+    epochs: Optional[int]
+    step: int
+    steps_per_epoch: int
+    loss: float
+    elapsed: float
+    fraction: float                       # of the planned work, 0..1
+    val_dice: Optional[float] = None
+
+
+@dataclass
+class TrainResult:
+    model: SegmentationModel              # the best weights (by validation Dice)
+    history: List[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_dice: Optional[float] = None
+    path: Optional[Path] = None
+    cancelled: bool = False
+    minutes: float = 0.0
+
+
+def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="auto",
+          progress: Optional[Callable[[TrainProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
+          *, split: Optional[str] = None, val_data=None, val_split: Optional[str] = None,
+          config: Optional[TrainConfig] = None, command: str = "") -> TrainResult:
+    """Train or fine-tune ``model_or_name`` (shipped name, checkpoint path, architecture, or loaded model).
+
+    ``data``: a dataset folder (``images/`` + ``masks/``, optional ``splits.json``; ``split`` picks a
+    part) or a list of (image, mask) arrays.  Validation data: ``val_data``/``val_split``, else a
+    held-out part of ``data``.  Stops after ``epochs`` or ``max_minutes`` (whichever comes first;
+    with neither, 20 epochs), or when ``cancel()`` returns True; the best weights are kept either way
+    and saved to ``out`` (a ``.safetensors`` path) when given.
+    """
+    cfg = copy.deepcopy(config) if config is not None else TrainConfig()
+    cfg.epochs = epochs if epochs is not None else cfg.epochs
+    cfg.max_minutes = max_minutes if max_minutes is not None else cfg.max_minutes
+    if cfg.epochs is None and cfg.max_minutes is None:
+        cfg.epochs = 20
+    if out is not None:
+        out = _check_out(out)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    model = load_model(model_or_name, device=device)
+    model = SegmentationModel(copy.deepcopy(model.net), copy.deepcopy(model.info), model.source, model.device)
+    train_items, val_items = _split_items(data, split, val_data, val_split, cfg)
+    info = model.info
+    train_set = SegmentationDataset(train_items, info.in_chans, info.num_classes, cfg.patch_size, augment=cfg.augment,
+                                    samples_per_epoch=cfg.samples_per_epoch or max(len(train_items), 4 * cfg.batch_size),
+                                    seed=cfg.seed)
+    val_set = SegmentationDataset(val_items, info.in_chans, info.num_classes, cfg.patch_size, augment=False) \
+        if val_items else None
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True, drop_last=True,
+        num_workers=_workers(cfg), generator=torch.Generator().manual_seed(cfg.seed),
+        persistent_workers=_workers(cfg) > 0)
+
+    net = model.net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    amp_dtype = _amp_dtype(model.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    steps_per_epoch = len(loader)
+    planned_steps = cfg.epochs * steps_per_epoch if cfg.epochs else None
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+
+    result = TrainResult(model=model)
+    best_state, best_dice = None, -1.0
+    start, step, epoch = time.monotonic(), 0, 0
+    stop = False
+    while not stop:
+        epoch += 1
+        epoch_start, losses = time.monotonic(), []
+        train_set.set_epoch(epoch)
+        net.train()
+        for x, y in loader:
+            fraction = _fraction(step, planned_steps, time.monotonic() - start, budget)
+            lr = cfg.lr * _schedule(fraction, cfg.warmup_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = _step(net, optimizer, scaler, amp_dtype, x.to(model.device), y.to(model.device), info.num_classes,
+                         cfg.dice_weight)
+            losses.append(loss)
+            step += 1
+            if progress is not None:
+                progress(TrainProgress(epoch, cfg.epochs, step - (epoch - 1) * steps_per_epoch, steps_per_epoch, loss,
+                                       time.monotonic() - start, fraction))
+            if (cancel is not None and cancel()) or (budget and time.monotonic() - start >= budget):
+                stop, result.cancelled = True, bool(cancel is not None and cancel())
+                break
+        val_dice = validate(net, val_set, model) if val_set is not None else None
+        score = val_dice if val_dice is not None else -float(np.mean(losses))
+        if score > best_dice:
+            best_dice, result.best_epoch = score, epoch
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        result.history.append(EpochRecord(epoch, float(np.mean(losses)), val_dice, lr, time.monotonic() - epoch_start))
+        if progress is not None:
+            progress(TrainProgress(epoch, cfg.epochs, steps_per_epoch, steps_per_epoch, float(np.mean(losses)),
+                                   time.monotonic() - start, _fraction(step, planned_steps, time.monotonic() - start, budget),
+                                   val_dice))
+        if cfg.epochs and epoch >= cfg.epochs:
+            stop = True
+
+    net.load_state_dict(best_state)
+    net.eval()
+    result.best_val_dice = best_dice if val_set is not None else None
+    result.minutes = (time.monotonic() - start) / 60
+    model.info.training = _provenance(model, data, split, val_split, cfg, result, command)
+    model.info.metrics = {"val_dice": result.best_val_dice} if result.best_val_dice is not None else {}
+    model.info.tile_size = max(model.info.tile_size, cfg.patch_size)
+    model.source = str(out) if out is not None else model.source
+    model._fused = None
+    if out is not None:
+        result.path = Path(save_checkpoint(net, out, model.info))
+    return result
+
+
+def validate(net, val_set, model: SegmentationModel) -> float:
+    """Mean Dice over the validation images, each segmented whole."""
+    net.eval()
+    scores = []
+    with torch.inference_mode():
+        for i in range(len(val_set)):
+            x, y = val_set.full_item(i)
+            logits = net(x[None].to(model.device))[0].float()
+            pred = _predict_labels(logits, model.info.num_classes).cpu().numpy()
+            scores.append(_dice_score(pred, y.numpy(), model.info.num_classes))
+    net.train()
+    return float(np.mean(scores))
+
+
+def _dice_score(pred, target, num_classes):
+    if num_classes == 1:
+        return dice(pred > 0, target > 0)
+    present = [c for c in range(1, num_classes) if (target == c).any() or (pred == c).any()]
+    return float(np.mean([dice(pred == c, target == c) for c in present])) if present else 1.0
+
+
+def _predict_labels(logits, num_classes):
+    return (logits[0] > 0).long() if num_classes == 1 else logits.argmax(0)
+
+
+def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5):
+    """(1 - dice_weight) * cross-entropy + dice_weight * soft Dice; pixels labelled -1 are ignored."""
+    valid = target != IGNORE
+    if num_classes == 1:
+        logit = logits[:, 0]
+        truth = (target > 0).float()
+        ce = F.binary_cross_entropy_with_logits(logit[valid], truth[valid]) if valid.any() else logit.sum() * 0
+        probs = torch.sigmoid(logit) * valid
+        soft_dice = _soft_dice(probs[:, None], (truth * valid)[:, None])
+    else:
+        ce = F.cross_entropy(logits, target.clamp(min=0).masked_fill(~valid, IGNORE), ignore_index=IGNORE)
+        probs = torch.softmax(logits, 1) * valid[:, None]
+        onehot = F.one_hot(target.clamp(min=0), num_classes).permute(0, 3, 1, 2).float() * valid[:, None]
+        soft_dice = _soft_dice(probs[:, 1:], onehot[:, 1:])
+    return (1 - dice_weight) * ce + dice_weight * (1 - soft_dice)
+
+
+def _soft_dice(probs, truth, eps: float = 1.0):
+    # Summed over the batch per class so that empty images do not dominate.
+    dims = (0, 2, 3)
+    overlap = (probs * truth).sum(dims)
+    return ((2 * overlap + eps) / (probs.sum(dims) + truth.sum(dims) + eps)).mean()
+
+
+def _step(net, optimizer, scaler, amp_dtype, x, y, num_classes, dice_weight) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = net(x)
+    loss = segmentation_loss(logits.float(), y, num_classes, dice_weight)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
+def _schedule(fraction: float, warmup: float) -> float:
+    """Linear warm-up, then cosine decay to 1% of the peak."""
+    if fraction < warmup:
+        return max(fraction / warmup, 0.01)
+    t = min((fraction - warmup) / max(1 - warmup, 1e-8), 1.0)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _fraction(step, planned_steps, elapsed, budget) -> float:
+    parts = []
+    if planned_steps:
+        parts.append(step / planned_steps)
+    if budget:
+        parts.append(elapsed / budget)
+    return min(max(parts), 1.0)
+
+
+def _amp_dtype(device: torch.device):
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _workers(cfg: TrainConfig) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    # Worker processes are fragile on spawn-based platforms (notebooks, frozen apps).
+    return 0 if sys.platform in ("win32", "darwin") else min(1, (os.cpu_count() or 1) - 1)
+
+
+def _check_out(out) -> Path:
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise ValueError(f"out={str(out)!r}: checkpoints are .safetensors files; name it e.g. {out.stem}.safetensors")
+    if not out.parent.exists():
+        raise ValueError(f"out={str(out)!r}: the folder {out.parent} does not exist; create it first.")
+    return out
+
+
+def _split_items(data, split, val_data, val_split, cfg: TrainConfig):
+    """Training and validation items: Pairs from folders, or (image, mask) arrays."""
+    if isinstance(data, (str, os.PathLike)):
+        items = find_pairs(data, split)
+        if val_data is None and val_split is not None:
+            return items, find_pairs(data, val_split)
+    else:
+        items = list(data)
+    if not items:
+        raise ValueError("train: no training images")
+    if val_data is not None:
+        val = find_pairs(val_data, val_split) if isinstance(val_data, (str, os.PathLike)) else list(val_data)
+        return items, val
+    if len(items) < 2:
+        return items, []
+    order = np.random.default_rng(cfg.seed).permutation(len(items))
+    n_val = max(1, int(round(cfg.val_fraction * len(items))))
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+def _provenance(model, data, split, val_split, cfg, result, command) -> dict:
+    return {
+        "base": model.source,
+        "data": str(data) if isinstance(data, (str, os.PathLike)) else f"{len(data)} in-memory pairs",
+        "split": split, "val_split": val_split,
+        "epochs": len(result.history), "best_epoch": result.best_epoch,
+        "minutes": round(result.minutes, 2), "device": str(model.device),
+        "config": {k: v for k, v in cfg.__dict__.items()},
+        "history": [r.__dict__ for r in result.history],
+        "command": command, "cancelled": result.cancelled,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "version": __version__,
+    }

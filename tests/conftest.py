@@ -1,0 +1,41 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "napari_medrwkv" / "samples"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def sample_folder(tmp_path):
+    """A dataset folder (images/ + masks/) of the two bundled CC0 nuclei samples."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("nuclei_fluorescence", "nuclei_brightfield"):
+        shutil.copy(SAMPLES / f"{name}.png", tmp_path / "images" / f"{name}.png")
+        shutil.copy(SAMPLES / f"{name}_mask.png", tmp_path / "masks" / f"{name}.png")
+    return tmp_path
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (a fresh clone has none; CI has ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def sample_arrays():
+    from napari_medrwkv.engine.data import read_image, read_mask
+    return [(read_image(SAMPLES / f"{n}.png"), read_mask(SAMPLES / f"{n}_mask.png", 1))
+            for n in ("nuclei_fluorescence", "nuclei_brightfield")]
+
+
+def random_image(shape, dtype=np.uint8, seed=0):
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dtype, np.integer):
+        return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
+    return rng.random(shape).astype(dtype)

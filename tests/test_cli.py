@@ -1,0 +1,58 @@
+"""The medrwkv command line, as a user runs it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from napari_medrwkv.cli import main
+
+
+def test_models_lists_architectures(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "architectures:" in out and "rwkv_unet_t" in out and "ds_vrwkv_t" in out
+
+
+def test_segment_writes_labels_and_never_overwrites_silently(sample_folder, tmp_path, capsys):
+    out = tmp_path / "labels"
+    inputs = [str(p) for p in sorted((sample_folder / "images").iterdir())]
+    assert main(["segment", "--model", "ds_vrwkv_t", "--device", "cpu", *inputs, "--out", str(out)]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["nuclei_brightfield_labels.png", "nuclei_fluorescence_labels.png"]
+    before = (out / written[0]).read_bytes()
+    capsys.readouterr()
+    assert main(["segment", "--model", "ds_vrwkv_t", *inputs, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    assert (out / written[0]).read_bytes() == before
+    assert main(["segment", "--model", "ds_vrwkv_t", *inputs, "--out", str(out), "--overwrite"]) == 0
+
+
+def test_train_then_evaluate_json(sample_folder, tmp_path):
+    ckpt = tmp_path / "m.safetensors"
+    run = [sys.executable, "-m", "napari_medrwkv.cli"]
+    train = subprocess.run(run + ["train", "--model", "ds_vrwkv_t", "--data", str(sample_folder), "--epochs", "1",
+                                  "--patch-size", "48", "--batch-size", "2", "--samples-per-epoch", "4",
+                                  "--device", "cpu", "--out", str(ckpt)], capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr
+    assert ckpt.exists() and "best epoch 1" in train.stdout
+    ev = subprocess.run(run + ["evaluate", "--model", str(ckpt), "--data", str(sample_folder), "--json"],
+                        capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    scores = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert scores["n"] == 2 and {"dice", "iou", "hd95"} <= scores.keys()
+
+
+def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["evaluate", "--model", "ds_vrwkv_t", "--data", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err
+    assert main(["train", "--model", "rwkv_unet_t", "--data", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 2
+    assert ".safetensors" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "medrwkv"      # the venv's console script
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "segment" in result.stdout

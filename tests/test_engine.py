@@ -1,0 +1,152 @@
+"""The headless engine: load_model, segment, train, evaluate."""
+import numpy as np
+import pytest
+import torch
+
+import napari_medrwkv as nm
+from napari_medrwkv.engine.fuse import fuse_for_inference
+from napari_medrwkv.engine.infer import blend_window, tile_starts
+from napari_medrwkv.models import create_model
+
+from conftest import random_image
+
+
+@pytest.fixture(scope="module")
+def binary_model():
+    torch.manual_seed(0)
+    return nm.load_model("rwkv_unet_t", device="cpu")
+
+
+def test_fused_batchnorm_gives_the_same_output():
+    torch.manual_seed(0)
+    net = create_model("rwkv_unet_t").train()
+    with torch.no_grad():                       # non-trivial running statistics
+        for _ in range(3):
+            net(torch.randn(2, 3, 48, 48) * 2 + 0.5)
+    net.eval()
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert torch.allclose(fuse_for_inference(net)(x), net(x), atol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()), "the original is left untouched"
+
+
+@pytest.mark.parametrize("shape,dtype", [((70, 90), np.uint8), ((70, 90, 3), np.uint8), ((70, 90, 4), np.uint8),
+                                         ((70, 90), np.uint16), ((70, 90), np.float32), ((3, 40, 50), np.uint8),
+                                         ((2, 40, 50, 3), np.uint16)])
+def test_segment_any_layout_and_dtype(binary_model, shape, dtype):
+    image = random_image(shape, dtype)
+    labels = nm.segment(image, model=binary_model)
+    spatial = shape[:-1] if shape[-1] in (3, 4) else shape
+    assert labels.shape == spatial and labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= {0, 1}
+
+
+def test_probabilities_binary_and_multiclass(binary_model):
+    image = random_image((64, 80, 3))
+    labels, probs = nm.segment(image, model=binary_model, return_probabilities=True)
+    assert probs.shape == (64, 80) and probs.min() >= 0 and probs.max() <= 1
+    assert np.array_equal(labels, (probs > 0.5).astype(np.uint8))
+    torch.manual_seed(0)
+    multi = nm.load_model("rwkv_unet_t", device="cpu", num_classes=3)
+    labels, probs = nm.segment(np.stack([image] * 2), model=multi, return_probabilities=True)
+    assert probs.shape == (3, 2, 64, 80)
+    assert np.allclose(probs.sum(0), 1, atol=1e-5)
+    assert np.array_equal(labels, probs.argmax(0))
+
+
+def test_tiles_cover_the_plane_with_the_overlap_asked():
+    for size, tile in [(1000, 256), (257, 256), (256, 256), (100, 256), (4000, 512)]:
+        starts = tile_starts(size, tile, tile // 4)
+        assert starts[0] == 0 and starts[-1] + min(tile, size) == size
+        assert all(b - a <= tile - tile // 4 for a, b in zip(starts, starts[1:]))
+    window = blend_window(64, 48)
+    assert window.min() > 0 and window[32, 24] > 0.99 and window[0, 0] < 0.01
+
+
+def test_tiled_large_image_reports_progress_per_tile(binary_model):
+    calls = []
+    labels = nm.segment(random_image((300, 200)), model=binary_model, tile=128, progress=lambda d, t: calls.append((d, t)))
+    assert labels.shape == (300, 200)
+    assert calls == [(i, 6) for i in range(1, 7)]          # 3 x 2 tiles of 128 with >= 32 overlap
+
+
+def test_tiling_agrees_with_one_piece_on_a_smooth_model(binary_model):
+    # Overlapping, blended tiles must not leave seams: on a real image the tiled
+    # probabilities stay close to the whole-image ones away from nothing but context.
+    image = random_image((160, 160, 3), seed=3)
+    _, whole = nm.segment(image, model=binary_model, tile=512, return_probabilities=True)
+    _, tiled = nm.segment(image, model=binary_model, tile=96, return_probabilities=True)
+    assert np.abs(whole - tiled).mean() < 0.1
+
+
+def test_cancel_stops_before_the_next_tile(binary_model):
+    seen = []
+    with pytest.raises(nm.Cancelled):
+        nm.segment(random_image((300, 300)), model=binary_model, tile=96, progress=lambda d, t: seen.append(d),
+                   cancel=lambda: len(seen) >= 2)
+    assert seen == [1, 2]
+
+
+def test_bad_inputs_are_named(binary_model):
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 40, 50\)"):
+        nm.segment(np.zeros((2, 3, 40, 50)), model=binary_model)
+    with pytest.raises(ValueError, match="tile=8"):
+        nm.segment(np.zeros((40, 50)), model=binary_model, tile=8)
+    with pytest.raises(ValueError, match="neither a shipped model"):
+        nm.load_model("no_such_model")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            nm.load_model("rwkv_unet_t", device="cuda")
+
+
+def test_train_learns_the_samples_and_saves_provenance(sample_arrays, tmp_path):
+    out = tmp_path / "tuned.safetensors"
+    cfg = nm.TrainConfig(patch_size=64, batch_size=4, samples_per_epoch=8, lr=3e-3)
+    seen = []
+    result = nm.train("rwkv_unet_t", sample_arrays, out=out, epochs=6, device="cpu", val_data=sample_arrays,
+                      config=cfg, progress=seen.append)
+    losses = [r.loss for r in result.history]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert result.best_val_dice == max(r.val_dice for r in result.history)
+    assert result.best_epoch == 1 + [r.val_dice for r in result.history].index(result.best_val_dice)
+    assert any(p.val_dice is not None for p in seen) and seen[-1].fraction == 1.0
+    model = nm.load_model(out, device="cpu")
+    assert model.info.training["epochs"] == 6 and model.info.training["best_epoch"] == result.best_epoch
+    assert model.info.metrics["val_dice"] == pytest.approx(result.best_val_dice)
+    labels = nm.segment(sample_arrays[0][0], model=model)
+    assert labels.shape == sample_arrays[0][1].shape
+
+
+def test_train_is_deterministic_given_a_seed(sample_arrays):
+    cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=4, seed=3)
+    a = nm.train("ds_vrwkv_t", sample_arrays, epochs=1, device="cpu", config=cfg).model.net.state_dict()
+    b = nm.train("ds_vrwkv_t", sample_arrays, epochs=1, device="cpu", config=cfg).model.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cancel_and_time_budget_keep_the_best_model(sample_arrays, tmp_path):
+    cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=8)
+    result = nm.train("ds_vrwkv_t", sample_arrays, out=tmp_path / "c.safetensors", epochs=50, device="cpu",
+                      config=cfg, cancel=lambda: True)
+    assert result.cancelled and len(result.history) == 1 and result.path.exists()
+    result = nm.train("ds_vrwkv_t", sample_arrays, max_minutes=0.001, device="cpu", config=cfg)
+    assert not result.cancelled and len(result.history) == 1
+
+
+def test_train_rejects_bad_output_and_data(sample_arrays, tmp_path):
+    with pytest.raises(ValueError, match=r"\.safetensors"):
+        nm.train("rwkv_unet_t", sample_arrays, out=tmp_path / "model.pt", epochs=1)
+    with pytest.raises(ValueError, match="does not exist"):
+        nm.train("rwkv_unet_t", sample_arrays, out=tmp_path / "no" / "m.safetensors", epochs=1)
+    with pytest.raises(ValueError, match="no_such_folder"):
+        nm.train("rwkv_unet_t", str(tmp_path / "no_such_folder"), epochs=1)
+    image, mask = sample_arrays[0]
+    with pytest.raises(ValueError, match="256x256 but its mask is 10x10"):
+        nm.train("rwkv_unet_t", [(image, mask[:10, :10])] * 2, epochs=1)
+
+
+def test_evaluate_reports_means_and_per_image(binary_model, sample_folder):
+    scores = nm.evaluate(binary_model, str(sample_folder))
+    assert scores["n"] == 2 and {s["name"] for s in scores["per_image"]} == {"nuclei_fluorescence", "nuclei_brightfield"}
+    assert 0 <= scores["dice"] <= 1 and 0 <= scores["iou"] <= scores["dice"] + 1e-9
+    assert scores["dice"] == pytest.approx(np.mean([s["dice"] for s in scores["per_image"]]))

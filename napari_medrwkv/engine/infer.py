@@ -108,7 +108,7 @@ def _channels(model: SegmentationModel) -> int:
 
 def _predict(model: SegmentationModel, x: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
-        batch = torch.from_numpy(np.ascontiguousarray(x))[None].to(model.device)
+        batch = torch.from_numpy(np.ascontiguousarray(x))[None].to(model.device, memory_format=torch.channels_last)
         logits = model.inference_net()(batch)[0].float()
         probs = torch.sigmoid(logits) if model.binary else torch.softmax(logits, 0)
     return probs.cpu().numpy()

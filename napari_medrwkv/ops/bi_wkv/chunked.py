@@ -57,36 +57,35 @@ def bi_wkv_chunked(w, u, k, v, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
         e = torch.exp(k_chunks - m)
         ex = torch.stack([e * v_chunks, e])                   # (2, N, L, C): numerator, denominator
     else:
-        buf = torch.empty(2, N, L + 2, C, dtype=dtype, device=k.device)
-        ex = buf[:, :, 1:L + 1]
+        ex = torch.empty(2, N, L, C, dtype=dtype, device=k.device)
         torch.sub(k_chunks, m, out=ex[1])
         ex[1].exp_()
         torch.mul(ex[1], v_chunks, out=ex[0])
 
-    tau = torch.arange(L, dtype=dtype, device=k.device)[:, None]
-    to_right_end = torch.exp(-(L - 1 - tau) * w)              # (L, C): weight to position L
-    to_left_end = torch.exp(-tau * w)                         # (L, C): weight to position -1
-    summary_left = (ex * to_right_end).sum(2).view(2, B, n_chunks, C)
-    summary_right = (ex * to_left_end).sum(2).view(2, B, n_chunks, C)
-    carry_left, carry_right, shift = _carries(m.view(B, n_chunks, C), summary_left, summary_right, w, L)
-    carry_left = carry_left.to(dtype).view(2, N, 1, C)
-    carry_right = carry_right.to(dtype).view(2, N, 1, C)
-    scale = torch.exp(-shift).to(dtype).view(1, N, 1, C) if bool((shift > 0).any()) else None
-
+    # One convolution gives the in-chunk sums at positions 0..L-1 and, at the virtual
+    # positions -1 and L, the chunk's summaries as seen from its neighbours.
     if differentiable:
-        if scale is not None:
-            ex = ex * scale
-        x = torch.cat([carry_left, ex, carry_right], dim=2)   # (2, N, L+2, C)
+        out = _ToeplitzConv.apply(_as_image(ex, L), w, u, L)
     else:
-        if scale is not None:
-            ex.mul_(scale)
-        buf[:, :, :1] = carry_left
-        buf[:, :, L + 1:] = carry_right
-        x = buf
+        out = F.conv2d(_as_image(ex, L), _toeplitz_kernel(w, u, L), padding=(L + 1, 0), groups=C)
+    seen_from_right = out[:, :, L + 1, 0].view(2, B, n_chunks, C)     # summary at position L
+    seen_from_left = out[:, :, 0, 0].view(2, B, n_chunks, C)          # summary at position -1
+    carry_left, carry_right, shift = _carries(m.view(B, n_chunks, C), seen_from_right, seen_from_left, w, L)
+    body = out[:, :, 1:L + 1]                                  # (2N, C, L, 1)
+    if bool((shift > 0).any()):
+        body = body * torch.exp(-shift).to(dtype).view(N, C, 1, 1).repeat(2, 1, 1, 1)
 
-    kernel = _toeplitz_kernel(w, u, L)
-    out = F.conv2d(_as_image(x, L + 2), kernel, padding=(L - 1, 0), groups=C)   # (2N, C, L, 1)
-    y = out[:N] / out[N:]
+    # A carry reaches token tau of its chunk as a token at -1 (or L) would: e^{-tau w} (e^{-(L-1-tau) w}).
+    tau = torch.arange(L, dtype=dtype, device=k.device)
+    from_left = torch.exp(-tau[None, :] * w[:, None])[:, :, None]            # (C, L, 1)
+    from_right = torch.exp(-(L - 1 - tau)[None, :] * w[:, None])[:, :, None]
+    carry_left = carry_left.to(dtype).view(2 * N, C, 1, 1)
+    carry_right = carry_right.to(dtype).view(2 * N, C, 1, 1)
+    if differentiable:
+        body = body + carry_left * from_left + carry_right * from_right
+    else:
+        body = body.addcmul_(carry_left, from_left).addcmul_(carry_right, from_right)
+    y = body[:N] / body[N:]
     y = y.permute(0, 2, 3, 1).reshape(B, n_chunks * L, C)
     if pad:
         y = y[:, :T]
@@ -102,9 +101,48 @@ def _chunk_length(w, T: int, chunk: int) -> int:
 
 
 def _as_image(x, length: int):
-    """(2, N, length, C) tokens as a channels_last (2N, C, length, 1) image, a view when possible."""
+    """(2, N, length, C) tokens as a channels_last (2N, C, length, 1) image: a view, no copy."""
     C = x.shape[-1]
     return x.reshape(-1, length, 1, C).permute(0, 3, 1, 2)
+
+
+class _ToeplitzConv(torch.autograd.Function):
+    """The in-chunk convolution with its kernel built from (w, u), with a hand-written backward.
+
+    Autograd would ask oneDNN for the depthwise *kernel* gradient, which is two orders
+    of magnitude slower than the convolution itself.  Only two numbers per channel
+    depend on it, so: dL/dw = <g, conv(x, dK/dw)> and dL/du = e^u <g, x shifted to the
+    centre tap>; the input gradient is a convolution with the same (symmetric) kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, image, w, u, L: int):
+        ctx.save_for_backward(image, w, u)
+        ctx.L = L
+        return F.conv2d(image, _toeplitz_kernel(w, u, L), padding=(L + 1, 0), groups=w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        image, w, u = ctx.saved_tensors
+        L, C = ctx.L, w.shape[0]
+        grad_image = grad_w = grad_u = None
+        if ctx.needs_input_grad[0]:
+            grad_image = F.conv2d(grad_out, _toeplitz_kernel(w, u, L), padding=(L - 1, 0), groups=C)
+        if ctx.needs_input_grad[1]:
+            d_kernel = _toeplitz_kernel_dw(w, L)
+            grad_w = (grad_out * F.conv2d(image, d_kernel, padding=(L + 1, 0), groups=C)).sum((0, 2, 3))
+        if ctx.needs_input_grad[2]:
+            # The centre tap of output position o (= token o - 1) sees input o - 1.
+            grad_u = (grad_out[:, :, 1:L + 1] * image).sum((0, 2, 3)) * torch.exp(u)
+        return grad_image, grad_w, grad_u, None
+
+
+def _toeplitz_kernel_dw(w, L: int):
+    """d/dw of :func:`_toeplitz_kernel`: -(|d|-1) e^{-(|d|-1) w}, and 0 at the centre."""
+    offsets = torch.arange(-L, L + 1, dtype=w.dtype, device=w.device).abs()
+    kernel = -(offsets - 1)[None, :] * torch.exp(-(offsets - 1)[None, :] * w[:, None])
+    kernel[:, L] = 0
+    return kernel[:, None, :, None]
 
 
 def _toeplitz_kernel(w, u, L: int):
@@ -115,46 +153,35 @@ def _toeplitz_kernel(w, u, L: int):
     return kernel[:, None, :, None]
 
 
-def _exclusive_cumsum(x, dim: int):
-    # Shifted rather than cumsum - x: subtracting loses everything when one term dominates.
-    total = torch.cumsum(x, dim)
-    zero = torch.zeros_like(total.narrow(dim, 0, 1))
-    return torch.cat([zero, total.narrow(dim, 0, x.shape[dim] - 1)], dim)
-
-
 def _carries(m, summary_left, summary_right, w, L: int):
     """Left/right carries of every chunk as virtual-token values.
 
-    m: (B, n, C) chunk references; summaries: (2, B, n, C) in units of e^m.
-    Returns carries (2, B, n, C) in units of e^{m - shift} and shift (B, n, C) >= 0,
-    the amount by which the chunk's own terms must be scaled down so that a
-    carry never exceeds e^40 of them.
+    m: (B, n, C) chunk references; summaries: (2, B, n, C) [num, den] in units of e^m.
+    Returns the left and right carries (2, B, n, C) in units of e^{m - shift}, and
+    shift (B, n, C) >= 0, by which the chunk's own terms must be scaled down so
+    that a carry never exceeds e^40 of them.
+
+    The right carry is the left carry of the reversed sequence, so both sides run
+    as one stacked problem: P_c = sum_{c' < c} e^{-(c-1-c') L w} e^{m_c'} S_c', an
+    exclusive prefix sum taken relative to the largest term of each sequence.
     """
     n = m.shape[1]
-    c = torch.arange(n, dtype=m.dtype, device=m.device)[:, None]
-    log_left = m + c * (L * w)          # chunk c' as seen from the right, up to a constant
-    log_right = m - c * (L * w)
-    spread = torch.maximum(log_left.amax(1) - log_left.amin(1), log_right.amax(1) - log_right.amin(1))
-    hp = torch.float32 if m.dtype == torch.float32 and float(spread.detach().max()) < _FLOAT32_SPREAD else torch.float64
-    m, w, c = m.to(hp), w.to(hp), c.to(hp)
-    log_left, log_right = log_left.to(hp), log_right.to(hp)
-
-    top_left = log_left.amax(1, keepdim=True)
-    left = _exclusive_cumsum(torch.exp(log_left - top_left) * summary_left.to(hp), 2)
-    left_log_unit = top_left - (c - 1) * (L * w) - m
-    top_right = log_right.amax(1, keepdim=True)
-    right = _exclusive_cumsum((torch.exp(log_right - top_right) * summary_right.to(hp)).flip(2), 2).flip(2)
-    right_log_unit = top_right + (c + 1) * (L * w) - m
-
-    log_left_den = torch.log(left[1]) + left_log_unit       # -inf where there is no carry
-    log_right_den = torch.log(right[1]) + right_log_unit
-    shift = (torch.maximum(log_left_den, log_right_den) - _MAX_CARRY_LOG).clamp(min=0)
-    return (_from_log(left, log_left_den - shift), _from_log(right, log_right_den - shift), shift)
-
-
-def _from_log(carry, log_den):
-    """Carry (num, den) given den in log space: den = e^log_den, num = den * (num/den)."""
-    den = torch.exp(log_den)
-    present = carry[1] > 0
-    ratio = torch.where(present, carry[0] / torch.where(present, carry[1], torch.ones_like(carry[1])), 0)
-    return torch.stack([ratio * den, den])
+    refs = torch.stack([m, m.flip(1)])                                  # (side, B, n, C)
+    sums = torch.stack([summary_left, summary_right.flip(2)])           # (side, 2, B, n, C)
+    c = torch.arange(n, dtype=m.dtype, device=m.device)[:, None] * (L * w)
+    log_scale = refs + c                     # chunk c' as seen from the far end, up to a constant
+    spread = float((log_scale.amax(2) - log_scale.amin(2)).max())
+    hp = torch.float32 if m.dtype == torch.float32 and spread < _FLOAT32_SPREAD else torch.float64
+    log_scale, refs, c, sums = log_scale.to(hp), refs.to(hp), c.to(hp), sums.to(hp)
+    top = log_scale.amax(2, keepdim=True)
+    acc = torch.cumsum(torch.exp(log_scale - top).unsqueeze(1) * sums, 3)
+    acc = F.pad(acc[..., :-1, :], (0, 0, 1, 0))         # exclusive: shifted, never total minus term
+    log_den = torch.log(acc[:, 1]) + (top - c + L * w.to(hp) - refs)   # -inf where there is no carry
+    log_den = torch.stack([log_den[0], log_den[1].flip(1)])
+    acc = torch.stack([acc[0], acc[1].flip(2)])
+    shift = (log_den.amax(0) - _MAX_CARRY_LOG).clamp(min=0)
+    den = torch.exp(log_den - shift)
+    present = acc[:, 1] > 0
+    ratio = torch.where(present, acc[:, 0] / torch.where(present, acc[:, 1], 1.0), 0.0)
+    carries = torch.stack([ratio * den, den], 1)                        # (side, 2, B, n, C)
+    return carries[0], carries[1], shift

@@ -170,7 +170,7 @@ def _carries(m, summary_left, summary_right, w, L: int):
     sums = torch.stack([summary_left, summary_right.flip(2)])           # (side, 2, B, n, C)
     c = torch.arange(n, dtype=m.dtype, device=m.device)[:, None] * (L * w)
     log_scale = refs + c                     # chunk c' as seen from the far end, up to a constant
-    spread = float((log_scale.amax(2) - log_scale.amin(2)).max())
+    spread = float((log_scale.amax(2) - log_scale.amin(2)).max().detach())
     hp = torch.float32 if m.dtype == torch.float32 and spread < _FLOAT32_SPREAD else torch.float64
     log_scale, refs, c, sums = log_scale.to(hp), refs.to(hp), c.to(hp), sums.to(hp)
     top = log_scale.amax(2, keepdim=True)

@@ -169,3 +169,14 @@ def test_flops_at_most_half_of_rwkv_unet_t():
         pytest.skip("rwkv_unet_t is not registered")
     theirs = count_flops(reference, shape)
     assert 0 < ours <= 0.5 * theirs, (ours, theirs)
+
+
+def test_training_works_after_inference_mode_use():
+    # Cached scan plans must not become inference tensors (they broke training once).
+    from napari_medrwkv.models import create_model
+    model = create_model("ds_vrwkv_t")
+    x = torch.randn(1, 3, 37, 41)
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -32,11 +32,11 @@ def test_manifest_validates():
     assert manifest.name == PLUGIN
     assert manifest.display_name == "MedRWKV"
     contributions = manifest.contributions
-    assert [w.display_name for w in contributions.widgets] == ["Models"]
-    assert contributions.widgets[0].command == "napari-medrwkv.models_widget"
+    assert [w.display_name for w in contributions.widgets] == ["Segment", "Models"]
+    assert contributions.widgets[1].command == "napari-medrwkv.models_widget"
     assert sorted(s.key for s in contributions.sample_data) == ["brightfield", "fluorescence"]
     segment_menu = contributions.menus["napari/layers/segment"]
-    assert [item.command for item in segment_menu] == ["napari-medrwkv.models_widget"]
+    assert [item.command for item in segment_menu] == ["napari-medrwkv.segment_widget", "napari-medrwkv.models_widget"]
 
     # the CLI, by file and by installed plugin name (the entry point), importing every python_name
     for target in (str(MANIFEST), PLUGIN):
@@ -56,7 +56,8 @@ def test_plugin_modules_and_manifest_do_not_import_torch():
         pm = PluginManager()
         pm.discover()
         assert pm.get_manifest({PLUGIN!r}).display_name == "MedRWKV"
-        import napari_medrwkv._widgets, napari_medrwkv._sample_data, napari_medrwkv.launch
+        import napari_medrwkv._widgets, napari_medrwkv._segment_widget, napari_medrwkv._sample_data
+        import napari_medrwkv.launch
         print("torch imported:", "torch" in sys.modules)
     """)
     assert proc.returncode == 0, proc.stderr

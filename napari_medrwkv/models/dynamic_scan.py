@@ -127,10 +127,13 @@ def scan_neighbour_mask(h: int, w: int, order: str, reverse: bool = False) -> to
 
 @lru_cache(maxsize=256)
 def _scan_plan(H: int, W: int, wh: int, ww: int, order: str, reverse: bool, device: str):
-    perm = window_scan_permutation(H, W, wh, ww, order, reverse)
-    inv = inverse_permutation(perm)
-    mask = scan_neighbour_mask(wh, ww, order, reverse).float().view(1, -1, 1)
-    return perm.to(device), inv.to(device), mask.to(device)
+    # Cached across calls, so never built as inference tensors: a plan first made under
+    # inference_mode would otherwise break every later training step.
+    with torch.inference_mode(False):
+        perm = window_scan_permutation(H, W, wh, ww, order, reverse)
+        inv = inverse_permutation(perm)
+        mask = scan_neighbour_mask(wh, ww, order, reverse).float().view(1, -1, 1)
+        return perm.to(device), inv.to(device), mask.to(device)
 
 
 def to_scan_sequences(x: torch.Tensor, hw: Tuple[int, int], window: Tuple[int, int],

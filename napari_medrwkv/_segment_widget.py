@@ -1,0 +1,273 @@
+"""Segment widget: run a model on an image layer, off the GUI thread, with progress and cancel.
+
+A thin shell over ``napari_medrwkv.segment``; torch is imported on first use.
+"""
+import hashlib
+import threading
+from typing import Optional
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QMessageBox,
+                            QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+BROWSE = "Checkpoint file…"
+METADATA_KEY = "napari_medrwkv"
+
+
+class _Relay(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued signal)."""
+    progressed = Signal(int, int)
+
+
+def data_digest(data: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(data).view(np.uint8)).hexdigest()
+
+
+def user_edited(layer: Labels) -> bool:
+    """True when a Labels layer differs from what this plugin last wrote into it."""
+    written = layer.metadata.get(METADATA_KEY, {}).get("digest")
+    return written is None or written != data_digest(layer.data)
+
+
+class SegmentWidget(QWidget):
+    """Image layer + model + device -> a Labels layer (and optionally a probability layer)."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker = None
+        self._cancel = threading.Event()
+        self._models = {}                 # source -> loaded SegmentationModel, reused between runs
+        self._extra_sources = []          # checkpoint files chosen in this session
+
+        self.image_combo = QComboBox()
+        self.model_combo = QComboBox()
+        self.device_combo = QComboBox()
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(["current slice", "all slices"])
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(0, 8192)
+        self.tile_spin.setSingleStep(128)
+        self.tile_spin.setSpecialValueText("model default")
+        self.probability_check = QCheckBox("add a probability layer")
+        self.run_button = QPushButton("Segment")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_combo)
+        form.addRow("Model", self.model_combo)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Stack", self.scope_combo)
+        form.addRow("Tile", self.tile_spin)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.probability_check)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        layout.addStretch()
+
+        self._relay = _Relay()
+        self._relay.progressed.connect(self._on_progress)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.model_combo.activated.connect(self._on_model_chosen)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
+                      self.viewer.layers.events.moved):
+            event.connect(self._refresh_images)
+        self._refresh_images()
+        self._fill_models_and_devices()
+
+    # ------------------------------------------------------------------ choices
+    def _refresh_images(self, event=None):
+        current = self.image_combo.currentText()
+        self.image_combo.clear()
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentText(current)
+        elif self.viewer.layers.selection.active is not None and self.viewer.layers.selection.active.name in names:
+            self.image_combo.setCurrentText(self.viewer.layers.selection.active.name)
+
+    def _fill_models_and_devices(self):
+        from .engine.model import available_devices, list_shipped
+        self.model_combo.clear()
+        self.model_combo.addItems(list_shipped() + self._extra_sources + [BROWSE])
+        self.device_combo.clear()
+        self.device_combo.addItems(available_devices())
+
+    def add_model_source(self, source: str):
+        """Offer a checkpoint path (or a model registered by fine-tuning) and select it."""
+        if source not in self._extra_sources:
+            self._extra_sources.append(source)
+        self._fill_models_and_devices()
+        self.model_combo.setCurrentText(source)
+
+    def _on_model_chosen(self, index: int):
+        if self.model_combo.itemText(index) != BROWSE:
+            return
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "", "Checkpoints (*.safetensors)")
+        if path:
+            self.add_model_source(path)
+
+    # ------------------------------------------------------------------ running
+    def run(self):
+        """Start segmenting (does nothing while a run is in progress)."""
+        if self.worker is not None:
+            show_info("A segmentation is already running; cancel it first.")
+            return
+        try:
+            image_layer = self._image_layer()
+            source = self.model_combo.currentText()
+            if not source or source == BROWSE:
+                raise ValueError("Choose a model or a checkpoint file first.")
+            data, slice_index = self._input(image_layer)
+        except ValueError as err:
+            show_error(str(err))
+            return
+        self._cancel.clear()
+        self._set_running(True)
+        self.status.setText(f"Segmenting {image_layer.name} with {source}…")
+        self.worker = self._make_worker(data, source, self.device_combo.currentText(), self.tile_spin.value() or None,
+                                        image_layer.rgb)
+        self.worker.returned.connect(lambda outcome: self._on_outcome(outcome, image_layer, source, slice_index))
+        self.worker.finished.connect(self._on_finished)
+        self.worker.start()
+
+    def cancel(self):
+        self._cancel.set()
+        self.status.setText("Cancelling…")
+
+    def _make_worker(self, data, source, device, tile, rgb):
+        relay, cancel, models = self._relay, self._cancel, self._models
+
+        @thread_worker
+        def work():
+            # Outcomes come back as values: an exception leaving a worker would surface as a
+            # traceback in the event loop, where users should see a notification.
+            from .engine.infer import Cancelled, segment
+            from .engine.model import load_model
+            try:
+                key = (source, device)
+                if key not in models:
+                    models[key] = load_model(source, device=device)
+                model = models[key]
+                labels, probs = segment(data, model=model, tile=tile, rgb=rgb, return_probabilities=True,
+                                        progress=relay.progressed.emit, cancel=cancel.is_set)
+            except Cancelled:
+                return "cancelled", None
+            except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed
+                return "error", f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)
+            return "done", (labels, probs, model)
+
+        return work()
+
+    def _image_layer(self) -> Image:
+        name = self.image_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise ValueError("No image layer: open an image first (File > Open, or File > Open Sample > MedRWKV).")
+        return self.viewer.layers[name]
+
+    def _input(self, layer: Image):
+        """The array to segment and, for 'current slice' of a stack, the slice index."""
+        data = np.asarray(layer.data)
+        spatial = data.ndim - (1 if layer.rgb else 0)
+        if spatial == 2:
+            return data, None
+        if spatial != 3:
+            raise ValueError(f"{layer.name} has {spatial} spatial dimensions {data.shape}; the Segment widget "
+                             "handles 2D images and 3D stacks (Z, Y, X). Split the other axes into layers first.")
+        if self.scope_combo.currentText() == "all slices":
+            return data, None
+        z = int(self.viewer.dims.current_step[0])
+        z = min(max(z, 0), data.shape[0] - 1)
+        return data[z], z
+
+    # ------------------------------------------------------------------ results
+    def _on_progress(self, done: int, total: int):
+        self.progress_bar.setMaximum(total)
+        self.progress_bar.setValue(done)
+
+    def _on_outcome(self, outcome, image_layer: Image, source: str, slice_index: Optional[int]):
+        kind, value = outcome
+        if kind == "cancelled":
+            self.status.setText("Cancelled; nothing was changed.")
+        elif kind == "error":
+            self.status.setText(f"Failed: {value}")
+            show_error(f"Segmentation failed: {value}")
+        else:
+            self._show_result(*value, image_layer, source, slice_index)
+
+    def _show_result(self, labels, probs, model, image_layer: Image, source: str, slice_index: Optional[int]):
+        name = f"{image_layer.name} [{model.name}]"
+        full_shape = image_layer.data.shape[:-1] if image_layer.rgb else image_layer.data.shape
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if layer is not None and user_edited(layer) and not self._confirm_overwrite(name):
+            name = self._free_name(name)
+            layer = None
+        if layer is None or layer.data.shape != full_shape:
+            data = np.zeros(full_shape, dtype=labels.dtype) if slice_index is not None else labels
+            layer = self._new_labels(name, data, image_layer, model)
+        if slice_index is not None:
+            layer.data[slice_index] = labels
+        else:
+            layer.data = labels
+        layer.metadata[METADATA_KEY] = {"model": source, "digest": data_digest(layer.data)}
+        layer.refresh()
+        if self.probability_check.isChecked() and model.binary:
+            self._show_probability(f"{name} probability", probs, image_layer, slice_index, full_shape)
+        self.status.setText(f"Done: {name} ({int(labels.max()) if labels.size else 0} = highest label).")
+
+    def _new_labels(self, name, data, image_layer, model) -> Labels:
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        return self.viewer.add_labels(data, name=name, scale=image_layer.scale[-data.ndim:],
+                                      translate=image_layer.translate[-data.ndim:])
+
+    def _show_probability(self, name, probs, image_layer, slice_index, full_shape):
+        if slice_index is not None:
+            full = self.viewer.layers[name].data if name in self.viewer.layers and \
+                self.viewer.layers[name].data.shape == full_shape else np.zeros(full_shape, np.float32)
+            full[slice_index] = probs
+            probs = full
+        if name in self.viewer.layers:
+            self.viewer.layers[name].data = probs
+        else:
+            self.viewer.add_image(probs, name=name, colormap="magma", opacity=0.5, blending="additive",
+                                  contrast_limits=(0, 1), scale=image_layer.scale[-probs.ndim:],
+                                  translate=image_layer.translate[-probs.ndim:])
+
+    def _confirm_overwrite(self, name: str) -> bool:
+        answer = QMessageBox.question(self, "Replace edited labels?",
+                                      f"'{name}' has been edited since it was segmented. Replace it?\n"
+                                      "No keeps it and writes the new result to a new layer.",
+                                      QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                      QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _free_name(self, name: str) -> str:
+        i = 2
+        while f"{name} ({i})" in self.viewer.layers:
+            i += 1
+        return f"{name} ({i})"
+
+    def _on_finished(self):
+        self.worker = None
+        self._set_running(False)
+
+    def _set_running(self, running: bool):
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if running:
+            self.progress_bar.setValue(0)

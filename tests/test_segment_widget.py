@@ -1,0 +1,140 @@
+"""The Segment widget in a real napari viewer (pytest-qt under Xvfb)."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("napari")
+
+from napari_medrwkv import _segment_widget  # noqa: E402
+from napari_medrwkv._segment_widget import SegmentWidget, user_edited  # noqa: E402
+from napari_medrwkv.engine.checkpoint import ModelInfo, save_checkpoint  # noqa: E402
+from napari_medrwkv.engine.data import NORMALIZATION  # noqa: E402
+from napari_medrwkv.models import create_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "nuclei-test.safetensors"
+    info = ModelInfo("ds_vrwkv_t", 3, 1, normalization=dict(NORMALIZATION), tile_size=256)
+    save_checkpoint(create_model("ds_vrwkv_t"), path, info)
+    return str(path)
+
+
+@pytest.fixture
+def widget(make_napari_viewer, checkpoint, qtbot):
+    viewer = make_napari_viewer()
+    w = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.add_model_source(checkpoint)
+    return w
+
+
+def _wait(widget, qtbot, timeout=60000):
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    seen = []
+    monkeypatch.setattr(_segment_widget, "show_error", seen.append)
+    return seen
+
+
+def test_segment_adds_labels_tied_to_the_image(widget, qtbot):
+    viewer = widget.viewer
+    viewer.open_sample("napari-medrwkv", "brightfield")
+    image = viewer.layers["nuclei brightfield"]
+    image.scale, image.translate = (0.5, 0.25), (10, -4)
+    widget.image_combo.setCurrentText(image.name)
+    widget.probability_check.setChecked(True)
+    widget.run()
+    _wait(widget, qtbot)
+    labels = viewer.layers["nuclei brightfield [nuclei-test]"]
+    assert labels.data.shape == (256, 320) and set(np.unique(labels.data)) <= {0, 1}
+    assert np.allclose(labels.scale, image.scale) and np.allclose(labels.translate, image.translate)
+    prob = viewer.layers["nuclei brightfield [nuclei-test] probability"]
+    assert prob.data.shape == (256, 320) and 0 <= prob.data.min() and prob.data.max() <= 1
+    assert np.array_equal(labels.data, (prob.data > 0.5).astype(labels.data.dtype))
+    assert widget.progress_bar.value() == widget.progress_bar.maximum() > 0
+    assert not user_edited(labels)
+
+
+def test_edited_labels_are_never_replaced_without_asking(widget, qtbot, monkeypatch):
+    viewer = widget.viewer
+    viewer.add_image(np.random.default_rng(0).integers(0, 255, (64, 80), dtype=np.uint8), name="img")
+    widget.image_combo.setCurrentText("img")
+    widget.run()
+    _wait(widget, qtbot)
+    labels = viewer.layers["img [nuclei-test]"]
+    labels.data[:5, :5] = 7                               # the user's correction
+    edited = labels.data.copy()
+    asked = []
+    monkeypatch.setattr(_segment_widget.QMessageBox, "question",
+                        lambda *a, **k: asked.append(a) or _segment_widget.QMessageBox.StandardButton.No)
+    widget.run()
+    _wait(widget, qtbot)
+    assert len(asked) == 1
+    assert np.array_equal(viewer.layers["img [nuclei-test]"].data, edited)
+    assert "img [nuclei-test] (2)" in viewer.layers
+    # An unedited result is simply refreshed, without a question.
+    widget.run()
+    _wait(widget, qtbot)
+    assert len(asked) == 2 and "img [nuclei-test] (3)" in viewer.layers
+
+
+def test_stack_current_slice_only(widget, qtbot):
+    viewer = widget.viewer
+    stack = np.random.default_rng(1).integers(0, 255, (3, 48, 64), dtype=np.uint8)
+    viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 1)
+    widget.image_combo.setCurrentText("stack")
+    widget.probability_check.setChecked(True)
+    widget.run()
+    _wait(widget, qtbot)
+    prob = viewer.layers["stack [nuclei-test] probability"].data
+    assert prob.shape == (3, 48, 64)
+    assert prob[1].min() > 0 and not prob[0].any() and not prob[2].any()
+    widget.scope_combo.setCurrentText("all slices")
+    widget.run()
+    _wait(widget, qtbot)
+    assert viewer.layers["stack [nuclei-test] probability"].data.min() > 0
+
+
+def test_cancel_stops_and_changes_nothing_while_the_gui_stays_live(widget, qtbot):
+    viewer = widget.viewer
+    viewer.add_image(np.random.default_rng(2).integers(0, 255, (1500, 1500), dtype=np.uint8), name="big")
+    widget.image_combo.setCurrentText("big")
+    widget.tile_spin.setValue(128)
+    ticks = []
+    from qtpy.QtCore import QTimer
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(20)
+    widget.run()
+    assert not widget.run_button.isEnabled() and widget.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 2, timeout=60000)
+    widget.run()                                           # a second click starts nothing
+    widget.cancel()
+    _wait(widget, qtbot)
+    timer.stop()
+    assert "Cancelled" in widget.status.text()
+    assert "big [nuclei-test]" not in viewer.layers
+    assert widget.progress_bar.value() < widget.progress_bar.maximum()
+    assert len(ticks) >= 3, "the event loop kept running during segmentation"
+    assert widget.run_button.isEnabled()
+
+
+def test_bad_inputs_give_notifications(widget, errors, qtbot):
+    widget.run()                                           # no image layer at all
+    assert errors and "No image layer" in errors[-1]
+    widget.viewer.add_image(np.zeros((2, 3, 16, 16)), name="4d")
+    widget.image_combo.setCurrentText("4d")
+    widget.run()
+    assert "4 spatial dimensions" in errors[-1] and widget.worker is None
+    widget.viewer.add_image(np.zeros((16, 16)), name="flat")
+    widget.image_combo.setCurrentText("flat")
+    widget.add_model_source("/no/such/model.safetensors")
+    widget.run()
+    _wait(widget, qtbot)
+    assert "/no/such/model.safetensors" in errors[-1]

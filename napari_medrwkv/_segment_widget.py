@@ -14,8 +14,10 @@ from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QMessageBox,
                             QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
+from ._review import KEY as METADATA_KEY
+from ._review import link
+
 BROWSE = "Checkpoint file…"
-METADATA_KEY = "napari_medrwkv"
 
 
 class _Relay(QObject):
@@ -223,7 +225,8 @@ class SegmentWidget(QWidget):
             layer.data[slice_index] = labels
         else:
             layer.data = labels
-        layer.metadata[METADATA_KEY] = {"model": source, "digest": data_digest(layer.data)}
+        layer.metadata.setdefault(METADATA_KEY, {}).update(model=source, digest=data_digest(layer.data))
+        link(layer, image_layer.name)
         layer.refresh()
         if self.probability_check.isChecked() and model.binary:
             self._show_probability(f"{name} probability", probs, image_layer, slice_index, full_shape)

@@ -1,11 +1,12 @@
-"""Open napari with a MedRWKV sample and the Models widget docked.
+"""Open napari with a MedRWKV sample loaded and the Segment (and Models) widgets docked.
 
     python -m napari_medrwkv.launch [--sample fluorescence|brightfield] [--screenshot PATH]
 
 With ``--screenshot PATH`` it does not enter the event loop: it waits (at most
-``--timeout`` seconds) until the Models widget has counted every model, saves a
+``--timeout`` seconds) until the Models widget has counted every model, segments
+the sample with the default (first shipped) model when there is one, saves a
 screenshot of the whole window to PATH and exits -- the smoke test of the
-plugin.  Exit status 0 on success, 1 if the widget did not finish in time.
+plugin.  Exit status 0 on success, 1 if a widget did not finish in time.
 """
 import argparse
 import sys
@@ -43,22 +44,39 @@ def main(argv=None) -> int:
 
     viewer = napari.Viewer(title="MedRWKV")
     viewer.open_sample(PLUGIN, args.sample)
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Models")
+    _, models = viewer.window.add_plugin_dock_widget(PLUGIN, "Models")
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment", tabify=True)
+    image = viewer.layers[0].name
+    segment.image_combo.setCurrentText(image)
 
     if args.screenshot is None:
         napari.run()
         return 0
 
     viewer.window.resize(1400, 850)
-    finished = _wait_for(widget, args.timeout)
+    finished = _wait_for(models, args.timeout)
+    if segment.model_combo.currentText() and not segment.model_combo.currentText().endswith("…"):
+        segment.run()              # the main job, with the shipped default model
+        finished = _wait_for(_Done(lambda: segment.worker is None), args.timeout) and finished
     viewer.reset_view()
-    _wait_for(widget, 0)  # repaint after the reset
+    _wait_for(models, 0)  # repaint after the reset
     viewer.screenshot(args.screenshot, canvas_only=False)
     viewer.close()
     if not finished:
-        print(f"the Models widget did not finish within {args.timeout:g} s", file=sys.stderr)
+        print(f"the widgets did not finish within {args.timeout:g} s", file=sys.stderr)
         return 1
     return 0
+
+
+class _Done:
+    """Adapts a condition to the ``.done`` attribute that :func:`_wait_for` polls."""
+
+    def __init__(self, condition):
+        self._condition = condition
+
+    @property
+    def done(self) -> bool:
+        return self._condition()
 
 
 if __name__ == "__main__":

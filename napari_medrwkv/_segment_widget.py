@@ -4,6 +4,7 @@ A thin shell over ``napari_medrwkv.segment``; torch is imported on first use.
 """
 import hashlib
 import threading
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -14,6 +15,7 @@ from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QMessageBox,
                             QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
+from . import _session
 from ._review import KEY as METADATA_KEY
 from ._review import link
 
@@ -90,6 +92,10 @@ class SegmentWidget(QWidget):
             event.connect(self._refresh_images)
         self._refresh_images()
         self._fill_models_and_devices()
+        _session.changed.connect(self._on_session_changed)
+        # psygnal holds the slot weakly, but the Python object can outlive the Qt widget.
+        slot = weakref.WeakMethod(self._on_session_changed)
+        self.destroyed.connect(lambda *_: slot() is not None and _session.changed.disconnect(slot()))
 
     # ------------------------------------------------------------------ choices
     def _refresh_images(self, event=None):
@@ -105,9 +111,18 @@ class SegmentWidget(QWidget):
     def _fill_models_and_devices(self):
         from .engine.model import available_devices, list_shipped
         self.model_combo.clear()
-        self.model_combo.addItems(list_shipped() + self._extra_sources + [BROWSE])
+        sources = list_shipped() + _session.registered() + self._extra_sources
+        self.model_combo.addItems(list(dict.fromkeys(sources)) + [BROWSE])
         self.device_combo.clear()
         self.device_combo.addItems(available_devices())
+
+    def _on_session_changed(self, source=None):
+        """A model was fine-tuned: list it, keeping the current model and device."""
+        model, device = self.model_combo.currentText(), self.device_combo.currentText()
+        self._fill_models_and_devices()
+        if model:
+            self.model_combo.setCurrentText(model)
+        self.device_combo.setCurrentText(device)
 
     def add_model_source(self, source: str):
         """Offer a checkpoint path (or a model registered by fine-tuning) and select it."""

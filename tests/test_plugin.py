@@ -32,11 +32,12 @@ def test_manifest_validates():
     assert manifest.name == PLUGIN
     assert manifest.display_name == "MedRWKV"
     contributions = manifest.contributions
-    assert [w.display_name for w in contributions.widgets] == ["Segment", "Models"]
-    assert contributions.widgets[1].command == "napari-medrwkv.models_widget"
+    assert [w.display_name for w in contributions.widgets] == ["Segment", "Correct", "Fine-tune", "Models"]
+    assert contributions.widgets[3].command == "napari-medrwkv.models_widget"
     assert sorted(s.key for s in contributions.sample_data) == ["brightfield", "fluorescence"]
     segment_menu = contributions.menus["napari/layers/segment"]
-    assert [item.command for item in segment_menu] == ["napari-medrwkv.segment_widget", "napari-medrwkv.models_widget"]
+    assert [item.command for item in segment_menu] == ["napari-medrwkv.segment_widget", "napari-medrwkv.correct_widget",
+                                                       "napari-medrwkv.finetune_widget", "napari-medrwkv.models_widget"]
 
     # the CLI, by file and by installed plugin name (the entry point), importing every python_name
     for target in (str(MANIFEST), PLUGIN):

@@ -1,0 +1,772 @@
+"""Fine-tune widget: learn from the reviewed image/labels pairs in the viewer, then re-segment the rest.
+
+The loop: Segment -> Correct (mark slices reviewed) -> Fine-tune -> re-segment the slices
+nobody reviewed yet -> Correct ...  The reviewed pairs come from Labels layer metadata
+(``_review``); training, evaluation and segmentation are the engine's (``engine.train``,
+``engine.evaluate``, ``engine.infer``), run in a napari thread worker.  torch is imported
+on first use, never when this module is imported.
+"""
+import math
+import re
+import threading
+import weakref
+from datetime import datetime
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+from napari.qt.threading import thread_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, QPointF, QRectF, QSize, Qt, Signal
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+                            QMessageBox, QProgressBar, QPushButton, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
+
+from . import _review, _session
+from ._review import KEY as METADATA_KEY
+from ._segment_widget import BROWSE, data_digest
+
+# Few-shot fine-tuning defaults, in one place.  They belong in engine/train.py (as a
+# ``few_shot_config()`` next to TrainConfig); the engine owner will move them there.
+# lr: a trained model needs a gentler step than training from scratch (TrainConfig's 1e-3);
+# batch 4 of 256-pixel patches fits a laptop CPU; 16 patches per epoch gives a validation
+# point (and a best-model checkpoint) every few seconds to a minute even with 1-5 images.
+FEW_SHOT = dict(lr=3e-4, patch_size=256, batch_size=4, samples_per_epoch=16)
+TIME_BUDGET_MINUTES = 3.0
+HOLD_OUT_FRACTION = 0.2          # of the reviewed pairs, when there are at least HOLD_OUT_MIN_PAIRS
+HOLD_OUT_MIN_PAIRS = 3
+HOLD_OUT_SEED = 0
+MODELS_DIR = "~/medrwkv-models"
+
+_FINETUNED_SUFFIX = re.compile(r"-finetuned-\d{8}-\d{4}(-\d+)?$")
+
+
+def few_shot_config(**overrides):
+    """An ``engine.train.TrainConfig`` with the few-shot defaults (imports torch)."""
+    from .engine.train import TrainConfig
+    return TrainConfig(**{**FEW_SHOT, **overrides})
+
+
+def split_held_out(n: int, fraction: float = HOLD_OUT_FRACTION, seed: int = HOLD_OUT_SEED,
+                   minimum: int = HOLD_OUT_MIN_PAIRS) -> Tuple[List[int], List[int]]:
+    """(training indices, held-out indices) of ``n`` reviewed pairs: ~``fraction`` (at least 1) held
+    out, chosen by a seeded shuffle; with fewer than ``minimum`` pairs nothing is held out."""
+    if n < minimum:
+        return list(range(n)), []
+    count = max(1, int(round(fraction * n)))
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(int(i) for i in order[count:]), sorted(int(i) for i in order[:count])
+
+
+def unreviewed_slices(layers) -> List[Tuple[object, object, List[int]]]:
+    """``[(labels layer, image layer, slice indices)]``: the slices of Labels layers linked to an
+    image in ``layers`` that are not marked reviewed (a 2-D layer is its slice 0)."""
+    targets = []
+    for layer in layers:
+        if getattr(layer, "_type_string", "") != "labels":
+            continue
+        image_name = _review.linked_image(layer)
+        if image_name is None or image_name not in layers:
+            continue
+        image = layers[image_name]
+        spatial = image.data.shape[:-1] if getattr(image, "rgb", False) else image.data.shape
+        if tuple(spatial) != tuple(layer.data.shape) or layer.data.ndim not in (2, 3):
+            continue
+        done = set(_review.reviewed(layer))
+        indices = [i for i in range(_review.slice_count(layer)) if i not in done]
+        if indices:
+            targets.append((layer, image, indices))
+    return targets
+
+
+def default_output(base: str, now: Optional[datetime] = None) -> str:
+    """``~/medrwkv-models/<base>-finetuned-<YYYYmmdd-HHMM>.safetensors``, not an existing file."""
+    stem = Path(base).stem if base.endswith(".safetensors") else Path(base).name
+    stem = _FINETUNED_SUFFIX.sub("", stem) or "model"
+    name = f"{stem}-finetuned-{(now or datetime.now()).strftime('%Y%m%d-%H%M')}"
+    folder = Path(MODELS_DIR)
+    path, i = folder / f"{name}.safetensors", 2
+    while path.expanduser().exists():
+        path, i = folder / f"{name}-{i}.safetensors", i + 1
+    return str(path)
+
+
+def _disconnect_when_destroyed(widget: QWidget, disconnect, method) -> None:
+    """Disconnect a bound method when the Qt widget goes, without keeping it alive meanwhile."""
+    ref = weakref.WeakMethod(method)
+    widget.destroyed.connect(lambda *_: ref() is not None and disconnect(ref()))
+
+
+class _Relay(QObject):
+    """Carries messages from the worker thread to the GUI thread (queued signals)."""
+    progressed = Signal(object)        # engine.train.TrainProgress
+    phase = Signal(str)
+    baseline = Signal(float)
+    tiles = Signal(int, int)
+
+
+class TrainingCurve(QWidget):
+    """Per-step training loss (line, left axis) and per-epoch validation Dice (points, right axis 0..1).
+
+    Drawn with QPainter on its own dark panel so it reads the same in napari's light and dark themes.
+    """
+    BACKGROUND = QColor(30, 33, 40)
+    AXES = QColor(120, 126, 136)
+    TEXT = QColor(205, 210, 216)
+    LOSS = QColor(255, 167, 38)
+    DICE = QColor(79, 195, 247)
+    BASE = QColor(176, 176, 176)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.losses: List[float] = []
+        self.val_points: List[Tuple[int, float]] = []    # (step count at the epoch's end, Dice)
+        self.baseline: Optional[float] = None             # the base model's Dice ("before")
+        self.setMinimumHeight(150)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+
+    def sizeHint(self) -> QSize:
+        return QSize(320, 190)
+
+    def clear(self):
+        self.losses, self.val_points, self.baseline = [], [], None
+        self.update()
+
+    def add_loss(self, loss: float):
+        if math.isfinite(loss):
+            self.losses.append(float(loss))
+            self.update()
+
+    def add_val_dice(self, dice: float):
+        self.val_points.append((len(self.losses), float(dice)))
+        self.update()
+
+    def set_baseline(self, dice: Optional[float]):
+        self.baseline = None if dice is None or not math.isfinite(dice) else float(dice)
+        self.update()
+
+    # ------------------------------------------------------------------ drawing
+    def paintEvent(self, event):
+        painter = QPainter(self)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        painter.fillRect(self.rect(), self.BACKGROUND)
+        metrics = painter.fontMetrics()
+        text_h = metrics.height()
+        left = metrics.horizontalAdvance("0.00") + 12
+        right = metrics.horizontalAdvance("0.5") + 12
+        top, bottom = text_h + 10, text_h + 6
+        plot = QRectF(left, top, max(self.width() - left - right, 10), max(self.height() - top - bottom, 10))
+        self._draw_axes(painter, plot, metrics)
+        self._draw_legend(painter, left, text_h)
+        if not self.losses and not self.val_points and self.baseline is None:
+            painter.setPen(self.TEXT)
+            painter.drawText(plot, int(Qt.AlignmentFlag.AlignCenter),
+                             "Loss and validation Dice\nappear here while fine-tuning")
+            painter.end()
+            return
+        steps = max([len(self.losses)] + [s for s, _ in self.val_points] + [1])
+
+        def x_at(step):
+            return plot.left() + plot.width() * step / steps
+
+        def y_dice(value):
+            return plot.bottom() - plot.height() * min(max(value, 0.0), 1.0)
+
+        if self.baseline is not None:
+            pen = QPen(self.BASE, 1.5, Qt.PenStyle.DashLine)
+            painter.setPen(pen)
+            y = y_dice(self.baseline)
+            painter.drawLine(QPointF(plot.left(), y), QPointF(plot.right(), y))
+        if self.losses:
+            top_loss = _nice_ceiling(max(self.losses))
+            painter.setPen(self.LOSS)
+            painter.drawText(QRectF(0, plot.top() - text_h / 2, left - 6, text_h),
+                             int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter), f"{top_loss:.2g}")
+            points = [QPointF(x_at(i + 1), plot.bottom() - plot.height() * loss / top_loss)
+                      for i, loss in enumerate(self.losses)]
+            painter.setPen(QPen(self.LOSS, 1.5))
+            if len(points) == 1:
+                painter.setBrush(self.LOSS)
+                painter.drawEllipse(points[0], 2.5, 2.5)
+            else:
+                painter.drawPolyline(QPolygonF(points))
+        if self.val_points:
+            points = [QPointF(x_at(step), y_dice(value)) for step, value in self.val_points]
+            painter.setPen(QPen(self.DICE, 1.5))
+            if len(points) > 1:
+                painter.drawPolyline(QPolygonF(points))
+            painter.setBrush(self.DICE)
+            for point in points:
+                painter.drawEllipse(point, 3.5, 3.5)
+        painter.setPen(self.TEXT)
+        painter.drawText(QRectF(plot.left(), plot.bottom() + 2, plot.width(), text_h),
+                         int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignTop),
+                         f"{len(self.losses)} steps")
+        painter.end()
+
+    def _draw_axes(self, painter: QPainter, plot: QRectF, metrics):
+        text_h = metrics.height()
+        grid = QColor(self.AXES)
+        grid.setAlpha(70)
+        for value in (0.25, 0.5, 0.75, 1.0):
+            y = plot.bottom() - plot.height() * value
+            painter.setPen(QPen(grid, 1))
+            painter.drawLine(QPointF(plot.left(), y), QPointF(plot.right(), y))
+        painter.setPen(QPen(self.AXES, 1))
+        painter.drawRect(plot)
+        painter.setPen(self.DICE)
+        for value in (0.0, 0.5, 1.0):
+            y = plot.bottom() - plot.height() * value
+            painter.drawText(QRectF(plot.right() + 4, y - text_h / 2, 40, text_h),
+                             int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter), f"{value:g}")
+        painter.setPen(self.LOSS)
+        painter.drawText(QRectF(0, plot.bottom() - text_h / 2, plot.left() - 6, text_h),
+                         int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter), "0")
+
+    def _draw_legend(self, painter: QPainter, x: float, text_h: int):
+        y = 4 + text_h / 2
+        entries = [("loss", self.LOSS, "line"), ("val Dice", self.DICE, "dot")]
+        if self.baseline is not None:
+            entries.append(("before", self.BASE, "dash"))
+        for label, colour, mark in entries:
+            if mark == "dot":
+                painter.setPen(QPen(colour, 1.5))
+                painter.setBrush(colour)
+                painter.drawEllipse(QPointF(x + 9, y), 3.5, 3.5)
+            else:
+                painter.setPen(QPen(colour, 2, Qt.PenStyle.DashLine if mark == "dash" else Qt.PenStyle.SolidLine))
+                painter.drawLine(QPointF(x, y), QPointF(x + 18, y))
+            painter.setPen(self.TEXT)
+            width = painter.fontMetrics().horizontalAdvance(label)
+            painter.drawText(QRectF(x + 22, y - text_h / 2, width + 4, text_h),
+                             int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter), label)
+            x += 22 + width + 14
+
+
+def _nice_ceiling(value: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x 10^k that is >= value (axis top)."""
+    if not value > 0:
+        return 1.0
+    scale = 10 ** math.floor(math.log10(value))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * scale >= value:
+            return m * scale
+    return 10 * scale
+
+
+class FineTuneWidget(QWidget):
+    """Reviewed pairs (+ an optional dataset folder) + base model -> a fine-tuned checkpoint."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.worker = None
+        self.result = None                # engine TrainResult of the last finished fine-tune
+        self._cancel = threading.Event()
+        self._extra_sources: List[str] = []
+        self._base_chosen = False         # True once the user (or code) picked a base model
+        self._suggested_output = ""
+        self._confirmed_output = ""
+        self._last_step: Optional[Tuple[int, int]] = None
+        self._compare_kind = ""
+
+        # data
+        self.pairs_label = QLabel()
+        self.refresh_button = QPushButton("Refresh")
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("optional: a folder with images/ and masks/")
+        self.folder_button = QPushButton("Browse…")
+        # model and settings
+        self.model_combo = QComboBox()
+        self.device_combo = QComboBox()
+        self.minutes_spin = QDoubleSpinBox()
+        self.minutes_spin.setRange(0.1, 24 * 60)
+        self.minutes_spin.setDecimals(1)
+        self.minutes_spin.setValue(TIME_BUDGET_MINUTES)
+        self.minutes_spin.setSuffix(" min")
+        self.epochs_spin = QSpinBox()
+        self.epochs_spin.setRange(0, 100000)
+        self.epochs_spin.setSpecialValueText("no limit")
+        self.lr_spin = QDoubleSpinBox()
+        self.lr_spin.setDecimals(5)
+        self.lr_spin.setRange(1e-5, 0.1)
+        self.lr_spin.setSingleStep(1e-4)
+        self.lr_spin.setValue(FEW_SHOT["lr"])
+        self.patch_spin = QSpinBox()
+        self.patch_spin.setRange(32, 4096)
+        self.patch_spin.setSingleStep(32)
+        self.patch_spin.setValue(FEW_SHOT["patch_size"])
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 256)
+        self.batch_spin.setValue(FEW_SHOT["batch_size"])
+        self.samples_spin = QSpinBox()
+        self.samples_spin.setRange(1, 1000000)
+        self.samples_spin.setValue(FEW_SHOT["samples_per_epoch"])
+        self.output_edit = QLineEdit()
+        self.output_button = QPushButton("Save as…")
+        # running and results
+        self.run_button = QPushButton("Fine-tune")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setValue(0)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.curve = TrainingCurve()
+        self.result_label = QLabel("")
+        self.result_label.setWordWrap(True)
+        self.resegment_button = QPushButton("Re-segment unreviewed slices")
+        self.resegment_button.setEnabled(False)
+        self.resegment_button.setToolTip("Segment every slice not marked reviewed with the fine-tuned model; "
+                                         "reviewed slices are kept")
+        self.save_pairs_button = QPushButton("Save reviewed pairs as training folder…")
+        self.save_pairs_button.setToolTip("images/ + masks/ for `medrwkv train` or a bigger machine")
+
+        pairs_row = QHBoxLayout()
+        pairs_row.addWidget(self.pairs_label, 1)
+        pairs_row.addWidget(self.refresh_button)
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.folder_edit, 1)
+        folder_row.addWidget(self.folder_button)
+        output_row = QHBoxLayout()
+        output_row.addWidget(self.output_edit, 1)
+        output_row.addWidget(self.output_button)
+        form = QFormLayout()
+        form.addRow(pairs_row)
+        form.addRow("Dataset folder", folder_row)
+        form.addRow("Base model", self.model_combo)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Time budget", self.minutes_spin)
+        form.addRow("Max epochs", self.epochs_spin)
+        form.addRow("Learning rate", self.lr_spin)
+        form.addRow("Patch size", self.patch_spin)
+        form.addRow("Batch size", self.batch_spin)
+        form.addRow("Patches per epoch", self.samples_spin)
+        form.addRow("Save to", output_row)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        layout.addWidget(self.curve, 1)
+        layout.addWidget(self.result_label)
+        layout.addWidget(self.resegment_button)
+        layout.addWidget(self.save_pairs_button)
+
+        self._relay = _Relay()
+        self._relay.progressed.connect(self._on_progress)
+        self._relay.phase.connect(self.status.setText)
+        self._relay.baseline.connect(self.curve.set_baseline)
+        self._relay.tiles.connect(self._on_tiles)
+        self.refresh_button.clicked.connect(self.refresh_pairs)
+        self.folder_button.clicked.connect(self._browse_folder)
+        self.output_button.clicked.connect(self._browse_output)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.resegment_button.clicked.connect(self.resegment)
+        self.save_pairs_button.clicked.connect(self.save_pairs)
+        self.model_combo.activated.connect(self._on_model_chosen)
+        self.model_combo.currentTextChanged.connect(self._suggest_output)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
+                      self.viewer.layers.events.moved):
+            event.connect(self.refresh_pairs)
+            _disconnect_when_destroyed(self, event.disconnect, self.refresh_pairs)
+        _session.changed.connect(self._on_session_changed)
+        _disconnect_when_destroyed(self, _session.changed.disconnect, self._on_session_changed)
+        self._fill_models_and_devices()
+        self.refresh_pairs()
+
+    # ------------------------------------------------------------------ data
+    def refresh_pairs(self, event=None) -> int:
+        """Recount the reviewed pairs in the viewer's Labels layers (metadata changes send no event);
+        counting reads no pixels, so it stays cheap for large or lazy images."""
+        counts = [len(_review.reviewed(layer)) for layer in self.viewer.layers
+                  if getattr(layer, "_type_string", "") == "labels"
+                  and _review.linked_image(layer) in self.viewer.layers]
+        total, layers = sum(counts), sum(1 for c in counts if c)
+        self.pairs_label.setText(f"Reviewed pairs: {total} (from {layers} layer{'s' * (layers != 1)})")
+        if not self._base_chosen:
+            in_use = self._model_in_use()
+            if in_use:
+                self._select_model(in_use)
+        return total
+
+    def _reviewed_pairs(self) -> List[_review.ReviewedPair]:
+        self.refresh_pairs()
+        return _review.reviewed_pairs(self.viewer.layers)
+
+    def showEvent(self, event):
+        super().showEvent(event)
+        self.refresh_pairs()
+
+    def _model_in_use(self) -> Optional[str]:
+        """The model that made the reviewed labels (most reviewed slices), if recorded."""
+        counts = {}
+        for layer in self.viewer.layers:
+            source = layer.metadata.get(METADATA_KEY, {}).get("model") if hasattr(layer, "metadata") else None
+            if source and _review.linked_image(layer) and _review.reviewed(layer):
+                counts[source] = counts.get(source, 0) + len(_review.reviewed(layer))
+        return max(counts, key=counts.get) if counts else None
+
+    def _browse_folder(self):
+        folder = QFileDialog.getExistingDirectory(self, "Dataset folder (images/ + masks/)", self.folder_edit.text())
+        if folder:
+            self.folder_edit.setText(folder)
+
+    # ------------------------------------------------------------------ models
+    def _fill_models_and_devices(self):
+        from .engine.model import available_devices, list_shipped
+        model, device = self.model_combo.currentText(), self.device_combo.currentText()
+        sources = list(dict.fromkeys(list_shipped() + _session.registered() + self._extra_sources))
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        self.model_combo.addItems(sources + [BROWSE])
+        if model in sources:
+            self.model_combo.setCurrentText(model)
+        self.model_combo.blockSignals(False)
+        self.device_combo.clear()
+        self.device_combo.addItems(available_devices())
+        if device:
+            self.device_combo.setCurrentText(device)
+        self._suggest_output()
+
+    def _on_session_changed(self, source=None):
+        self._fill_models_and_devices()
+
+    def _select_model(self, source: str):
+        if self.model_combo.findText(source) < 0:
+            self._extra_sources.append(source)
+            self._fill_models_and_devices()
+        self.model_combo.setCurrentText(source)
+
+    def add_model_source(self, source: str):
+        """Offer a checkpoint path (or a model name) as the base model and select it."""
+        self._base_chosen = True
+        self._select_model(str(source))
+
+    def _on_model_chosen(self, index: int):
+        if self.model_combo.itemText(index) != BROWSE:
+            self._base_chosen = True
+            return
+        path, _ = QFileDialog.getOpenFileName(self, "Base model checkpoint", "", "Checkpoints (*.safetensors)")
+        if path:
+            self.add_model_source(path)
+
+    def _suggest_output(self, *_):
+        """Prefill the checkpoint path from the base model, unless the user typed or chose one."""
+        base = self.model_combo.currentText()
+        if not base or base == BROWSE:
+            return
+        if self.output_edit.text() in ("", self._suggested_output):
+            self._suggested_output = default_output(base)
+            self.output_edit.setText(self._suggested_output)
+
+    def _browse_output(self):
+        start = str(Path(self.output_edit.text() or default_output("model")).expanduser())
+        path, _ = QFileDialog.getSaveFileName(self, "Save the fine-tuned model as", start,
+                                              "Checkpoints (*.safetensors)")
+        if path:
+            if not path.endswith(".safetensors"):
+                path += ".safetensors"
+            self.output_edit.setText(path)
+            self._confirmed_output = str(Path(path).expanduser())   # the dialog asked about replacing
+
+    # ------------------------------------------------------------------ fine-tuning
+    def run(self):
+        """Start fine-tuning (does nothing while something is running)."""
+        if self.worker is not None:
+            show_info("The Fine-tune widget is busy; wait or cancel first.")
+            return
+        pairs = self._reviewed_pairs()
+        folder = self.folder_edit.text().strip()
+        source = self.model_combo.currentText()
+        try:
+            if not pairs and not folder:
+                raise ValueError("Nothing to learn from: mark corrected slices as reviewed (Correct widget), "
+                                 "or choose a dataset folder (images/ + masks/).")
+            if not source or source == BROWSE:
+                raise ValueError("Choose a base model or a checkpoint file first.")
+            out = self._output_path()
+        except ValueError as err:
+            show_error(str(err))
+            return
+        if out is None:
+            return
+        train_idx, held_idx = split_held_out(len(pairs))
+        # Copies of the masks: the user may keep correcting while the worker reads them.
+        as_items = [(p.image, np.array(p.mask, copy=True)) for p in pairs]
+        train_items = [as_items[i] for i in train_idx]
+        held_out = [as_items[i] for i in held_idx]
+        compare = held_out or train_items                 # before/after set
+        self._compare_kind = "held-out reviewed pairs" if held_out else \
+            "the training pairs (fewer than 3 reviewed pairs, none held out)" if compare else ""
+        settings = dict(lr=self.lr_spin.value(), patch_size=self.patch_spin.value(),
+                        batch_size=self.batch_spin.value(), samples_per_epoch=self.samples_spin.value(),
+                        seed=HOLD_OUT_SEED)
+        command = self._provenance(pairs, train_idx, held_idx, folder)
+        self._cancel.clear()
+        self._last_step = None
+        self.curve.clear()
+        self.result_label.setText("")
+        self.resegment_button.setEnabled(False)
+        self._set_running(True)
+        self.progress_bar.setRange(0, 1000)
+        self.progress_bar.setValue(0)
+        self.status.setText(f"Fine-tuning {Path(source).stem if source.endswith('.safetensors') else source} "
+                            f"on {len(train_items)} reviewed pair(s){' + ' + folder if folder else ''}…")
+        self.worker = self._make_train_worker(
+            source, self.device_combo.currentText(), train_items, folder or None, held_out, compare, str(out),
+            self.epochs_spin.value() or None, self.minutes_spin.value(), settings, command)
+        self.worker.returned.connect(self._on_trained)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.start()
+
+    def cancel(self):
+        """Stop: training keeps (and saves) the best model so far; a re-segmentation changes nothing."""
+        if self.worker is not None:
+            self._cancel.set()
+            self.status.setText("Cancelling… (the best model so far is kept)")
+
+    def _output_path(self) -> Optional[Path]:
+        text = self.output_edit.text().strip()
+        if not text:
+            raise ValueError("Choose where to save the fine-tuned model (Save as…).")
+        out = Path(text).expanduser()
+        if out.suffix != ".safetensors":
+            raise ValueError(f"{out}: save the model as a .safetensors file, e.g. {out.stem}.safetensors")
+        if out.is_dir():
+            raise ValueError(f"{out} is a folder; give a file name ending in .safetensors")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"Cannot create the folder {out.parent}: {err}") from None
+        if out.exists() and str(out) != self._confirmed_output:
+            answer = QMessageBox.question(self, "Replace checkpoint?", f"{out} exists. Replace it?",
+                                          QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                          QMessageBox.StandardButton.No)
+            if answer != QMessageBox.StandardButton.Yes:
+                return None
+        return out
+
+    @staticmethod
+    def _provenance(pairs, train_idx, held_idx, folder) -> str:
+        def names(indices):
+            return ", ".join(f"{pairs[i].labels_name}[{pairs[i].index}]" for i in indices) or "none"
+        text = f"napari Fine-tune widget: trained on reviewed {names(train_idx)}"
+        if folder:
+            text += f" + dataset folder {folder}"
+        return text + f"; held out: {names(held_idx)}"
+
+    def _make_train_worker(self, source, device, train_items, folder, held_out, compare, out, epochs, minutes,
+                           settings, command):
+        relay, cancel = self._relay, self._cancel
+
+        @thread_worker
+        def work():
+            # Outcomes come back as values: an exception leaving a worker would surface as a
+            # traceback in the event loop, where users should see a notification.
+            from .engine.data import find_pairs
+            from .engine.evaluate import evaluate
+            from .engine.infer import Cancelled
+            from .engine.model import load_model
+            from .engine.train import train
+            try:
+                relay.phase.emit(f"Loading {source}…")
+                model = load_model(source, device=device)
+                items = list(train_items) + (find_pairs(folder) if folder else [])
+                before = None
+                if compare:
+                    relay.phase.emit(f"Measuring the base model on {len(compare)} pair(s)…")
+                    before = evaluate(model, compare, cancel=cancel.is_set)["dice"]
+                    relay.baseline.emit(before)
+                relay.phase.emit("Training…")
+                result = train(model, items, out=out, epochs=epochs, max_minutes=minutes, device=device,
+                               progress=relay.progressed.emit, cancel=cancel.is_set,
+                               val_data=(held_out or compare) or None, config=few_shot_config(**settings),
+                               command=command)
+                after = None
+                if compare:
+                    relay.phase.emit(f"Measuring the fine-tuned model on {len(compare)} pair(s)…")
+                    after = evaluate(result.model, compare)["dice"]
+            except Cancelled:
+                return "cancelled", None
+            except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed
+                return "error", str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+            return "done", (result, before, after)
+
+        return work()
+
+    def _on_progress(self, progress):
+        self.progress_bar.setValue(int(round(1000 * progress.fraction)))
+        key = (progress.epoch, progress.step)
+        last = self._last_step
+        epoch_end = progress.val_dice is not None or key == last or \
+            (last is not None and progress.epoch == last[0] and progress.step != last[1] + 1)
+        if epoch_end:
+            if progress.val_dice is not None:
+                self.curve.add_val_dice(progress.val_dice)
+            return
+        self._last_step = key
+        self.curve.add_loss(progress.loss)
+        epochs = f"/{progress.epochs}" if progress.epochs else ""
+        self.status.setText(f"Epoch {progress.epoch}{epochs}, step {progress.step}/{progress.steps_per_epoch}: "
+                            f"loss {progress.loss:.3f} ({progress.elapsed:.0f} s)")
+
+    def _on_trained(self, outcome):
+        kind, value = outcome
+        if kind == "cancelled":
+            self.status.setText("Cancelled before training started; nothing was saved.")
+            return
+        if kind == "error":
+            self.status.setText(f"Failed: {value}")
+            show_error(f"Fine-tuning failed: {value}")
+            return
+        result, before, after = value
+        self.result = result
+        path = str(result.path)
+        self._base_chosen = True
+        _session.register(path)              # every open model list refreshes
+        self._select_model(path)             # the next round starts from this model
+        how = "Cancelled" if result.cancelled else "Done"
+        best = "the best so far" if result.cancelled else "the best"
+        self.status.setText(f"{how}: {len(result.history)} epoch(s) in {result.minutes:.1f} min; kept epoch "
+                            f"{result.best_epoch} ({best}). Saved {path}; it is in the model lists of this session.")
+        if before is not None and after is not None:
+            self.result_label.setText(f"Dice on {self._compare_kind}: before {before:.2f} → after {after:.2f}")
+        elif result.best_val_dice is not None:
+            self.result_label.setText(f"Best validation Dice (held out from the dataset folder): "
+                                      f"{result.best_val_dice:.2f}")
+        targets = unreviewed_slices(self.viewer.layers)
+        count = sum(len(indices) for _, _, indices in targets)
+        self.resegment_button.setEnabled(bool(count))
+        if count:
+            self.status.setText(self.status.text() + f" Re-segment the {count} unreviewed slice(s) with it?")
+
+    def _on_finished(self):
+        self.worker = None
+        self._set_running(False)
+
+    def _set_running(self, running: bool):
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self.save_pairs_button.setEnabled(not running)
+        if running:
+            self.resegment_button.setEnabled(False)
+
+    # ------------------------------------------------------------------ re-segmenting
+    def resegment(self):
+        """Segment every unreviewed slice with the fine-tuned model, after asking; reviewed slices stay."""
+        if self.worker is not None:
+            show_info("The Fine-tune widget is busy; wait or cancel first.")
+            return
+        if self.result is None:
+            show_error("Fine-tune a model first.")
+            return
+        targets = unreviewed_slices(self.viewer.layers)
+        count = sum(len(indices) for _, _, indices in targets)
+        if not count:
+            show_info("Every slice of the labelled images is reviewed; nothing to re-segment.")
+            return
+        lines = "\n".join(f"• {layer.name}: " + ("the image" if layer.data.ndim == 2 else
+                                                 f"slice(s) {', '.join(str(i) for i in indices)}")
+                          for layer, _, indices in targets)
+        answer = QMessageBox.question(
+            self, "Re-segment unreviewed slices?",
+            f"Re-segment {count} unreviewed slice(s) with {self.result.model.name}?\n\n{lines}\n\n"
+            "Their current labels are replaced; reviewed slices are kept.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes)
+        if answer != QMessageBox.StandardButton.Yes:
+            return
+        jobs = []
+        for layer, image, indices in targets:
+            data = np.asarray(image.data)
+            jobs.append((layer.name, indices, data if layer.data.ndim == 2 else data[indices], bool(image.rgb)))
+        self._cancel.clear()
+        self._set_running(True)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.status.setText(f"Re-segmenting {count} slice(s) with {self.result.model.name}…")
+        self.worker = self._make_segment_worker(self.result.model, jobs)
+        self.worker.returned.connect(self._on_resegmented)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.start()
+
+    def _make_segment_worker(self, model, jobs):
+        relay, cancel = self._relay, self._cancel
+
+        @thread_worker
+        def work():
+            from .engine.infer import Cancelled, segment
+            total, done, results = sum(len(job[1]) for job in jobs), 0, []
+            try:
+                for name, indices, data, rgb in jobs:
+                    def tick(i, n, before=done, size=len(indices)):   # tiles of this job -> overall per mille
+                        relay.tiles.emit(int(1000 * (before + size * i / n) / total), 1000)
+                    labels = segment(data, model=model, rgb=rgb, cancel=cancel.is_set, progress=tick)
+                    done += len(indices)
+                    results.append((name, indices, labels))
+            except Cancelled:
+                return "cancelled", None
+            except Exception as err:  # noqa: BLE001
+                return "error", str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+            return "done", results
+
+        return work()
+
+    def _on_tiles(self, done: int, total: int):
+        self.progress_bar.setRange(0, max(total, 1))
+        self.progress_bar.setValue(min(done, total))
+
+    def _on_resegmented(self, outcome):
+        kind, value = outcome
+        if kind == "cancelled":
+            self.status.setText("Re-segmentation cancelled; nothing was changed.")
+            return
+        if kind == "error":
+            self.status.setText(f"Failed: {value}")
+            show_error(f"Re-segmentation failed: {value}")
+            return
+        written = 0
+        for name, indices, labels in value:
+            if name not in self.viewer.layers:
+                continue
+            layer = self.viewer.layers[name]
+            still_open = set(range(_review.slice_count(layer))) - set(_review.reviewed(layer))
+            if layer.data.ndim == 2:
+                if 0 in still_open and layer.data.shape == labels.shape:
+                    layer.data[...] = labels
+                    written += 1
+            else:
+                for index, plane in zip(indices, labels):
+                    if index in still_open and layer.data.shape[1:] == plane.shape:
+                        layer.data[index] = plane
+                        written += 1
+            layer.metadata.setdefault(METADATA_KEY, {}).update(model=str(self.result.path),
+                                                               digest=data_digest(layer.data))
+            layer.refresh()
+        self.progress_bar.setValue(self.progress_bar.maximum())
+        self.status.setText(f"Re-segmented {written} unreviewed slice(s) with {self.result.model.name}; "
+                            "correct them and mark them reviewed for the next round.")
+
+    # ------------------------------------------------------------------ export
+    def save_pairs(self):
+        """Write the reviewed pairs as images/ + masks/ for `medrwkv train`."""
+        pairs = self._reviewed_pairs()
+        if not pairs:
+            show_error("No reviewed pairs to save: mark corrected slices as reviewed first.")
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Save the reviewed pairs as a training folder")
+        if not folder:
+            return
+        try:
+            _review.save_training_folder(pairs, folder)
+        except (OSError, ValueError) as err:
+            show_error(f"Could not save the training folder: {err}")
+            return
+        self.status.setText(f"Saved {len(pairs)} reviewed pair(s) to {folder} (images/ + masks/); "
+                            f"train on it with: medrwkv train --model M --data {folder} --out FILE")
+        show_info(f"Saved {len(pairs)} reviewed pair(s) to {folder}")

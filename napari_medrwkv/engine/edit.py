@@ -1,0 +1,186 @@
+"""Correction helpers for 2-D label images (numpy, scipy and scikit-image only).
+
+Every function takes a 2-D integer (or boolean) label array -- ``0`` is the
+background, any other value an object id; binary masks (0/1) and instance
+labels (1..N) alike -- and returns a NEW array of the same shape and dtype.
+The input is never modified.
+
+Conventions
+-----------
+* An *object* is a connected component of pixels sharing one label value, with
+  8-connectivity (diagonal neighbours touch).  Two touching objects with
+  different ids stay two objects.
+* A *hole* of an object is a region of background pixels that the object alone
+  encloses (the background region does not reach the image edge through
+  4-connected non-object pixels).  A gap enclosed only by two touching objects
+  together is not a hole of either.
+* No helper ever turns one object id into another: pixels become background or
+  background becomes an id; an existing non-zero pixel is never given a
+  different non-zero value.
+
+:func:`changed` gives the pixels that differ between two arrays, which is what
+the Correct widget hands to napari's undoable ``Labels.data_setitem``.
+"""
+from typing import Iterator, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+Point = Sequence[int]
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def _check(labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"expected a 2-D label image, got shape {labels.shape}")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise TypeError(f"expected integer labels, got dtype {labels.dtype}")
+    return labels
+
+
+def _ids(labels: np.ndarray) -> np.ndarray:
+    """The array with integer semantics (booleans viewed as uint8, no copy)."""
+    return labels.view(np.uint8) if labels.dtype == bool else labels
+
+
+def _objects(labels: np.ndarray, margin: int = 0) -> Iterator[Tuple[int, Tuple[slice, slice]]]:
+    """``(label id, bounding box grown by margin and clipped to the image)`` for each non-zero id."""
+    for value, where in ndimage.value_indices(_ids(labels), ignore_value=0).items():
+        box = tuple(slice(max(int(axis.min()) - margin, 0), min(int(axis.max()) + 1 + margin, size))
+                    for axis, size in zip(where, labels.shape))
+        yield value, box
+
+
+def _pixel(labels: np.ndarray, point: Point) -> Tuple[int, int]:
+    if len(point) != 2:
+        raise ValueError(f"expected a (y, x) point, got {tuple(point)}")
+    return int(round(float(point[0]))), int(round(float(point[1])))
+
+
+def object_at(labels, point: Point) -> np.ndarray:
+    """Boolean mask of the object under ``point = (y, x)``.
+
+    The 8-connected component of the clicked pixel's label value.  A background
+    pixel, or a point outside the image, gives an all-False mask.
+    """
+    labels = _check(labels)
+    y, x = _pixel(labels, point)
+    mask = np.zeros(labels.shape, dtype=bool)
+    if not (0 <= y < labels.shape[0] and 0 <= x < labels.shape[1]) or labels[y, x] == 0:
+        return mask
+    same, _ = ndimage.label(labels == labels[y, x], structure=_EIGHT)
+    return same == same[y, x]
+
+
+def delete_object(labels, point: Point) -> np.ndarray:
+    """The object under ``point`` set to background (a background click changes nothing)."""
+    labels = _check(labels)
+    out = labels.copy()
+    out[object_at(labels, point)] = 0
+    return out
+
+
+def keep_object(labels, point: Point) -> np.ndarray:
+    """Only the object under ``point`` kept; everything else, other pieces of the same id
+    included, set to background.  A background click leaves an empty image."""
+    labels = _check(labels)
+    mask = object_at(labels, point)
+    out = np.zeros_like(labels)
+    out[mask] = labels[mask]
+    return out
+
+
+def fill_holes(labels) -> np.ndarray:
+    """Background holes enclosed by one object id become that id.
+
+    Holes are filled per label id (all pieces of the id together).  Only
+    background pixels are filled: another object sitting inside a hole keeps its
+    id.  When ids are nested (an object inside another's hole, with its own
+    hole), the innermost enclosing id gets the pixels.
+    """
+    labels = _check(labels)
+    out = labels.copy()
+    candidates = []
+    for value, box in _objects(labels):
+        crop = labels[box]
+        mask = crop == value
+        filled = ndimage.binary_fill_holes(mask)
+        holes = filled & (crop == 0)
+        if holes.any():
+            candidates.append((int(filled.sum()), value, box, holes))
+    candidates.sort(key=lambda c: c[0])            # innermost (smallest) enclosure first
+    for _, value, box, holes in candidates:
+        target = out[box]                          # a view: writes go to ``out``
+        target[holes & (target == 0)] = value
+    return out
+
+
+def remove_small(labels, min_size: int) -> np.ndarray:
+    """Objects (8-connected pieces of one id) with fewer than ``min_size`` pixels set to
+    background.  Each piece of an id is judged on its own."""
+    labels = _check(labels)
+    if min_size < 0:
+        raise ValueError(f"min_size must be >= 0, got {min_size}")
+    out = labels.copy()
+    if min_size <= 1 or not labels.any():
+        return out
+    from skimage.measure import label as connected
+
+    pieces = connected(_ids(labels), background=0, connectivity=2)   # equal values connect
+    sizes = np.bincount(pieces.ravel())
+    small = sizes < min_size
+    small[0] = False
+    out[small[pieces]] = 0
+    return out
+
+
+def smooth(labels, radius: int) -> np.ndarray:
+    """Smoother object outlines: per label id, a binary opening then a closing with a disk of
+    ``radius`` pixels.
+
+    Opening removes spurs and pieces thinner than the disk (an object smaller than
+    the disk disappears); closing fills notches and gaps narrower than it.  Objects
+    touching the image edge are not shaved by it (outside counts as the object for
+    erosion).  Objects only shrink into background or grow into background: a pixel
+    of another id is never taken, and a background pixel claimed by two ids stays
+    background.  ``radius`` 0 returns an unchanged copy.
+    """
+    labels = _check(labels)
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    out = labels.copy()
+    if radius == 0 or not labels.any():
+        return out
+    from skimage.morphology import disk
+
+    footprint = disk(int(radius)).astype(bool)
+    claims = np.zeros(labels.shape, dtype=np.uint16)
+    claimant = np.zeros_like(labels)
+    # A margin of 2r+1 keeps the crop edges out of reach of the closing, so crops
+    # behave like the whole image; at the image edge the crop is clipped and the
+    # border values below decide.
+    for value, box in _objects(labels, margin=2 * int(radius) + 1):
+        mask = labels[box] == value
+        opened = ndimage.binary_dilation(ndimage.binary_erosion(mask, footprint, border_value=1), footprint)
+        closed = ndimage.binary_erosion(ndimage.binary_dilation(opened, footprint), footprint, border_value=1)
+        out[box][mask & ~closed] = 0
+        added = closed & (labels[box] == 0)
+        if added.any():
+            claims[box][added] += 1
+            claimant[box][added] = value
+    won = claims == 1
+    out[won] = claimant[won]
+    return out
+
+
+def changed(before, after) -> Tuple[Tuple[np.ndarray, ...], np.ndarray]:
+    """``(indices, values)``: the positions where ``after`` differs from ``before`` (a tuple of
+    index arrays, as ``np.nonzero`` gives) and the new values there, so that
+    ``before[indices] = values`` turns ``before`` into ``after``."""
+    before, after = np.asarray(before), np.asarray(after)
+    if before.shape != after.shape:
+        raise ValueError(f"shapes differ: {before.shape} and {after.shape}")
+    indices = np.nonzero(before != after)
+    return indices, after[indices]

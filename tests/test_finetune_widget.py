@@ -1,0 +1,192 @@
+"""The Fine-tune widget in a real napari viewer: reviewed pairs -> fine-tune -> re-segment (pytest-qt, Xvfb).
+
+Training is kept to a few steps on 64-pixel patches with the smallest model.
+"""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("napari")
+
+from napari_medrwkv import _finetune_widget, _review, _session  # noqa: E402
+from napari_medrwkv._finetune_widget import FineTuneWidget, split_held_out, unreviewed_slices  # noqa: E402
+from napari_medrwkv._segment_widget import SegmentWidget, user_edited  # noqa: E402
+from napari_medrwkv.engine.checkpoint import ModelInfo, read_info, save_checkpoint  # noqa: E402
+from napari_medrwkv.engine.data import NORMALIZATION, find_pairs  # noqa: E402
+from napari_medrwkv.models import create_model  # noqa: E402
+
+TIMEOUT = 120000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "base-test.safetensors"
+    info = ModelInfo("ds_vrwkv_t", 3, 1, normalization=dict(NORMALIZATION), tile_size=256)
+    save_checkpoint(create_model("ds_vrwkv_t"), path, info)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def fresh_session():
+    _session.clear()
+    yield
+    _session.clear()
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    seen = []
+    monkeypatch.setattr(_finetune_widget, "show_error", seen.append)
+    return seen
+
+
+def _tiny(widget, out, epochs=2, samples=4):
+    widget.epochs_spin.setValue(epochs)
+    widget.patch_spin.setValue(64)
+    widget.batch_spin.setValue(2)
+    widget.samples_spin.setValue(samples)
+    widget.device_combo.setCurrentText("cpu")
+    widget.output_edit.setText(str(out))
+
+
+@pytest.fixture
+def loop(make_napari_viewer, checkpoint):
+    """The fluorescence sample (2-D, reviewed) and a 3-slice stack with slices 0 and 1 reviewed,
+    slice 2 an unreviewed stale prediction (all 7)."""
+    viewer = make_napari_viewer()
+    image, truth = viewer.open_sample("napari-medrwkv", "fluorescence")
+    _review.link(truth, image.name)
+    _review.set_reviewed(truth, 0)
+    img, gt = image.data, truth.data
+    viewer.add_image(np.stack([img, img[:, ::-1], img[::-1]]), name="stack")
+    stack_labels = viewer.add_labels(np.stack([gt, gt[:, ::-1], np.full_like(gt, 7)]), name="stack labels")
+    _review.link(stack_labels, "stack")
+    _review.set_reviewed(stack_labels, 0)
+    _review.set_reviewed(stack_labels, 1)
+    widget = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.add_model_source(checkpoint)
+    return widget
+
+
+def _wait(widget, qtbot):
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT)
+
+
+def test_hold_out_is_deterministic():
+    assert split_held_out(2) == ([0, 1], [])
+    train, held = split_held_out(3)
+    assert len(held) == 1 and sorted(train + held) == [0, 1, 2]
+    assert split_held_out(10) == split_held_out(10) and len(split_held_out(10)[1]) == 2
+
+
+def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, qtbot, tmp_path, monkeypatch,
+                                                                         errors, checkpoint):
+    widget, viewer = loop, loop.viewer
+    assert widget.pairs_label.text() == "Reviewed pairs: 3 (from 2 layers)"
+    segment = SegmentWidget(viewer)                       # already open: must pick up the new model
+    viewer.window.add_dock_widget(segment)
+    segment.add_model_source(checkpoint)
+    out = tmp_path / "models" / "tuned.safetensors"        # the folder is created on saving
+    _tiny(widget, out)
+    widget.run()
+    assert not widget.run_button.isEnabled() and widget.cancel_button.isEnabled()
+    _wait(widget, qtbot)
+    assert not errors, errors
+
+    assert out.is_file()
+    training = read_info(out).training
+    assert training["base"] == checkpoint and len(training["history"]) == 2 and not training["cancelled"]
+    assert "napari Fine-tune widget" in training["command"] and "held out: " in training["command"]
+    assert training["config"]["patch_size"] == 64 and training["config"]["lr"] == pytest.approx(3e-4)
+    assert _session.registered() == [str(out)]
+    items = [segment.model_combo.itemText(i) for i in range(segment.model_combo.count())]
+    assert str(out) in items and items[-1] == _finetune_widget.BROWSE
+    assert segment.model_combo.currentText() == checkpoint     # the user's choice is kept
+    assert widget.model_combo.currentText() == str(out)        # the next round starts from it
+    text = widget.result_label.text()
+    assert text.startswith("Dice on held-out reviewed pairs: before ") and " → after " in text
+    assert len(widget.curve.losses) == 4 and len(widget.curve.val_points) == 2
+    assert widget.curve.baseline is not None
+    assert widget.progress_bar.value() == widget.progress_bar.maximum()
+    assert widget.resegment_button.isEnabled()
+
+    truth = viewer.layers["nuclei fluorescence ground truth"]
+    stack = viewer.layers["stack labels"]
+    kept_truth, kept_stack = truth.data.copy(), stack.data[:2].copy()
+    assert [(layer.name, indices) for layer, _, indices in unreviewed_slices(viewer.layers)] == \
+        [("stack labels", [2])]
+    asked = []
+    monkeypatch.setattr(_finetune_widget.QMessageBox, "question",
+                        lambda *a, **k: asked.append(a) or _finetune_widget.QMessageBox.StandardButton.Yes)
+    widget.resegment()
+    _wait(widget, qtbot)
+    assert len(asked) == 1 and "1 unreviewed slice" in asked[0][2]
+    assert not errors, errors
+    assert truth.data.tobytes() == kept_truth.tobytes()
+    assert stack.data[:2].tobytes() == kept_stack.tobytes()
+    assert not (stack.data[2] == 7).any() and set(np.unique(stack.data[2])) <= {0, 1}
+    assert not user_edited(stack)
+    assert "Re-segmented 1 unreviewed slice" in widget.status.text()
+
+
+def test_cancel_keeps_and_saves_the_best_model_so_far(loop, qtbot, tmp_path, errors):
+    widget = loop
+    out = tmp_path / "cancelled.safetensors"
+    _tiny(widget, out, epochs=0, samples=400)               # minutes of work unless cancelled
+    widget.run()
+    qtbot.waitUntil(lambda: len(widget.curve.losses) >= 1, timeout=TIMEOUT)
+    running = widget.worker
+    widget.run()                                             # a second click starts nothing
+    assert widget.worker is running
+    widget.cancel()
+    _wait(widget, qtbot)
+    assert not errors, errors
+    assert out.is_file()
+    training = read_info(out).training
+    assert training["cancelled"] and len(training["history"]) >= 1
+    assert "Cancelled" in widget.status.text()
+    assert _session.registered() == [str(out)]
+    assert widget.run_button.isEnabled()
+
+
+def test_save_reviewed_pairs_as_training_folder(loop, tmp_path, monkeypatch, errors):
+    widget = loop
+    folder = tmp_path / "reviewed"
+    monkeypatch.setattr(_finetune_widget.QFileDialog, "getExistingDirectory", lambda *a, **k: str(folder))
+    widget.save_pairs()
+    assert not errors, errors
+    assert sorted(p.stem for p in find_pairs(folder)) == \
+        ["nuclei_fluorescence_z0000", "stack_z0000", "stack_z0001"]
+    assert sorted(p.name for p in (folder / "images").iterdir()) == sorted(p.name for p in (folder / "masks").iterdir())
+    widget.save_pairs()                                      # the files exist now: an error, nothing overwritten
+    assert len(errors) == 1 and "already exists" in errors[0]
+
+
+def test_failures_are_notifications(make_napari_viewer, errors, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-medrwkv", "fluorescence")     # labels, but none linked or reviewed
+    widget = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.pairs_label.text() == "Reviewed pairs: 0 (from 0 layers)"
+    widget.run()
+    assert widget.worker is None and "Nothing to learn from" in errors[-1]
+    widget.save_pairs()
+    assert "No reviewed pairs" in errors[-1]
+
+    truth = viewer.layers["nuclei fluorescence ground truth"]
+    _review.link(truth, "nuclei fluorescence")
+    _review.set_reviewed(truth, 0)
+    widget.refresh_button.click()
+    assert widget.pairs_label.text() == "Reviewed pairs: 1 (from 1 layer)"
+    widget.add_model_source(str(tmp_path / "no-such-model.safetensors"))
+    widget.output_edit.setText(str(tmp_path / "out.safetensors"))
+    widget.run()
+    _wait(widget, qtbot)
+    assert "no-such-model.safetensors" in errors[-1] and "Failed" in widget.status.text()
+    assert not (tmp_path / "out.safetensors").exists() and _session.registered() == []
+
+    widget.output_edit.setText(str(tmp_path / "out.pt"))
+    widget.run()
+    assert widget.worker is None and ".safetensors" in errors[-1]

@@ -25,14 +25,8 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 from . import _review, _session
 from ._review import KEY as METADATA_KEY
 from ._segment_widget import BROWSE, data_digest
+from .engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
 
-# Few-shot fine-tuning defaults, in one place.  They belong in engine/train.py (as a
-# ``few_shot_config()`` next to TrainConfig); the engine owner will move them there.
-# lr: a trained model needs a gentler step than training from scratch (TrainConfig's 1e-3);
-# batch 4 of 256-pixel patches fits a laptop CPU; 16 patches per epoch gives a validation
-# point (and a best-model checkpoint) every few seconds to a minute even with 1-5 images.
-FEW_SHOT = dict(lr=3e-4, patch_size=256, batch_size=4, samples_per_epoch=16)
-TIME_BUDGET_MINUTES = 3.0
 HOLD_OUT_FRACTION = 0.2          # of the reviewed pairs, when there are at least HOLD_OUT_MIN_PAIRS
 HOLD_OUT_MIN_PAIRS = 3
 HOLD_OUT_SEED = 0
@@ -44,7 +38,7 @@ _FINETUNED_SUFFIX = re.compile(r"-finetuned-\d{8}-\d{4}(-\d+)?$")
 def few_shot_config(**overrides):
     """An ``engine.train.TrainConfig`` with the few-shot defaults (imports torch)."""
     from .engine.train import TrainConfig
-    return TrainConfig(**{**FEW_SHOT, **overrides})
+    return TrainConfig.few_shot(**overrides)
 
 
 def split_held_out(n: int, fraction: float = HOLD_OUT_FRACTION, seed: int = HOLD_OUT_SEED,
@@ -282,7 +276,7 @@ class FineTuneWidget(QWidget):
         self.minutes_spin = QDoubleSpinBox()
         self.minutes_spin.setRange(0.1, 24 * 60)
         self.minutes_spin.setDecimals(1)
-        self.minutes_spin.setValue(TIME_BUDGET_MINUTES)
+        self.minutes_spin.setValue(FEW_SHOT_MINUTES)
         self.minutes_spin.setSuffix(" min")
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(0, 100000)

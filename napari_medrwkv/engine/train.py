@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .. import __version__
 from .checkpoint import save_checkpoint
 from .data import SegmentationDataset, find_pairs
+from .defaults import FEW_SHOT
 from .metrics import dice
 from .model import SegmentationModel, load_model
 
@@ -40,6 +41,15 @@ class TrainConfig:
     seed: int = 0
     num_workers: Optional[int] = None     # None: 0 on Windows/macOS, else 1
     dice_weight: float = 0.5
+
+    @classmethod
+    def few_shot(cls, **overrides) -> "TrainConfig":
+        """Defaults for fine-tuning a trained model on a few corrected images (engine/defaults.py).
+
+        A trained model needs a gentler step than training from scratch (1e-3); batches of 4
+        patches of 256 fit a laptop CPU; 16 patches per epoch give a validation point, and a
+        chance to keep the best model, every few seconds to a minute even with 1-5 images."""
+        return cls(**{**FEW_SHOT, **overrides})
 
 
 @dataclass

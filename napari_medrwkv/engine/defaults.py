@@ -1,0 +1,6 @@
+"""Defaults shared by the engine, the CLI and the widgets (no torch, so widgets can read them)."""
+
+# Few-shot fine-tuning from a trained model on a handful of corrected images, a few minutes
+# on a laptop CPU.  Measured with bench/finetune.py; see bench/RESULTS.md, "Few-shot".
+FEW_SHOT = dict(lr=3e-4, patch_size=256, batch_size=4, samples_per_epoch=16)
+FEW_SHOT_MINUTES = 3.0

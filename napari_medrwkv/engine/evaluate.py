@@ -5,7 +5,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .data import find_pairs, read_image, read_mask
+from .data import find_pairs, mask_classes, read_image, read_mask
 from .infer import Cancelled, segment
 from .metrics import per_class_scores
 from .model import SegmentationModel, load_model
@@ -44,5 +44,5 @@ def summarize(per_image) -> dict:
 def _load(item, index, num_classes):
     if isinstance(item, tuple):
         image, mask = item
-        return f"pair {index}", np.asarray(image), np.asarray(mask)
+        return f"pair {index}", np.asarray(image), mask_classes(np.asarray(mask), num_classes, f"the mask of pair {index}")
     return item.stem, read_image(item.image), read_mask(item.mask, num_classes)

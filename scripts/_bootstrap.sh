@@ -36,8 +36,19 @@ bootstrap() {
     local extras="$1"
     install_debs
     if [ ! -x "$VENV/bin/python" ]; then
+        local py
+        py="$(pick_python)"
+        # Debian/Ubuntu ship venv's pip bootstrap separately (python3-venv).
+        if ! "$py" -c 'import ensurepip' 2>/dev/null; then
+            if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+                apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+            else
+                echo "[medrwkv] $py cannot create virtual environments; run: sudo apt-get install -y python3-venv" >&2
+                exit 1
+            fi
+        fi
         echo "[medrwkv] creating $VENV"
-        "$(pick_python)" -m venv "$VENV"
+        "$py" -m venv "$VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip
     fi
     # Reinstall only when the package metadata or the requested extras changed.

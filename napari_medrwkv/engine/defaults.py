@@ -2,5 +2,7 @@
 
 # Few-shot fine-tuning from a trained model on a handful of corrected images, a few minutes
 # on a laptop CPU.  Measured with bench/finetune.py; see bench/RESULTS.md, "Few-shot".
-FEW_SHOT = dict(lr=3e-4, patch_size=256, batch_size=4, samples_per_epoch=16)
+# num_workers 0: a few in-memory images need no loader processes, and forking from a GUI's
+# worker thread (napari) is fragile.
+FEW_SHOT = dict(lr=3e-4, patch_size=256, batch_size=4, samples_per_epoch=16, num_workers=0)
 FEW_SHOT_MINUTES = 3.0

@@ -44,6 +44,7 @@ class SegmentWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.worker = None
+        self._slices = 1
         self._cancel = threading.Event()
         self._models = {}                 # source -> loaded SegmentationModel, reused between runs
         self._extra_sources = []          # checkpoint files chosen in this session
@@ -154,6 +155,7 @@ class SegmentWidget(QWidget):
             show_error(str(err))
             return
         self._cancel.clear()
+        self._slices = 1 if slice_index is not None or data.ndim - (1 if image_layer.rgb else 0) == 2 else len(data)
         self._set_running(True)
         self.status.setText(f"Segmenting {image_layer.name} with {source}…")
         self.worker = self._make_worker(data, source, self.device_combo.currentText(), self.tile_spin.value() or None,
@@ -215,6 +217,11 @@ class SegmentWidget(QWidget):
     def _on_progress(self, done: int, total: int):
         self.progress_bar.setMaximum(total)
         self.progress_bar.setValue(done)
+        if self._slices > 1:          # every slice has the same tiles, so the slice follows from the tile
+            per_slice = max(total // self._slices, 1)
+            self.progress_bar.setFormat(f"slice {min(-(-done // per_slice), self._slices)}/{self._slices}  %p%")
+        else:
+            self.progress_bar.setFormat("%p%")
 
     def _on_outcome(self, outcome, image_layer: Image, source: str, slice_index: Optional[int]):
         kind, value = outcome

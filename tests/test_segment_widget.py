@@ -96,9 +96,12 @@ def test_stack_current_slice_only(widget, qtbot):
     assert prob.shape == (3, 48, 64)
     assert prob[1].min() > 0 and not prob[0].any() and not prob[2].any()
     widget.scope_combo.setCurrentText("all slices")
+    formats = []
+    widget._relay.progressed.connect(lambda d, t: formats.append(widget.progress_bar.format()))
     widget.run()
     _wait(widget, qtbot)
     assert viewer.layers["stack [nuclei-test] probability"].data.min() > 0
+    assert [f.split()[1] for f in formats] == ["1/3", "2/3", "3/3"]      # one tile per slice
 
 
 def test_cancel_stops_and_changes_nothing_while_the_gui_stays_live(widget, qtbot):

@@ -252,7 +252,9 @@ class SegmentWidget(QWidget):
         layer.refresh()
         if self.probability_check.isChecked() and model.binary:
             self._show_probability(f"{name} probability", probs, image_layer, slice_index, full_shape)
-        self.status.setText(f"Done: {name} ({int(labels.max()) if labels.size else 0} = highest label).")
+        found = f"{(labels > 0).mean():.1%} foreground" if model.binary else \
+            f"classes {', '.join(str(c) for c in np.unique(labels) if c)}"
+        self.status.setText(f"Done: {name} ({found}).")
 
     def _new_labels(self, name, data, image_layer, model) -> Labels:
         if name in self.viewer.layers:

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment", tabify=True)
     image = viewer.layers[0].name
     segment.image_combo.setCurrentText(image)
+    segment.probability_check.setChecked(True)
+    viewer.layers[-1].visible = False      # the ground truth: there to compare, hidden to see the result
 
     if args.screenshot is None:
         napari.run()
@@ -59,6 +61,7 @@ def main(argv=None) -> int:
         segment.run()              # the main job, with the shipped default model
         finished = _wait_for(_Done(lambda: segment.worker is None), args.timeout) and finished
     viewer.reset_view()
+    _close_toasts(viewer)
     _wait_for(models, 0)  # repaint after the reset
     viewer.screenshot(args.screenshot, canvas_only=False)
     viewer.close()
@@ -66,6 +69,16 @@ def main(argv=None) -> int:
         print(f"the widgets did not finish within {args.timeout:g} s", file=sys.stderr)
         return 1
     return 0
+
+
+def _close_toasts(viewer):
+    """Pop-up notifications (e.g. napari's PyQt5 deprecation notice) would cover the canvas."""
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification   # private, hence guarded
+    except ImportError:
+        return
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
 
 
 class _Done:

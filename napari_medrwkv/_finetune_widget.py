@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 
 from . import _review, _session
 from ._review import KEY as METADATA_KEY
-from ._segment_widget import BROWSE, data_digest
+from ._segment_widget import BROWSE, data_digest, unwrap_outcome
 from .engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
 
 HOLD_OUT_FRACTION = 0.2          # of the reviewed pairs, when there are at least HOLD_OUT_MIN_PAIRS
@@ -611,13 +611,9 @@ class FineTuneWidget(QWidget):
                             f"loss {progress.loss:.3f} ({progress.elapsed:.0f} s)")
 
     def _on_trained(self, outcome):
-        kind, value = outcome
-        if kind == "cancelled":
-            self.status.setText("Cancelled before training started; nothing was saved.")
-            return
-        if kind == "error":
-            self.status.setText(f"Failed: {value}")
-            show_error(f"Fine-tuning failed: {value}")
+        value = unwrap_outcome(outcome, self.status, "Fine-tuning",
+                               "Cancelled before training started; nothing was saved.", show_error)
+        if value is None:
             return
         result, before, after = value
         self.result = result
@@ -716,13 +712,9 @@ class FineTuneWidget(QWidget):
         self.progress_bar.setValue(min(done, total))
 
     def _on_resegmented(self, outcome):
-        kind, value = outcome
-        if kind == "cancelled":
-            self.status.setText("Re-segmentation cancelled; nothing was changed.")
-            return
-        if kind == "error":
-            self.status.setText(f"Failed: {value}")
-            show_error(f"Re-segmentation failed: {value}")
+        value = unwrap_outcome(outcome, self.status, "Re-segmentation",
+                               "Re-segmentation cancelled; nothing was changed.", show_error)
+        if value is None:
             return
         written = 0
         for name, indices, labels in value:

@@ -27,6 +27,20 @@ class _Relay(QObject):
     progressed = Signal(int, int)
 
 
+def unwrap_outcome(outcome, status, action: str, cancelled_text: str, notify):
+    """The value of a worker's ("done", value) outcome, or None after telling the user
+    about ("cancelled", _) or ("error", message)."""
+    kind, value = outcome
+    if kind == "cancelled":
+        status.setText(cancelled_text)
+        return None
+    if kind == "error":
+        status.setText(f"Failed: {value}")
+        notify(f"{action} failed: {value}")
+        return None
+    return value
+
+
 def data_digest(data: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(data).view(np.uint8)).hexdigest()
 
@@ -224,13 +238,8 @@ class SegmentWidget(QWidget):
             self.progress_bar.setFormat("%p%")
 
     def _on_outcome(self, outcome, image_layer: Image, source: str, slice_index: Optional[int]):
-        kind, value = outcome
-        if kind == "cancelled":
-            self.status.setText("Cancelled; nothing was changed.")
-        elif kind == "error":
-            self.status.setText(f"Failed: {value}")
-            show_error(f"Segmentation failed: {value}")
-        else:
+        value = unwrap_outcome(outcome, self.status, "Segmentation", "Cancelled; nothing was changed.", show_error)
+        if value is not None:
             self._show_result(*value, image_layer, source, slice_index)
 
     def _show_result(self, labels, probs, model, image_layer: Image, source: str, slice_index: Optional[int]):

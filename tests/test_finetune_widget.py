@@ -99,7 +99,9 @@ def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, q
     training = read_info(out).training
     assert training["base"] == checkpoint and len(training["history"]) == 2 and not training["cancelled"]
     assert "napari Fine-tune widget" in training["command"] and "held out: " in training["command"]
-    assert training["config"]["patch_size"] == 64 and training["config"]["lr"] == pytest.approx(3e-4)
+    # the widget's settings reach the checkpoint's provenance (lr: the few-shot default)
+    from napari_medrwkv.engine.defaults import FEW_SHOT
+    assert training["config"]["patch_size"] == 64 and training["config"]["lr"] == pytest.approx(FEW_SHOT["lr"])
     assert _session.registered() == [str(out)]
     items = [segment.model_combo.itemText(i) for i in range(segment.model_combo.count())]
     assert str(out) in items and items[-1] == _finetune_widget.BROWSE

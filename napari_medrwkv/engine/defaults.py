@@ -4,5 +4,5 @@
 # on a laptop CPU.  Measured with bench/finetune.py; see bench/RESULTS.md, "Few-shot".
 # num_workers 0: a few in-memory images need no loader processes, and forking from a GUI's
 # worker thread (napari) is fragile.
-FEW_SHOT = dict(lr=3e-4, patch_size=256, batch_size=4, samples_per_epoch=16, num_workers=0)
+FEW_SHOT = dict(lr=1e-3, patch_size=256, batch_size=4, samples_per_epoch=16, num_workers=0)
 FEW_SHOT_MINUTES = 3.0

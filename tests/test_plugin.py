@@ -58,7 +58,8 @@ def test_plugin_modules_and_manifest_do_not_import_torch():
         pm.discover()
         assert pm.get_manifest({PLUGIN!r}).display_name == "MedRWKV"
         import napari_medrwkv._widgets, napari_medrwkv._segment_widget, napari_medrwkv._sample_data
-        import napari_medrwkv.launch
+        import napari_medrwkv._correct_widget, napari_medrwkv._finetune_widget, napari_medrwkv._writers
+        import napari_medrwkv.launch, napari_medrwkv
         print("torch imported:", "torch" in sys.modules)
     """)
     assert proc.returncode == 0, proc.stderr

@@ -5,13 +5,15 @@ The sequence is cut into chunks of L tokens.  Three facts make it fast:
 1. Inside a chunk the Bi-WKV weights form a symmetric Toeplitz kernel
    ``K[d] = e^{-(|d|-1) w}`` (d != 0), ``K[0] = e^u``, so numerator and
    denominator within a chunk are one depthwise convolution (oneDNN on CPU).
+   Evaluated one position beyond each end (-1 and L), the same convolution
+   gives the chunk's summary as its neighbours see it.
 2. Everything left of chunk c reaches its token tau with weight
-   ``e^{-tau w} * P_c`` -- exactly the weight a token at position -1 of the
-   chunk would have.  So the left carry P_c is written into a *virtual token*
-   at position -1 and the right carry Q_c into one at position L, and the same
-   convolution yields the finished numerator and denominator.
-3. The carries are exclusive prefix/suffix sums of per-chunk summaries, a
-   problem L times smaller than the original.
+   ``e^{-tau w} * P_c`` -- the weight a *virtual token* at position -1 of the
+   chunk would have (and the right carry Q_c a token at position L), so the
+   carries enter as two rank-one updates of the convolution's output.
+3. The carries are exclusive prefix/suffix sums of the per-chunk summaries,
+   a problem L times smaller than the original; the right one is the left
+   one of the reversed sequence, so both run as one stacked computation.
 
 Numerics: every chunk uses its own max of k as reference (so ``e^{k - m}``
 never overflows, for any range of k), the in-chunk decay factors are bounded by

@@ -1,5 +1,4 @@
 """Dice, IoU and HD95 of a model on a dataset folder (or in-memory pairs)."""
-import math
 import os
 from typing import Callable, Optional
 
@@ -7,7 +6,7 @@ import numpy as np
 
 from .data import find_pairs, mask_classes, read_image, read_mask
 from .infer import Cancelled, segment
-from .metrics import per_class_scores
+from .metrics import mean_finite, per_class_scores
 from .model import SegmentationModel, load_model
 
 
@@ -34,11 +33,10 @@ def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Opti
 
 
 def summarize(per_image) -> dict:
-    def mean(key):
-        values = [s[key] for s in per_image if not math.isnan(s[key])]
-        return float(np.mean(values)) if values else float("nan")
-    return {"dice": mean("dice"), "iou": mean("iou"), "hd95": mean("hd95"), "n": len(per_image),
-            "hd95_undefined": sum(math.isnan(s["hd95"]) for s in per_image), "per_image": per_image}
+    (dice, _), (iou, _) = (mean_finite(s[key] for s in per_image) for key in ("dice", "iou"))
+    hd95, undefined = mean_finite(s["hd95"] for s in per_image)
+    return {"dice": dice, "iou": iou, "hd95": hd95, "n": len(per_image), "hd95_undefined": undefined,
+            "per_image": per_image}
 
 
 def _load(item, index, num_classes):

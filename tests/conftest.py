@@ -39,3 +39,15 @@ def random_image(shape, dtype=np.uint8, seed=0):
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype)
     return rng.random(shape).astype(dtype)
+
+
+def untrained_checkpoint(path, num_classes=1):
+    """A real checkpoint file of the fastest architecture, untrained (seeded), for widget tests."""
+    import torch
+    from napari_medrwkv.engine.checkpoint import ModelInfo, save_checkpoint
+    from napari_medrwkv.engine.data import NORMALIZATION
+    from napari_medrwkv.models import create_model
+    torch.manual_seed(0)
+    info = ModelInfo("ds_vrwkv_t", 3, num_classes, normalization=dict(NORMALIZATION), tile_size=256)
+    save_checkpoint(create_model("ds_vrwkv_t", num_classes=num_classes), path, info)
+    return str(path)

@@ -4,27 +4,23 @@ Training is kept to a few steps on 64-pixel patches with the smallest model.
 """
 import numpy as np
 import pytest
-import torch
+
+from conftest import untrained_checkpoint
 
 pytest.importorskip("napari")
 
 from napari_medrwkv import _finetune_widget, _review, _session  # noqa: E402
 from napari_medrwkv._finetune_widget import FineTuneWidget, split_held_out, unreviewed_slices  # noqa: E402
 from napari_medrwkv._segment_widget import SegmentWidget, user_edited  # noqa: E402
-from napari_medrwkv.engine.checkpoint import ModelInfo, read_info, save_checkpoint  # noqa: E402
-from napari_medrwkv.engine.data import NORMALIZATION, find_pairs  # noqa: E402
-from napari_medrwkv.models import create_model  # noqa: E402
+from napari_medrwkv.engine.checkpoint import read_info  # noqa: E402
+from napari_medrwkv.engine.data import find_pairs  # noqa: E402
 
 TIMEOUT = 120000
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "base-test.safetensors"
-    info = ModelInfo("ds_vrwkv_t", 3, 1, normalization=dict(NORMALIZATION), tile_size=256)
-    save_checkpoint(create_model("ds_vrwkv_t"), path, info)
-    return str(path)
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "base-test.safetensors")
 
 
 @pytest.fixture(autouse=True)

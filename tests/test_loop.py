@@ -2,7 +2,8 @@
 slices, mark them reviewed, fine-tune, re-segment the rest (pytest-qt under Xvfb)."""
 import numpy as np
 import pytest
-import torch
+
+from conftest import untrained_checkpoint
 
 pytest.importorskip("napari")
 
@@ -10,9 +11,7 @@ from napari_medrwkv import _finetune_widget, _review, _session  # noqa: E402
 from napari_medrwkv._correct_widget import CorrectWidget  # noqa: E402
 from napari_medrwkv._finetune_widget import FineTuneWidget  # noqa: E402
 from napari_medrwkv._segment_widget import SegmentWidget  # noqa: E402
-from napari_medrwkv.engine.checkpoint import ModelInfo, read_info, save_checkpoint  # noqa: E402
-from napari_medrwkv.engine.data import NORMALIZATION  # noqa: E402
-from napari_medrwkv.models import create_model  # noqa: E402
+from napari_medrwkv.engine.checkpoint import read_info  # noqa: E402
 
 TIMEOUT = 180000
 
@@ -24,20 +23,13 @@ def fresh_session():
     _session.clear()
 
 
-def _checkpoint(path, num_classes=1):
-    torch.manual_seed(0)
-    info = ModelInfo("ds_vrwkv_t", 3, num_classes, normalization=dict(NORMALIZATION), tile_size=256)
-    save_checkpoint(create_model("ds_vrwkv_t", num_classes=num_classes), path, info)
-    return str(path)
-
-
 def test_segment_correct_review_finetune_resegment(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     viewer = make_napari_viewer()
     image, truth = viewer.open_sample("napari-medrwkv", "fluorescence")
     img, gt = image.data, truth.data
     viewer.layers.remove(truth)
     viewer.add_image(np.stack([img, img[:, ::-1], img[::-1], img[::-1, ::-1]]), name="stack")
-    base = _checkpoint(tmp_path / "base.safetensors")
+    base = untrained_checkpoint(tmp_path / "base.safetensors")
 
     # 1. Segment every slice.
     segment = SegmentWidget(viewer)
@@ -103,7 +95,7 @@ def test_checkpoint_with_other_classes_is_a_notification(make_napari_viewer, qtb
     _review.set_reviewed(truth, 0)
     finetune = FineTuneWidget(viewer)
     viewer.window.add_dock_widget(finetune)
-    finetune.add_model_source(_checkpoint(tmp_path / "three.safetensors", num_classes=3))
+    finetune.add_model_source(untrained_checkpoint(tmp_path / "three.safetensors", num_classes=3))
     finetune.epochs_spin.setValue(1)
     finetune.patch_spin.setValue(64)
     finetune.device_combo.setCurrentText("cpu")

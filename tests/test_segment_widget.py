@@ -1,24 +1,18 @@
 """The Segment widget in a real napari viewer (pytest-qt under Xvfb)."""
 import numpy as np
 import pytest
-import torch
+
+from conftest import untrained_checkpoint
 
 pytest.importorskip("napari")
 
 from napari_medrwkv import _segment_widget  # noqa: E402
 from napari_medrwkv._segment_widget import SegmentWidget, user_edited  # noqa: E402
-from napari_medrwkv.engine.checkpoint import ModelInfo, save_checkpoint  # noqa: E402
-from napari_medrwkv.engine.data import NORMALIZATION  # noqa: E402
-from napari_medrwkv.models import create_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "nuclei-test.safetensors"
-    info = ModelInfo("ds_vrwkv_t", 3, 1, normalization=dict(NORMALIZATION), tile_size=256)
-    save_checkpoint(create_model("ds_vrwkv_t"), path, info)
-    return str(path)
+    return untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "nuclei-test.safetensors")
 
 
 @pytest.fixture

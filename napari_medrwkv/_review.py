@@ -25,8 +25,7 @@ class ReviewedPair:
 
     @property
     def stem(self) -> str:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in self.image_name)
-        return f"{safe}_z{self.index:04d}"
+        return f"{safe_name(self.image_name)}_z{self.index:04d}"
 
 
 def link(labels_layer, image_name: str) -> None:
@@ -72,17 +71,40 @@ def reviewed_pairs(layers) -> List[ReviewedPair]:
 
 
 def save_training_folder(pairs: List[ReviewedPair], folder) -> Path:
-    """Write pairs as ``folder/images/<stem>.tif`` + ``folder/masks/<stem>.tif`` (the layout
-    ``medrwkv train`` reads).  Existing files with the same names are an error, never overwritten."""
+    """Write reviewed pairs as a training folder (see :func:`write_training_pairs`)."""
+    write_training_pairs(folder, [(p.stem, p.image, p.mask) for p in pairs])
+    return Path(folder)
+
+
+def write_training_pairs(folder, items) -> List[str]:
+    """Write ``(stem, image, mask)`` items as ``folder/images/<stem>.tif`` + ``folder/masks/<stem>.tif``,
+    the layout ``medrwkv train`` reads; every file atomically.  Existing files with the same
+    names are an error, checked before anything is written: nothing is ever overwritten."""
     from .engine.io import write_labels   # atomic; no torch
     folder = Path(folder)
-    targets = [(folder / "images" / f"{p.stem}.tif", folder / "masks" / f"{p.stem}.tif", p) for p in pairs]
-    clashes = [str(t) for pair in targets for t in pair[:2] if t.exists()]
+    targets = [(folder / "images" / f"{stem}.tif", folder / "masks" / f"{stem}.tif", image, mask)
+               for stem, image, mask in items]
+    clashes = [str(path) for target in targets for path in target[:2] if path.exists()]
     if clashes:
         raise FileExistsError(f"{clashes[0]} already exists ({len(clashes)} files); choose an empty folder")
     for sub in ("images", "masks"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    for image_path, mask_path, pair in targets:
-        write_labels(image_path, pair.image)
-        write_labels(mask_path, pair.mask.astype(np.uint16 if pair.mask.max(initial=0) > 255 else np.uint8))
-    return folder
+    written = []
+    for image_path, mask_path, image, mask in targets:
+        written.append(str(write_labels(image_path, np.asarray(image))))
+        written.append(str(write_labels(mask_path, _compact(np.asarray(mask)))))
+    return written
+
+
+def _compact(mask: np.ndarray) -> np.ndarray:
+    """The smallest unsigned integer type that holds every label id (napari's are int32/int64)."""
+    top = int(mask.max(initial=0))
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max and mask.min(initial=0) >= 0:
+            return mask.astype(dtype)
+    return mask
+
+
+def safe_name(name: str) -> str:
+    """``name`` with everything but letters, digits and ``-_.`` replaced, for file names."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

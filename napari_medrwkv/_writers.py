@@ -6,6 +6,7 @@ from typing import Any, List, Tuple
 
 import numpy as np
 
+from ._review import safe_name, write_training_pairs
 from .engine.io import write_labels
 
 
@@ -29,20 +30,7 @@ def write_training_folder(path: str, layer_data: List[Tuple[Any, dict, str]]) ->
     spatial = image.shape[:-1] if image_meta.get("rgb") else image.shape
     if spatial != mask.shape:
         raise ValueError(f"The image is {spatial} but the labels are {mask.shape}; they must match.")
-    slices = [(image, mask, "")] if mask.ndim == 2 else [(image[z], mask[z], f"_z{z:04d}") for z in range(len(mask))]
-    folder, stem = Path(path), _safe(image_meta.get("name", "image"))
-    targets = [(folder / "images" / f"{stem}{suffix}.tif", folder / "masks" / f"{stem}{suffix}.tif", img, msk)
-               for img, msk, suffix in slices]
-    clashes = [str(p) for t in targets for p in t[:2] if p.exists()]
-    if clashes:
-        raise FileExistsError(f"{clashes[0]} already exists ({len(clashes)} files); choose an empty folder")
-    for sub in ("images", "masks"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    written = []
-    for image_path, mask_path, img, msk in targets:
-        written += [str(write_labels(image_path, img)), str(write_labels(mask_path, msk))]
-    return written
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+    stem = safe_name(image_meta.get("name", "image"))
+    if mask.ndim == 2:
+        return write_training_pairs(path, [(stem, image, mask)])
+    return write_training_pairs(path, [(f"{stem}_z{z:04d}", image[z], mask[z]) for z in range(len(mask))])

@@ -8,12 +8,11 @@ what any tool would run.  Ours is the whole user-facing call, ``segment`` on a
 uint8 RGB image (normalisation, fused BatchNorm, thresholding included).
 """
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
+from timing import median_seconds
 
 import napari_medrwkv as nm
 
@@ -45,16 +44,6 @@ class PlainUNet(nn.Module):
         return self.head(x)
 
 
-def median_s(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -67,7 +56,7 @@ def main():
     unet = PlainUNet().eval()
     x = torch.randn(1, 3, args.size, args.size)
     with torch.inference_mode():
-        baseline = median_s(lambda: unet(x), args.repeats)
+        baseline = median_seconds(lambda: unet(x), args.repeats)
     image = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
     print(f"{args.size}x{args.size} RGB, CPU {args.threads} threads, median of {args.repeats}")
     print(f"{'model':>14} | {'params (M)':>10} | {'seconds':>7} | {'vs U-Net':>8}")
@@ -75,7 +64,7 @@ def main():
     print(f"{'plain U-Net':>14} | {params:10.2f} | {baseline:7.3f} | {1.0:7.2f}x")
     for name in args.models:
         model = nm.load_model(name, device="cpu")
-        seconds = median_s(lambda: nm.segment(image, model=model, tile=args.size), args.repeats)
+        seconds = median_seconds(lambda: nm.segment(image, model=model, tile=args.size), args.repeats)
         params = sum(p.numel() for p in model.net.parameters()) / 1e6
         print(f"{name:>14} | {params:10.2f} | {seconds:7.3f} | {seconds / baseline:7.2f}x")
 

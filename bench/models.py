@@ -8,14 +8,13 @@ size) input under inference_mode, with the chunked PyTorch Bi-WKV path.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flops import count_flops  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from napari_medrwkv.models import create_model, list_models  # noqa: E402
 
@@ -23,13 +22,7 @@ from napari_medrwkv.models import create_model, list_models  # noqa: E402
 def forward_ms(model, size, repeats):
     x = torch.randn(1, 3, size, size)
     with torch.inference_mode():
-        model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return median_seconds(lambda: model(x), repeats) * 1e3
 
 
 def main():

@@ -7,10 +7,9 @@ and the speed-up.  The plain scan is the textbook vectorisation: one global max
 of k per sequence, e^{+-i w} factors, and full-length cumsums along T.
 """
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 
 from napari_medrwkv.ops.bi_wkv import bi_wkv_chunked, bi_wkv_naive
 
@@ -29,13 +28,7 @@ def plain_cumsum_scan(w, u, k, v):
 
 
 def median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, repeats) * 1e3
 
 
 def inputs(B, T, C, seed=0):

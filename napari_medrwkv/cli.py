@@ -55,6 +55,9 @@ def _parser():
     tr.add_argument("--patch-size", type=int)
     tr.add_argument("--samples-per-epoch", type=int)
     tr.add_argument("--seed", type=int)
+    tr.add_argument("--input-scale", type=float,
+                    help="resize images by this factor before the network (0.5 = half size; default: the "
+                         "model's own, 1 for a bare architecture); stored in the checkpoint for inference")
     tr.add_argument("--workers", type=int, help="DataLoader worker processes")
     tr.add_argument("--in-chans", type=int, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=int, default=1, help="classes for a bare architecture (1 = binary)")
@@ -66,6 +69,8 @@ def _parser():
     ev.add_argument("--data", required=True)
     ev.add_argument("--split", help="split in splits.json (default: all pairs)")
     ev.add_argument("--tile", type=int)
+    ev.add_argument("--include", help="comma-separated stem patterns to score, e.g. 'benign_*,malignant_*' "
+                                      "(default: every pair of the split)")
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ev.set_defaults(run=_evaluate)
     return parser
@@ -127,7 +132,7 @@ def _train(args) -> int:
     from .engine.model import load_model
     from .engine.train import TrainConfig, train
     cfg = TrainConfig()
-    for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed"):
+    for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.workers is not None:
@@ -160,7 +165,9 @@ def _evaluate(args) -> int:
     def progress(done, total):
         bar.update_to(done, total)
 
-    scores = evaluate(args.model, args.data, split=args.split, device=args.device, tile=args.tile, progress=progress)
+    include = [p.strip() for p in args.include.split(",") if p.strip()] if args.include else None
+    scores = evaluate(args.model, args.data, split=args.split, device=args.device, tile=args.tile,
+                      progress=progress, include=include)
     bar.close()
     print(f"n={scores['n']}  Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
           + (f"  (HD95 undefined for {scores['hd95_undefined']})" if scores["hd95_undefined"] else ""))

@@ -159,7 +159,11 @@ def test_model_info_json_forward_compatible_and_defaults():
     assert info.class_names == ["background", "class_1", "class_2"]
     assert info.arch_kwargs == {} and info.training == {} and info.metrics == {}
     assert info.tile_size >= 1 and info.version and info.created
+    assert info.input_scale == 1.0         # files written before input_scale existed
     assert ModelInfo.from_json(info.to_json()) == info
+    for bad in (0, -0.5, 5, "half", True):
+        with pytest.raises(ValueError, match="input_scale"):
+            ModelInfo("rwkv_unet_t", 3, 1, input_scale=bad)
     for missing in ("architecture", "in_chans", "num_classes"):
         data = {"architecture": "rwkv_unet_t", "in_chans": 3, "num_classes": 1}
         del data[missing]

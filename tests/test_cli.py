@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from napari_medrwkv.cli import main
+from napari_medrwkv.engine.checkpoint import read_info
 
 
 def test_models_lists_architectures(capsys):
@@ -33,14 +34,20 @@ def test_train_then_evaluate_json(sample_folder, tmp_path):
     run = [sys.executable, "-m", "napari_medrwkv.cli"]
     train = subprocess.run(run + ["train", "--model", "ds_vrwkv_t", "--data", str(sample_folder), "--epochs", "1",
                                   "--patch-size", "48", "--batch-size", "2", "--samples-per-epoch", "4",
-                                  "--device", "cpu", "--out", str(ckpt)], capture_output=True, text=True)
+                                  "--input-scale", "0.5", "--device", "cpu", "--out", str(ckpt)],
+                           capture_output=True, text=True)
     assert train.returncode == 0, train.stderr
     assert ckpt.exists() and "best epoch 1" in train.stdout
+    assert read_info(ckpt).input_scale == 0.5
     ev = subprocess.run(run + ["evaluate", "--model", str(ckpt), "--data", str(sample_folder), "--json"],
                         capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr
     scores = json.loads(ev.stdout.strip().splitlines()[-1])
     assert scores["n"] == 2 and {"dice", "iou", "hd95"} <= scores.keys()
+    one = subprocess.run(run + ["evaluate", "--model", str(ckpt), "--data", str(sample_folder), "--json",
+                                "--include", "nuclei_bright*"], capture_output=True, text=True)
+    scores = json.loads(one.stdout.strip().splitlines()[-1])
+    assert scores["n"] == 1 and scores["per_image"][0]["name"] == "nuclei_brightfield"
 
 
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
@@ -50,6 +57,10 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(missing) in err
     assert main(["train", "--model", "rwkv_unet_t", "--data", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "ds_vrwkv_t", "--data", str(tmp_path), "--include", "benign_*"]) == 2
+    assert main(["train", "--model", "ds_vrwkv_t", "--data", str(tmp_path), "--input-scale", "0",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "input_scale" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

@@ -117,6 +117,44 @@ def test_train_learns_the_samples_and_saves_provenance(sample_arrays, tmp_path):
     assert labels.shape == sample_arrays[0][1].shape
 
 
+def test_input_scale_runs_the_network_on_the_resized_image(binary_model):
+    """A model with input_scale 0.5 sees the image at half size and answers at full size."""
+    import copy
+    import torch.nn.functional as F
+    from napari_medrwkv.engine.data import image_to_channels
+    half = copy.copy(binary_model)
+    half.info = copy.deepcopy(binary_model.info)
+    half.info.input_scale = 0.5
+    image = random_image((90, 130, 3))
+    labels, probs = nm.segment(image, model=half, return_probabilities=True)
+    assert labels.shape == probs.shape == (90, 130)
+    x = torch.from_numpy(image_to_channels(image, 3))[None]
+    small = F.interpolate(x, size=(45, 65), mode="bilinear", align_corners=False, antialias=True)
+    with torch.inference_mode():
+        expected = torch.sigmoid(binary_model.net.eval()(small))
+    expected = F.interpolate(expected, size=(90, 130), mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert np.abs(probs - expected).max() < 1e-4
+    # tiles count network pixels: 512 px at half size fit one 256-px tile
+    ticks = []
+    nm.segment(random_image((512, 512)), model=half, tile=256, progress=lambda d, t: ticks.append(t))
+    assert ticks == [1]
+
+
+def test_training_with_input_scale_is_stored_and_kept_when_fine_tuning(sample_arrays, tmp_path):
+    from napari_medrwkv.engine.data import SegmentationDataset
+    data = SegmentationDataset(sample_arrays, 3, 1, patch_size=64, augment=False, input_scale=0.5)
+    x, y = data.full_item(0)
+    assert x.shape[1:] == y.shape == tuple(s // 2 for s in sample_arrays[0][1].shape)
+    cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=4, input_scale=0.5)
+    first = nm.train("ds_vrwkv_t", sample_arrays, out=tmp_path / "a.safetensors", epochs=1, device="cpu", config=cfg)
+    assert nm.load_model(first.path, device="cpu").info.input_scale == 0.5
+    cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=4)
+    again = nm.train(first.path, sample_arrays, out=tmp_path / "b.safetensors", epochs=1, device="cpu", config=cfg)
+    assert nm.load_model(again.path, device="cpu").info.input_scale == 0.5
+    with pytest.raises(ValueError, match="input_scale"):
+        nm.train("ds_vrwkv_t", sample_arrays, epochs=1, config=nm.TrainConfig(input_scale=-1))
+
+
 def test_train_is_deterministic_given_a_seed(sample_arrays):
     cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=4, seed=3)
     a = nm.train("ds_vrwkv_t", sample_arrays, epochs=1, device="cpu", config=cfg).model.net.state_dict()
@@ -150,3 +188,9 @@ def test_evaluate_reports_means_and_per_image(binary_model, sample_folder):
     assert scores["n"] == 2 and {s["name"] for s in scores["per_image"]} == {"nuclei_fluorescence", "nuclei_brightfield"}
     assert 0 <= scores["dice"] <= 1 and 0 <= scores["iou"] <= scores["dice"] + 1e-9
     assert scores["dice"] == pytest.approx(np.mean([s["dice"] for s in scores["per_image"]]))
+    picked = nm.evaluate(binary_model, str(sample_folder), include=["*fluor*"])
+    fluorescence = next(s for s in scores["per_image"] if s["name"] == "nuclei_fluorescence")
+    assert picked["n"] == 1 and picked["per_image"][0]["name"] == "nuclei_fluorescence"
+    assert picked["dice"] == fluorescence["dice"]
+    with pytest.raises(ValueError, match="'benign_\\*' matches no image"):
+        nm.evaluate(binary_model, str(sample_folder), include=["benign_*"])

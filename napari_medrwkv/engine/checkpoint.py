@@ -57,6 +57,14 @@ def default_class_names(num_classes: int) -> List[str]:
     return ["background"] + [f"class_{i}" for i in range(1, num_classes)]
 
 
+def check_input_scale(value) -> float:
+    """``value`` as a float in (0, 4], else a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 4:
+        raise ValueError(f"input_scale must be a number in (0, 4] (0.5 = the network sees half-size images), "
+                         f"got {value!r}")
+    return float(value)
+
+
 @dataclass
 class ModelInfo:
     """What a checkpoint says about its model.
@@ -73,6 +81,10 @@ class ModelInfo:
     class_names: List[str] = field(default_factory=list)
     normalization: Dict[str, Any] = field(default_factory=dict)
     tile_size: int = 256
+    # Images are resized by this factor before the network sees them (0.5: half size), so a
+    # model can work on large, smooth structures at a fraction of the pixels; labels come back
+    # at the image's own size.  Training resizes the same way.
+    input_scale: float = 1.0
     training: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
     version: str = __version__
@@ -85,6 +97,7 @@ class ModelInfo:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.input_scale = check_input_scale(self.input_scale)
         self.arch_kwargs = dict(self.arch_kwargs or {})
         self.normalization = dict(self.normalization or {})
         self.training = dict(self.training or {})

@@ -404,6 +404,33 @@ except ImportError:  # pragma: no cover
     _TorchDataset = object
 
 
+def scaled_size(shape, factor: float) -> Tuple[int, int]:
+    """(H, W) of ``shape[:2]`` times ``factor``, at least one pixel each."""
+    h, w = shape[:2]
+    return max(1, round(h * factor)), max(1, round(w * factor))
+
+
+def resize_channels(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Float (C, H, W) resized bilinearly to ``size``; antialiased when shrinking, so that fine
+    texture does not alias into the smaller image."""
+    if tuple(x.shape[1:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[1] or size[1] < x.shape[2]
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+    return torch.nn.functional.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False,
+                                           antialias=shrink)[0].numpy()
+
+
+def resize_labels(y: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Label image resized by nearest neighbour at pixel centres (the grid of bilinear with
+    align_corners=False), so labels stay labels."""
+    h, w = y.shape
+    nh, nw = size
+    rows = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
+    return y[rows[:, None], cols[None, :]]
+
+
 def _is_grey(image: np.ndarray) -> bool:
     return image.ndim == 2 or (image.ndim == 3 and (image.shape[-1] in (1, 2) or _channels_equal(image)))
 
@@ -432,6 +459,8 @@ class SegmentationDataset(_TorchDataset):
     brightness and contrast jitter of +-``intensity`` (0.2) on the normalised
     values, and Gaussian noise with sigma up to ``noise`` (0.05).  Pass
     ``scale=None``, ``flips=False``, ``intensity=0``, ``noise=0`` to switch parts off.
+    ``input_scale`` resizes every pair once, before all of this, as the model's
+    ``ModelInfo.input_scale`` says (inference resizes the same way).
 
     Determinism: a patch is drawn from ``numpy.random.default_rng([seed, epoch, i, k])``
     where ``k`` counts the earlier requests of item ``i`` since the last
@@ -451,7 +480,7 @@ class SegmentationDataset(_TorchDataset):
     def __init__(self, pairs: Sequence[Pair], in_chans: int, num_classes: int, patch_size: int = 256,
                  augment: bool = True, samples_per_epoch: Optional[int] = None, seed: int = 0, *,
                  scale: Optional[Tuple[float, float]] = (0.75, 1.25), flips: bool = True,
-                 intensity: float = 0.2, noise: float = 0.05):
+                 intensity: float = 0.2, noise: float = 0.05, input_scale: float = 1.0):
         if torch is None:  # pragma: no cover
             raise ImportError("SegmentationDataset needs PyTorch")
         self.pairs = list(pairs)
@@ -478,6 +507,9 @@ class SegmentationDataset(_TorchDataset):
                 raise
             except ValueError as exc:
                 raise DataError(f"image {pair.image}: {exc}") from None
+            if input_scale != 1:
+                size = scaled_size(mask.shape, input_scale)
+                x, mask = resize_channels(x, size), resize_labels(mask, size)
             self._images.append(x)
             self._masks.append(mask.astype(np.int16))
 
@@ -551,16 +583,10 @@ class SegmentationDataset(_TorchDataset):
 
     @staticmethod
     def _rescale(x: np.ndarray, y: np.ndarray, factor: float):
-        h, w = y.shape
-        nh, nw = max(1, round(h * factor)), max(1, round(w * factor))
-        if (nh, nw) == (h, w):
+        size = scaled_size(y.shape, factor)
+        if size == y.shape:
             return x, y
-        xt = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(x))[None], size=(nh, nw),
-                                             mode="bilinear", align_corners=False)[0].numpy()
-        # nearest at pixel centres, on the same grid as bilinear with align_corners=False
-        rows = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
-        cols = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
-        return xt, y[rows[:, None], cols[None, :]]
+        return resize_channels(x, size), resize_labels(y, size)
 
     def _patch(self, x: np.ndarray, y: np.ndarray, rng: Optional[np.random.Generator]):
         p = self.patch_size

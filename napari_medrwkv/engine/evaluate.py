@@ -1,6 +1,7 @@
 """Dice, IoU and HD95 of a model on a dataset folder (or in-memory pairs)."""
+import fnmatch
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -11,14 +12,20 @@ from .model import SegmentationModel, load_model
 
 
 def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Optional[int] = None,
-             progress: Optional[Callable[[int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None) -> dict:
+             progress: Optional[Callable[[int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None,
+             include: Optional[Sequence[str]] = None) -> dict:
     """``{"dice", "iou", "hd95", "n", "hd95_undefined", "per_image": [...]}``, means over images.
+
+    ``include``: stem patterns (``fnmatch``, e.g. ``["benign_*", "malignant_*"]``) that pick
+    the pairs of a dataset folder to score; a pattern that matches nothing is an error.
 
     HD95 is undefined for an image where exactly one of prediction and truth is
     empty; those are left out of the mean and counted in ``hd95_undefined``.
     """
     model = model if isinstance(model, SegmentationModel) else load_model(model, device=device)
     items = find_pairs(data, split) if isinstance(data, (str, os.PathLike)) else list(data)
+    if include:
+        items = _included(items, include, data)
     per_image = []
     for i, item in enumerate(items):
         if cancel is not None and cancel():
@@ -30,6 +37,15 @@ def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Opti
         if progress is not None:
             progress(i + 1, len(items))
     return summarize(per_image)
+
+
+def _included(items, patterns, data):
+    if not all(hasattr(item, "stem") for item in items):
+        raise ValueError("evaluate: include= picks pairs of a dataset folder by stem; pass a folder")
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(item.stem, pattern) for item in items):
+            raise ValueError(f"evaluate: include pattern {pattern!r} matches no image stem in {data}")
+    return [item for item in items if any(fnmatch.fnmatchcase(item.stem, p) for p in patterns)]
 
 
 def summarize(per_image) -> dict:

@@ -10,7 +10,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .data import image_to_channels
+from .data import image_to_channels, resize_channels, scaled_size
 from .model import SegmentationModel, load_model
 
 Progress = Optional[Callable[[int, int], None]]
@@ -55,8 +55,9 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
 
     ``image``: (Y, X), (Y, X, 3|4), or a stack (Z, Y, X[, 3|4]) segmented slice by slice; any dtype.
     ``model``: a :class:`SegmentationModel`, a shipped name or a checkpoint path.
-    ``tile``: largest plane side run in one piece (default: the model's tile size); larger planes
-    are tiled with 1/4 overlap.  ``progress(done, total)`` counts tiles; ``cancel()`` returning True
+    ``tile``: largest plane side run in one piece (default: the model's tile size), in the
+    network's pixels (after resizing by the model's ``input_scale``); larger planes are tiled
+    with 1/4 overlap.  ``progress(done, total)`` counts tiles; ``cancel()`` returning True
     raises :class:`Cancelled` before the next tile.  With ``return_probabilities`` returns
     ``(labels, probabilities)``: foreground probability for a binary model (spatial shape), else
     per-class probabilities (classes first, then the spatial shape).
@@ -71,13 +72,15 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     if tile < 32:
         raise ValueError(f"segment: tile={tile} is too small; use 32 or more (default {model.info.tile_size})")
     overlap = tile // 4
-    grids = [(tile_starts(p.shape[0], tile, overlap), tile_starts(p.shape[1], tile, overlap)) for p in planes]
-    total, done = sum(len(ys) * len(xs) for ys, xs in grids), 0
+    scale = model.info.input_scale
+    net_shape = scaled_size(planes.shape[1:3], scale)       # the plane as the network sees it
+    ys, xs = tile_starts(net_shape[0], tile, overlap), tile_starts(net_shape[1], tile, overlap)
+    total, done = len(planes) * len(ys) * len(xs), 0
     probabilities = []
-    for plane, (ys, xs) in zip(planes, grids):
-        probs = np.zeros((_channels(model),) + plane.shape[:2], dtype=np.float32)
-        weight = np.zeros(plane.shape[:2], dtype=np.float32)
-        x = image_to_channels(plane, model.info.in_chans)
+    for plane in planes:
+        probs = np.zeros((_channels(model),) + net_shape, dtype=np.float32)
+        weight = np.zeros(net_shape, dtype=np.float32)
+        x = resize_channels(image_to_channels(plane, model.info.in_chans), net_shape)
         for y0 in ys:
             for x0 in xs:
                 if cancel is not None and cancel():
@@ -90,7 +93,8 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
                 done += 1
                 if progress is not None:
                     progress(done, total)
-        probabilities.append(probs / weight)
+        # Probabilities, not labels, go back to the image's size: smooth edges, no blocky labels.
+        probabilities.append(resize_channels(probs / weight, plane.shape[:2]))
     probs = np.stack(probabilities)                    # (Z, K, Y, X)
     labels = _labels(probs, model.binary)
     if not stack_axes:

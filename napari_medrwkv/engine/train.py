@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from .checkpoint import save_checkpoint
+from .checkpoint import check_input_scale, save_checkpoint
 from .data import SegmentationDataset, find_pairs
 from .defaults import FEW_SHOT
 from .metrics import dice
@@ -41,6 +41,7 @@ class TrainConfig:
     seed: int = 0
     num_workers: Optional[int] = None     # None: 0 on Windows/macOS, else 1
     dice_weight: float = 0.5
+    input_scale: Optional[float] = None   # None: the model's own (1.0 for a bare architecture)
 
     @classmethod
     def few_shot(cls, **overrides) -> "TrainConfig":
@@ -111,17 +112,20 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     model = SegmentationModel(copy.deepcopy(model.net), copy.deepcopy(model.info), model.source, model.device)
     train_items, val_items = _split_items(data, split, val_data, val_split, cfg)
     info = model.info
+    if cfg.input_scale is not None:
+        info.input_scale = check_input_scale(cfg.input_scale)
     train_set = SegmentationDataset(train_items, info.in_chans, info.num_classes, cfg.patch_size, augment=cfg.augment,
                                     samples_per_epoch=cfg.samples_per_epoch or max(len(train_items), 4 * cfg.batch_size),
-                                    seed=cfg.seed)
-    val_set = SegmentationDataset(val_items, info.in_chans, info.num_classes, cfg.patch_size, augment=False) \
-        if val_items else None
+                                    seed=cfg.seed, input_scale=info.input_scale)
+    val_set = SegmentationDataset(val_items, info.in_chans, info.num_classes, cfg.patch_size, augment=False,
+                                  input_scale=info.input_scale) if val_items else None
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True, drop_last=True,
         num_workers=_workers(cfg), generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=_workers(cfg) > 0)
 
-    net = model.net.train()
+    layout = _memory_format(model.device)
+    net = model.net.train().to(memory_format=layout)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     amp_dtype = _amp_dtype(model.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -143,8 +147,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
             lr = cfg.lr * _schedule(fraction, cfg.warmup_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _step(net, optimizer, scaler, amp_dtype, x.to(model.device), y.to(model.device), info.num_classes,
-                         cfg.dice_weight)
+            loss = _step(net, optimizer, scaler, amp_dtype, x.to(model.device, memory_format=layout),
+                         y.to(model.device), info.num_classes, cfg.dice_weight)
             losses.append(loss)
             step += 1
             if progress is not None:
@@ -257,6 +261,12 @@ def _fraction(step, planned_steps, elapsed, budget) -> float:
     if budget:
         parts.append(elapsed / budget)
     return min(max(parts), 1.0)
+
+
+def _memory_format(device: torch.device):
+    # oneDNN's and cuDNN's native layout: measured 15-20% faster CPU training steps
+    # (rwkv_unet_t, batch 8, 128 px), mostly the depthwise convolutions' backward.
+    return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
 
 
 def _amp_dtype(device: torch.device):

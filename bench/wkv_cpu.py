@@ -1,9 +1,10 @@
-"""Bi-WKV on the CPU: our chunked PyTorch path against a plain cumsum scan of the same formula.
+"""Bi-WKV on the CPU: our PyTorch paths against a plain cumsum scan of the same formula.
 
     python bench/wkv_cpu.py [--threads 2]
 
-Prints median milliseconds (forward under inference_mode, and forward+backward)
-and the speed-up.  The plain scan is the textbook vectorisation: one global max
+Prints median milliseconds: forward under inference_mode for both paths (the
+dispatcher runs the recurrent one there), forward+backward for the chunked one
+(the dispatcher's choice when gradients are needed), and the speed-ups.  The plain scan is the textbook vectorisation: one global max
 of k per sequence, e^{+-i w} factors, and full-length cumsums along T.
 """
 import argparse
@@ -11,7 +12,7 @@ import argparse
 import torch
 from timing import median_seconds
 
-from napari_medrwkv.ops.bi_wkv import bi_wkv_chunked, bi_wkv_naive
+from napari_medrwkv.ops.bi_wkv import bi_wkv_chunked, bi_wkv_naive, bi_wkv_recurrent
 
 
 def plain_cumsum_scan(w, u, k, v):
@@ -59,17 +60,20 @@ def main():
     torch.set_num_threads(args.threads)
     shapes = [(1, 4096, 288), (16, 256, 560), (4, 1024, 288), (1, 16384, 288)]
     print(f"Bi-WKV CPU, float32, {args.threads} threads, median ms")
-    print(f"{'B, T, C':>18} | {'plain fwd':>9} | {'ours fwd':>8} | {'speed-up':>8} | {'plain f+b':>9} | {'ours f+b':>8} | {'speed-up':>8} | rel.err")
+    print(f"| {'B, T, C':>16} | plain fwd | chunked fwd | recurrent fwd | speed-up | plain f+b | chunked f+b "
+          f"| speed-up | rel.err rec / chunk |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         x = inputs(*shape)
-        plain_f, ours_f = run(plain_cumsum_scan, x, False, args.repeats), run(bi_wkv_chunked, x, False, args.repeats)
-        plain_b, ours_b = run(plain_cumsum_scan, x, True, 5), run(bi_wkv_chunked, x, True, 5)
+        plain_f = run(plain_cumsum_scan, x, False, args.repeats)
+        chunk_f, rec_f = run(bi_wkv_chunked, x, False, args.repeats), run(bi_wkv_recurrent, x, False, args.repeats)
+        plain_b, chunk_b = run(plain_cumsum_scan, x, True, 5), run(bi_wkv_chunked, x, True, 5)
         small = [t[:1, :512] if t.dim() == 3 else t for t in x]
         with torch.no_grad():
             ref = bi_wkv_naive(*small)
-            err = float((bi_wkv_chunked(*small).double() - ref).norm() / ref.norm())
-        print(f"{str(shape):>18} | {plain_f:9.2f} | {ours_f:8.2f} | {plain_f / ours_f:7.1f}x | "
-              f"{plain_b:9.2f} | {ours_b:8.2f} | {plain_b / ours_b:7.1f}x | {err:.1e}")
+            errs = [float((fn(*small).double() - ref).norm() / ref.norm()) for fn in (bi_wkv_recurrent, bi_wkv_chunked)]
+        print(f"| {str(shape):>16} | {plain_f:9.2f} | {chunk_f:11.2f} | {rec_f:13.2f} | {plain_f / rec_f:7.1f}x | "
+              f"{plain_b:9.2f} | {chunk_b:11.2f} | {plain_b / chunk_b:7.1f}x | {errs[0]:.1e} / {errs[1]:.1e} |")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from napari_medrwkv.ops import bi_wkv
-from napari_medrwkv.ops.bi_wkv import bi_wkv_chunked, bi_wkv_naive, selected_path
+from napari_medrwkv.ops.bi_wkv import bi_wkv_chunked, bi_wkv_naive, bi_wkv_recurrent, selected_path
+
+# Every fast PyTorch path: the differentiable convolution one and the forward-only recurrence.
+PATHS = [pytest.param(bi_wkv_chunked, id="chunked"), pytest.param(bi_wkv_recurrent, id="recurrent")]
 
 
 def _inputs(B, T, C, w_scale=1.0, k_scale=1.0, dtype=torch.float32, seed=0):
@@ -38,74 +41,80 @@ def test_naive_matches_the_formula_written_out():
 SHAPES = [(1, 1, 4), (2, 2, 3), (1, 31, 5), (2, 33, 7), (3, 100, 17), (1, 257, 9), (2, 1000, 3)]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("B,T,C", SHAPES)
-@pytest.mark.parametrize("grad", [False, True])
-def test_chunked_float64_is_exact(B, T, C, grad):
+def test_float64_is_exact(path, B, T, C):
     w, u, k, v = _inputs(B, T, C, dtype=torch.float64, seed=T)
-    with torch.set_grad_enabled(grad):
-        if grad:
-            k.requires_grad_()
-        out = bi_wkv_chunked(w, u, k, v)
-    assert _rel_err(out, bi_wkv_naive(w, u, k, v)) < 1e-12
+    assert _rel_err(path(w, u, k, v), bi_wkv_naive(w, u, k, v)) < 1e-12
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("B,T,C", SHAPES)
-@pytest.mark.parametrize("grad", [False, True])
-def test_chunked_float32(B, T, C, grad):
+def test_float32(path, B, T, C):
     w, u, k, v = _inputs(B, T, C, w_scale=5.0 / T, seed=T)
-    with torch.set_grad_enabled(grad):
-        if grad:
-            v.requires_grad_()
-        out = bi_wkv_chunked(w, u, k, v)
+    out = path(w, u, k, v)
     assert out.dtype == torch.float32
     assert _rel_err(out, bi_wkv_naive(w, u, k, v)) < 1e-5
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 5, 16, 64])
-def test_every_chunk_length_gives_the_same_answer(chunk):
+@pytest.mark.parametrize("B,T,C", SHAPES)
+def test_chunked_with_autograd_is_exact(B, T, C):
+    w, u, k, v = _inputs(B, T, C, dtype=torch.float64, seed=T)
+    out = bi_wkv_chunked(w, u, k.clone().requires_grad_(), v)
+    assert out.requires_grad and _rel_err(out, bi_wkv_naive(w, u, k, v)) < 1e-12
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 16, 64])
+def test_every_chunk_length_gives_the_same_answer(path, chunk):
     w, u, k, v = _inputs(2, 77, 6, dtype=torch.float64)
-    assert _rel_err(bi_wkv_chunked(w, u, k, v, chunk=chunk), bi_wkv_naive(w, u, k, v)) < 1e-12
+    assert _rel_err(path(w, u, k, v, chunk=chunk), bi_wkv_naive(w, u, k, v)) < 1e-12
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("w_times_T", [-30.0, -8.0, 8.0, 30.0, 100.0])
-def test_large_decay_float32(w_times_T):
+def test_large_decay_float32(path, w_times_T):
     T = 600
     w, u, k, v = _inputs(1, T, 8, seed=1)
     w = torch.full_like(w, w_times_T / T) * torch.linspace(0.2, 1.0, 8)
-    assert _rel_err(bi_wkv_chunked(w, u, k, v), bi_wkv_naive(w, u, k, v)) < 1e-5
+    assert _rel_err(path(w, u, k, v), bi_wkv_naive(w, u, k, v)) < 1e-5
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("k_scale", [20.0, 100.0, 1000.0])
-def test_large_keys_stay_finite_and_exact(k_scale):
+def test_large_keys_stay_finite_and_exact(path, k_scale):
     # Exponents far outside float32's range: the running references must absorb them.
     w, u, k, v = _inputs(2, 300, 5, w_scale=0.05, k_scale=k_scale, seed=2)
-    out = bi_wkv_chunked(w, u, k, v)
+    out = path(w, u, k, v)
     assert torch.isfinite(out).all()
     assert _rel_err(out, bi_wkv_naive(w, u, k, v)) < 1e-5
 
 
-def test_per_token_decay_larger_than_a_chunk_can_hold():
+@pytest.mark.parametrize("path", PATHS)
+def test_per_token_decay_larger_than_a_chunk_can_hold(path):
     # |w| = 5 per token: the chunk length must shrink so e^{|w| L} stays finite.
     w, u, k, v = _inputs(1, 50, 4, seed=3)
     w = torch.tensor([5.0, -5.0, 0.5, -0.01])
-    assert _rel_err(bi_wkv_chunked(w, u, k, v), bi_wkv_naive(w, u, k, v)) < 1e-5
+    assert _rel_err(path(w, u, k, v), bi_wkv_naive(w, u, k, v)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_compute_in_float32(dtype):
+@pytest.mark.parametrize("path", PATHS + [pytest.param(bi_wkv, id="dispatcher")])
+def test_half_inputs_compute_in_float32(path, dtype):
     w, u, k, v = _inputs(2, 129, 8, w_scale=0.02, dtype=dtype, seed=4)
-    out = bi_wkv(w, u, k, v)
+    out = path(w, u, k, v)
     assert out.dtype == dtype
     # Exact for the rounded inputs; only the output rounding remains.
     tol = 4e-3 if dtype == torch.float16 else 2e-2
     assert _rel_err(out, bi_wkv_naive(w, u, k, v)) < tol
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_inputs(path):
     w, u, k, v = _inputs(3, 40, 6, dtype=torch.float64)
     kt, vt = k.transpose(0, 1).contiguous().transpose(0, 1), v[:, :, :].flip(0).flip(0)
     assert not kt.is_contiguous()
-    assert _rel_err(bi_wkv_chunked(w, u, kt, vt), bi_wkv_naive(w, u, k, v)) < 1e-12
+    assert _rel_err(path(w, u, kt, vt), bi_wkv_naive(w, u, k, v)) < 1e-12
 
 
 @pytest.mark.parametrize("T", [1, 3, 20, 41])
@@ -155,3 +164,11 @@ def test_torch_path_on_cuda_tensors():
     w, u, k, v = _inputs(2, 500, 33, w_scale=0.01)
     out = bi_wkv_chunked(*(t.cuda() for t in (w, u, k, v)))
     assert _rel_err(out.cpu(), bi_wkv_naive(w, u, k, v)) < 1e-5
+
+
+def test_dispatcher_runs_the_recurrent_path_unless_gradients_are_needed():
+    w, u, k, v = _inputs(2, 50, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(bi_wkv(w, u, k, v), bi_wkv_recurrent(w, u, k, v))
+    out = bi_wkv(w, u, k.clone().requires_grad_(), v)
+    assert out.grad_fn is not None and _rel_err(out, bi_wkv_naive(w, u, k, v)) < 1e-12

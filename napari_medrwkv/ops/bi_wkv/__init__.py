@@ -4,7 +4,8 @@
 
 * ``cuda``  -- the compiled kernel from ``kernels/`` for CUDA tensors, when it
   can be built on this machine;
-* ``torch`` -- :func:`bi_wkv_chunked`, pure PyTorch, any device.
+* ``torch`` -- pure PyTorch, any device: :func:`bi_wkv_recurrent` (forward only,
+  the faster) when no gradient is needed, else :func:`bi_wkv_chunked`.
 
 ``MEDRWKV_WKV=torch|cuda`` forces one.  :func:`bi_wkv_naive` is the O(T^2)
 float64 reference the tests compare every path with.
@@ -14,9 +15,10 @@ import os
 import torch
 
 from .chunked import bi_wkv_chunked
+from .recurrent import bi_wkv_recurrent
 from .naive import bi_wkv_naive
 
-__all__ = ["bi_wkv", "bi_wkv_chunked", "bi_wkv_naive", "selected_path"]
+__all__ = ["bi_wkv", "bi_wkv_chunked", "bi_wkv_naive", "bi_wkv_recurrent", "selected_path"]
 
 _PATHS = ("torch", "cuda")
 
@@ -53,7 +55,9 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     if selected_path(k) == "cuda":
         from . import cuda
         return cuda.bi_wkv_cuda(w, u, k, v)
-    return bi_wkv_chunked(w, u, k, v)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
+        return bi_wkv_chunked(w, u, k, v)
+    return bi_wkv_recurrent(w, u, k, v)
 
 
 def _check(w, u, k, v):

@@ -1,0 +1,57 @@
+"""What the chunked paths share: the chunk length and the carries between chunks.
+
+A chunk of L tokens is summarised, as its neighbours see it, by two numbers per
+channel and side (numerator, denominator); the carry into chunk c is the
+exclusive prefix (left) or suffix (right) sum of those summaries, decayed by
+e^{-L w} per chunk.  The carries enter a chunk as *virtual tokens* at positions
+-1 and L, so both paths add them with the in-chunk decay factors they already use.
+"""
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK = 16
+_MAX_DECAY_PER_CHUNK = 20.0    # bound on |w| * L: in-chunk factors stay below e^20
+_MAX_CARRY_LOG = 40.0          # carries are rescaled to at most e^40 times the chunk's own terms
+_FLOAT32_SPREAD = 60.0         # chunk-level log-scale spread that float32 exp handles safely
+
+
+def chunk_length(w, T: int, chunk: int) -> int:
+    max_decay = float(w.detach().abs().max()) if w.numel() else 0.0
+    L = min(chunk, T)
+    if max_decay * L > _MAX_DECAY_PER_CHUNK:
+        L = max(1, int(_MAX_DECAY_PER_CHUNK / max_decay))
+    return L
+
+
+def carries(m, summary_left, summary_right, w, L: int):
+    """Left/right carries of every chunk as virtual-token values.
+
+    m: (B, n, C) chunk references; summaries: (2, B, n, C) [num, den] in units of e^m.
+    Returns the left and right carries (2, B, n, C) in units of e^{m - shift}, and
+    shift (B, n, C) >= 0, by which the chunk's own terms must be scaled down so
+    that a carry never exceeds e^40 of them.
+
+    The right carry is the left carry of the reversed sequence, so both sides run
+    as one stacked problem: P_c = sum_{c' < c} e^{-(c-1-c') L w} e^{m_c'} S_c', an
+    exclusive prefix sum taken relative to the largest term of each sequence.
+    """
+    n = m.shape[1]
+    refs = torch.stack([m, m.flip(1)])                                  # (side, B, n, C)
+    sums = torch.stack([summary_left, summary_right.flip(2)])           # (side, 2, B, n, C)
+    c = torch.arange(n, dtype=m.dtype, device=m.device)[:, None] * (L * w)
+    log_scale = refs + c                     # chunk c' as seen from the far end, up to a constant
+    spread = float((log_scale.amax(2) - log_scale.amin(2)).max().detach())
+    hp = torch.float32 if m.dtype == torch.float32 and spread < _FLOAT32_SPREAD else torch.float64
+    log_scale, refs, c, sums = log_scale.to(hp), refs.to(hp), c.to(hp), sums.to(hp)
+    top = log_scale.amax(2, keepdim=True)
+    acc = torch.cumsum(torch.exp(log_scale - top).unsqueeze(1) * sums, 3)
+    acc = F.pad(acc[..., :-1, :], (0, 0, 1, 0))         # exclusive: shifted, never total minus term
+    log_den = torch.log(acc[:, 1]) + (top - c + L * w.to(hp) - refs)   # -inf where there is no carry
+    log_den = torch.stack([log_den[0], log_den[1].flip(1)])
+    acc = torch.stack([acc[0], acc[1].flip(2)])
+    shift = (log_den.amax(0) - _MAX_CARRY_LOG).clamp(min=0)
+    den = torch.exp(log_den - shift)
+    present = acc[:, 1] > 0
+    ratio = torch.where(present, acc[:, 0] / torch.where(present, acc[:, 1], 1.0), 0.0)
+    carries = torch.stack([ratio * den, den], 1)                        # (side, 2, B, n, C)
+    return carries[0], carries[1], shift

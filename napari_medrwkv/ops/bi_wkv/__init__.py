@@ -2,13 +2,16 @@
 
 ``bi_wkv(w, u, k, v)`` picks a path per call:
 
-* ``cuda``  -- the compiled kernel from ``kernels/`` for CUDA tensors, when it
-  can be built on this machine;
-* ``torch`` -- pure PyTorch, any device: :func:`bi_wkv_recurrent` (forward only,
-  the faster) when no gradient is needed, else :func:`bi_wkv_chunked`.
+* ``cuda``  -- the compiled kernel from ``kernels/`` for float32/float16/bfloat16
+  CUDA tensors, when it can be built on this machine and passes its self-check;
+* ``torch`` -- pure PyTorch, any device and dtype: :func:`bi_wkv_recurrent`
+  (forward only, the faster) when no gradient is needed, else :func:`bi_wkv_chunked`.
 
-``MEDRWKV_WKV=torch|cuda`` forces one.  :func:`bi_wkv_naive` is the O(T^2)
-float64 reference the tests compare every path with.
+``MEDRWKV_WKV=torch|cuda`` forces one.  Without it, a kernel that cannot be used
+on a CUDA tensor (no toolkit, build error, failed self-check) costs one warning
+naming the cause and the fix, and the PyTorch path runs instead.
+:func:`bi_wkv_naive` is the O(T^2) float64 reference the tests compare every
+path with.
 """
 import os
 
@@ -32,10 +35,17 @@ def selected_path(k: torch.Tensor) -> str:
         return "torch"
     if k.is_cuda:
         from . import cuda
-        if cuda.available():
+        if k.dtype not in cuda.SUPPORTED_DTYPES:
+            if forced == "cuda":
+                raise RuntimeError(f"MEDRWKV_WKV=cuda but the CUDA Bi-WKV kernel computes float32, float16 and "
+                                   f"bfloat16 tensors, not {k.dtype}")
+            return "torch"
+        reason = cuda.unavailable_reason(k.device)
+        if not reason:
             return "cuda"
         if forced == "cuda":
-            raise RuntimeError(f"MEDRWKV_WKV=cuda but the CUDA Bi-WKV kernel is unavailable: {cuda.unavailable_reason()}")
+            raise RuntimeError(f"MEDRWKV_WKV=cuda but the CUDA Bi-WKV kernel is unavailable: {reason}")
+        cuda.warn_unavailable(reason)
         return "torch"
     if forced == "cuda":
         raise RuntimeError("MEDRWKV_WKV=cuda needs CUDA tensors; these are on " + str(k.device))

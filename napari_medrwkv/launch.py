@@ -4,7 +4,7 @@
 
 With ``--screenshot PATH`` it does not enter the event loop: it waits (at most
 ``--timeout`` seconds) until the Models widget has counted every model, segments
-the sample with the default (first shipped) model when there is one, saves a
+the sample with the shipped nuclei model (the samples are nuclei), saves a
 screenshot of the whole window to PATH and exits -- the smoke test of the
 plugin.  Exit status 0 on success, 1 if a widget did not finish in time.
 """
@@ -14,6 +14,7 @@ import time
 
 PLUGIN = "napari-medrwkv"
 SAMPLES = ("fluorescence", "brightfield")
+SAMPLE_MODEL = "rwkv_unet_t-dsb2018"     # trained on the kind of image the samples are
 
 
 def _parse(argv):
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment", tabify=True)
     image = viewer.layers[0].name
     segment.image_combo.setCurrentText(image)
+    if segment.model_combo.findText(SAMPLE_MODEL) >= 0:
+        segment.model_combo.setCurrentText(SAMPLE_MODEL)
     segment.probability_check.setChecked(True)
     viewer.layers[-1].visible = False      # the ground truth: there to compare, hidden to see the result
 
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
     viewer.window.resize(1400, 850)
     finished = _wait_for(models, args.timeout)
     if segment.model_combo.currentText() and not segment.model_combo.currentText().endswith("…"):
-        segment.run()              # the main job, with the shipped default model
+        segment.run()              # the main job, with the shipped nuclei model
         finished = _wait_for(_Done(lambda: segment.worker is None), args.timeout) and finished
     viewer.reset_view()
     _close_toasts(viewer)

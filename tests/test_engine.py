@@ -25,9 +25,13 @@ def test_fused_batchnorm_gives_the_same_output():
             net(torch.randn(2, 3, 48, 48) * 2 + 0.5)
     net.eval()
     x = torch.randn(1, 3, 40, 56)
+    fused = fuse_for_inference(net)
     with torch.no_grad():
-        assert torch.allclose(fuse_for_inference(net)(x), net(x), atol=1e-4)
+        assert torch.allclose(fused(x), net(x), atol=1e-4)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()), "the original is left untouched"
+    activations = [m for m in fused.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.SiLU))]
+    assert activations and all(m.inplace for m in activations)         # every one follows a conv here
+    assert not any(getattr(m, "inplace", False) for m in net.modules())
 
 
 @pytest.mark.parametrize("shape,dtype", [((70, 90), np.uint8), ((70, 90, 3), np.uint8), ((70, 90, 4), np.uint8),

@@ -35,3 +35,35 @@ def test_dsb2018_model_on_unseen_test_images(shared_data):
     pairs = find_pairs(shared_data / "dsb2018", "test")[::4]       # 17 of the 67, for time
     scores = nm.evaluate(model, pairs)
     assert scores["n"] == 17 and scores["dice"] > 0.85
+
+
+# The polyp and ultrasound models: trained on data that may not be bundled, so their
+# score checks need ../shared/data; provenance and metadata are checked everywhere.
+OTHERS = {
+    "rwkv_unet_t-kvasir": dict(folder="kvasir-seg", foreground="polyp", include=None, floor=0.65),
+    "rwkv_unet_t-busi": dict(folder="busi", foreground="lesion", include=["benign_*", "malignant_*"], floor=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHERS))
+def test_polyp_and_ultrasound_models_are_shipped_with_their_provenance(name):
+    spec = OTHERS[name]
+    assert name in nm.list_shipped()
+    info = read_info(weights_dir() / f"{name}.safetensors")
+    assert info.architecture == "rwkv_unet_t" and info.class_names == ["background", spec["foreground"]]
+    assert info.training["command"].startswith("medrwkv train") and spec["folder"] in info.training["data"]
+    assert 0 < info.input_scale < 1                   # trained on downsized images, segments any size
+    assert info.metrics["test_dice"] > spec["floor"]
+
+
+@pytest.mark.parametrize("name", sorted(OTHERS))
+def test_polyp_and_ultrasound_models_on_unseen_test_images(name, shared_data):
+    spec = OTHERS[name]
+    model = nm.load_model(name, device="cpu")
+    pairs = find_pairs(shared_data / spec["folder"], "test")
+    if spec["include"]:
+        pairs = [p for p in pairs if p.stem.split("_")[0] + "_*" in spec["include"]]
+    pairs = pairs[::3]
+    image = read_image(pairs[0].image)
+    assert nm.segment(image, model=model).shape == image.shape[:2]
+    assert nm.evaluate(model, pairs)["dice"] > spec["floor"]

@@ -58,6 +58,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
     assert main(["train", "--model", "rwkv_unet_t", "--data", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 2
     assert ".safetensors" in capsys.readouterr().err
     assert main(["evaluate", "--model", "ds_vrwkv_t", "--data", str(tmp_path), "--include", "benign_*"]) == 2
+    capsys.readouterr()
     assert main(["train", "--model", "ds_vrwkv_t", "--data", str(tmp_path), "--input-scale", "0",
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "input_scale" in capsys.readouterr().err

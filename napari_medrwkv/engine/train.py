@@ -105,6 +105,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         cfg.epochs = 20
     if out is not None:
         out = _check_out(out)
+    if cfg.input_scale is not None:
+        cfg.input_scale = check_input_scale(cfg.input_scale)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -113,7 +115,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     train_items, val_items = _split_items(data, split, val_data, val_split, cfg)
     info = model.info
     if cfg.input_scale is not None:
-        info.input_scale = check_input_scale(cfg.input_scale)
+        info.input_scale = cfg.input_scale
     train_set = SegmentationDataset(train_items, info.in_chans, info.num_classes, cfg.patch_size, augment=cfg.augment,
                                     samples_per_epoch=cfg.samples_per_epoch or max(len(train_items), 4 * cfg.batch_size),
                                     seed=cfg.seed, input_scale=info.input_scale)

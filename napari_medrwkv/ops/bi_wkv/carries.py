@@ -23,6 +23,18 @@ def chunk_length(w, T: int, chunk: int) -> int:
     return L
 
 
+def split_into_chunks(k, v, L: int):
+    """k, v (B, T, C) as (B, n, L, C) chunks, T padded up to whole chunks with keys of -inf
+    (e^{-inf} = 0: padding adds nothing) and values of 0."""
+    B, T, C = k.shape
+    pad = -T % L
+    if pad:
+        k = F.pad(k, (0, 0, 0, pad), value=float("-inf"))
+        v = F.pad(v, (0, 0, 0, pad))
+    n = (T + pad) // L
+    return k.reshape(B, n, L, C), v.reshape(B, n, L, C)
+
+
 def carries(m, summary_left, summary_right, w, L: int):
     """Left/right carries of every chunk as virtual-token values.
 

@@ -27,7 +27,7 @@ below ~40 (models pass ``spatial_first / T``).
 import torch
 import torch.nn.functional as F
 
-from .carries import DEFAULT_CHUNK, carries, chunk_length
+from .carries import DEFAULT_CHUNK, carries, chunk_length, split_into_chunks
 
 
 def bi_wkv_chunked(w, u, k, v, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -42,14 +42,10 @@ def bi_wkv_chunked(w, u, k, v, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     w, u, k, v = (t.to(dtype) for t in (w, u, k, v))
     B, T, C = k.shape
     L = chunk_length(w, T, chunk)
-    n_chunks = -(-T // L)
-    pad = n_chunks * L - T
-    if pad:
-        k = F.pad(k, (0, 0, 0, pad), value=float("-inf"))   # e^{-inf} = 0: padding adds nothing
-        v = F.pad(v, (0, 0, 0, pad))
+    k_chunks, v_chunks = split_into_chunks(k, v, L)
+    n_chunks = k_chunks.shape[1]
     N = B * n_chunks
-    k_chunks = k.reshape(N, L, C)
-    v_chunks = v.reshape(N, L, C)
+    k_chunks, v_chunks = k_chunks.reshape(N, L, C), v_chunks.reshape(N, L, C)
     m = k_chunks.detach().amax(1, keepdim=True)              # (N, 1, C) reference per chunk
 
     e = torch.exp(k_chunks - m)
@@ -74,9 +70,7 @@ def bi_wkv_chunked(w, u, k, v, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     body = body + carry_left * from_left + carry_right * from_right
     y = body[:N] / body[N:]
     y = y.permute(0, 2, 3, 1).reshape(B, n_chunks * L, C)
-    if pad:
-        y = y[:, :T]
-    return y.to(out_dtype)
+    return y[:, :T].to(out_dtype)
 
 
 def _as_image(x, length: int):

@@ -17,9 +17,8 @@ Numerics are those of :mod:`.chunked` (same chunk length rule, same carries).
 Use :func:`.chunked.bi_wkv_chunked` when gradients are needed.
 """
 import torch
-import torch.nn.functional as F
 
-from .carries import DEFAULT_CHUNK, carries, chunk_length
+from .carries import DEFAULT_CHUNK, carries, chunk_length, split_into_chunks
 
 
 def bi_wkv_recurrent(w, u, k, v, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -33,12 +32,8 @@ def bi_wkv_recurrent(w, u, k, v, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     w, u, k, v = (t.detach().to(dtype) for t in (w, u, k, v))
     B, T, C = k.shape
     L = chunk_length(w, T, chunk)
-    n = -(-T // L)
-    pad = n * L - T
-    if pad:
-        k = F.pad(k, (0, 0, 0, pad), value=float("-inf"))   # e^{-inf} = 0: padding adds nothing
-        v = F.pad(v, (0, 0, 0, pad))
-    k_chunks, v_chunks = k.reshape(B, n, L, C), v.reshape(B, n, L, C)
+    k_chunks, v_chunks = split_into_chunks(k, v, L)
+    n = k_chunks.shape[1]
     m = k_chunks.amax(2, keepdim=True)                         # (B, n, 1, C)
 
     x = torch.empty(2, B, L, n, C, dtype=dtype, device=k.device)   # [numerator, denominator] terms
@@ -56,8 +51,7 @@ def bi_wkv_recurrent(w, u, k, v, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     total = _sweeps(x, carry_left.to(dtype).contiguous(), carry_right.to(dtype).contiguous(), decay, torch.exp(u))
     y = torch.empty(B, n, L, C, dtype=dtype, device=k.device)
     torch.div(total[0], total[1], out=y.permute(0, 2, 1, 3))
-    y = y.view(B, n * L, C)
-    return (y[:, :T] if pad else y).to(out_dtype)
+    return y.view(B, n * L, C)[:, :T].to(out_dtype)
 
 
 def _fold(x, decay, reverse: bool):

@@ -4,13 +4,15 @@
 
 Prints median milliseconds: forward under inference_mode for both paths (the
 dispatcher runs the recurrent one there), forward+backward for the chunked one
-(the dispatcher's choice when gradients are needed), and the speed-ups.  The plain scan is the textbook vectorisation: one global max
+(the dispatcher's choice when gradients are needed), and the speed-ups.  The
+forward columns come from rounds that call the three in turn, so a machine whose
+speed drifts affects them alike.  The plain scan is the textbook vectorisation: one global max
 of k per sequence, e^{+-i w} factors, and full-length cumsums along T.
 """
 import argparse
 
 import torch
-from timing import median_seconds
+from timing import interleaved_median_seconds, median_seconds
 
 from napari_medrwkv.ops.bi_wkv import bi_wkv_chunked, bi_wkv_naive, bi_wkv_recurrent
 
@@ -55,7 +57,7 @@ def run(fn, args, backward, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=25)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [(1, 4096, 288), (16, 256, 560), (4, 1024, 288), (1, 16384, 288)]
@@ -65,8 +67,10 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         x = inputs(*shape)
-        plain_f = run(plain_cumsum_scan, x, False, args.repeats)
-        chunk_f, rec_f = run(bi_wkv_chunked, x, False, args.repeats), run(bi_wkv_recurrent, x, False, args.repeats)
+        with torch.inference_mode():
+            fwd = interleaved_median_seconds({f: (lambda f=f: f(*x)) for f in (plain_cumsum_scan, bi_wkv_chunked,
+                                                                              bi_wkv_recurrent)}, args.repeats)
+        plain_f, chunk_f, rec_f = (fwd[f] * 1e3 for f in (plain_cumsum_scan, bi_wkv_chunked, bi_wkv_recurrent))
         plain_b, chunk_b = run(plain_cumsum_scan, x, True, 5), run(bi_wkv_chunked, x, True, 5)
         small = [t[:1, :512] if t.dim() == 3 else t for t in x]
         with torch.no_grad():

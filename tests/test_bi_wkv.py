@@ -4,6 +4,7 @@ import torch
 
 from napari_medrwkv.ops import bi_wkv
 from napari_medrwkv.ops.bi_wkv import bi_wkv_chunked, bi_wkv_naive, bi_wkv_recurrent, selected_path
+from napari_medrwkv.ops.bi_wkv.carries import carries, carries_in_range
 
 # Every fast PyTorch path: the differentiable convolution one and the forward-only recurrence.
 PATHS = [pytest.param(bi_wkv_chunked, id="chunked"), pytest.param(bi_wkv_recurrent, id="recurrent")]
@@ -115,6 +116,41 @@ def test_non_contiguous_inputs(path):
     kt, vt = k.transpose(0, 1).contiguous().transpose(0, 1), v[:, :, :].flip(0).flip(0)
     assert not kt.is_contiguous()
     assert _rel_err(path(w, u, kt, vt), bi_wkv_naive(w, u, k, v)) < 1e-12
+
+
+def _chunk_summaries(m_scale, w, seed, B=2, n=37, C=6, L=16):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(B, n, C, generator=g, dtype=torch.float64) * m_scale
+    den = torch.rand(2, B, n, C, generator=g, dtype=torch.float64) * 3 + 0.1
+    num = den * (torch.rand(2, B, n, C, generator=g, dtype=torch.float64) * 2 - 1)   # |num| <= den, as for |v| <= 1
+    return m, torch.stack([num[0], den[0]]), torch.stack([num[1], den[1]]), w, L
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m_scale,w_scale", [(0.0, 0.0), (1.0, 0.01), (2.0, 0.05), (2.0, -0.05)])
+def test_carries_in_range_equal_the_log_space_carries(dtype, m_scale, w_scale):
+    m, left, right, w, L = _chunk_summaries(m_scale, torch.linspace(-1, 1, 6, dtype=torch.float64) * w_scale, seed=7)
+    expected_left, expected_right, shift = carries(m, left, right, w, L)
+    assert not (shift > 0).any()
+    got = carries_in_range(*(t.to(dtype) for t in (m, left, right, w)), L)
+    assert got is not None
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for out, ref in zip(got, (expected_left, expected_right)):
+        assert out.dtype == dtype
+        assert torch.allclose(out.double(), ref.double(), rtol=tol, atol=tol * float(ref.abs().max()))
+    assert (got[0][:, :, 0] == 0).all() and (got[1][:, :, -1] == 0).all()    # nothing enters from outside
+
+
+@pytest.mark.parametrize("m_scale,w_scale", [(30.0, 0.0), (0.0, 0.5), (15.0, -0.2)])
+def test_carries_in_range_decline_where_log_space_is_needed(m_scale, w_scale):
+    # Chunk scales far apart: plain scaling would under- or overflow, so it must hand over.
+    m, left, right, w, L = _chunk_summaries(m_scale, torch.full((6,), w_scale, dtype=torch.float64), seed=8)
+    assert carries_in_range(*(t.float() for t in (m, left, right, w)), L) is None
+    # and the recurrent path, which then takes the log-space carries, stays exact
+    x = _inputs(1, 16 * 37, 6, w_scale=0.0, seed=9, dtype=torch.float64)
+    x[0] = torch.full((6,), w_scale, dtype=torch.float64)
+    x[2] = x[2] + m.repeat_interleave(16, 1)[:1]
+    assert _rel_err(bi_wkv_recurrent(*(t.float() for t in x)), bi_wkv_naive(*x)) < 1e-5
 
 
 @pytest.mark.parametrize("T", [1, 3, 20, 41])

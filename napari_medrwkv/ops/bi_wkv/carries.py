@@ -6,6 +6,8 @@ exclusive prefix (left) or suffix (right) sum of those summaries, decayed by
 e^{-L w} per chunk.  The carries enter a chunk as *virtual tokens* at positions
 -1 and L, so both paths add them with the in-chunk decay factors they already use.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,7 @@ def carries(m, summary_left, summary_right, w, L: int):
     The right carry is the left carry of the reversed sequence, so both sides run
     as one stacked problem: P_c = sum_{c' < c} e^{-(c-1-c') L w} e^{m_c'} S_c', an
     exclusive prefix sum taken relative to the largest term of each sequence.
+    Differentiable; :func:`carries_in_range` is the faster forward-only form.
     """
     n = m.shape[1]
     refs = torch.stack([m, m.flip(1)])                                  # (side, B, n, C)
@@ -67,3 +70,38 @@ def carries(m, summary_left, summary_right, w, L: int):
     ratio = torch.where(present, acc[:, 0] / torch.where(present, acc[:, 1], 1.0), 0.0)
     carries = torch.stack([ratio * den, den], 1)                        # (side, 2, B, n, C)
     return carries[0], carries[1], shift
+
+
+def carries_in_range(m, summary_left, summary_right, w, L: int):
+    """:func:`carries` without log space, for the common case; forward only.
+
+    When every chunk's log scale m_c' + c' L w lies within e^40 of the largest
+    one of its sequence, the prefix sums can be taken on plainly scaled
+    summaries and scaled back by a division, with nothing near the float32
+    range.  Returns (left, right) carries, (2, B, n, C) each, equal to those of
+    :func:`carries` (whose shift is then zero), or None where the range is
+    wider or a carry would exceed e^40 of its chunk's own terms: call
+    :func:`carries` then.
+    """
+    B, n, C = m.shape
+    reverse = torch.arange(n - 1, -1, -1, device=m.device)
+    # Side 1 is the reversed sequence: its left carries are the right carries.
+    log_scale = torch.empty(2, B, n, C, dtype=m.dtype, device=m.device)
+    log_scale[0] = m
+    torch.index_select(m, 1, reverse, out=log_scale[1])
+    log_scale += torch.arange(n, dtype=m.dtype, device=m.device)[:, None] * (L * w)
+    log_scale -= log_scale.amax(2, keepdim=True)
+    if float(log_scale.amin()) < -_MAX_CARRY_LOG:
+        return None
+    scale = log_scale.exp_()                                     # in [e^-40, 1]
+    terms = torch.empty(2, 2, B, n, C, dtype=m.dtype, device=m.device)
+    torch.mul(summary_left, scale[0], out=terms[0])
+    torch.index_select(summary_right, 2, reverse, out=terms[1])
+    terms[1] *= scale[1]
+    acc = torch.empty_like(terms)
+    acc[..., 0, :] = 0                                           # exclusive: the first chunk gets nothing
+    torch.cumsum(terms[..., :-1, :], 3, out=acc[..., 1:, :])
+    acc *= (torch.exp(L * w) / scale).unsqueeze(1)               # back to units of each chunk's own e^m
+    if not float(acc[:, 1].amax()) <= math.exp(_MAX_CARRY_LOG):  # also catches inf and nan
+        return None
+    return acc[0], torch.index_select(acc[1], 2, reverse)

@@ -1,24 +1,26 @@
 """Bi-WKV forward for inference: chunk-parallel recurrences in pure PyTorch, no autograd.
 
 The same decomposition as :mod:`.chunked` (per-chunk max of k as reference,
-chunk summaries, carries as virtual tokens), with the in-chunk sums taken by a
-short recurrence instead of a Toeplitz convolution::
+chunk summaries, carries as virtual tokens), with the in-chunk sums taken by
+short recurrences instead of a Toeplitz convolution, for all chunks and
+channels at once, one position per step::
 
-    S_0 = carry into the chunk,   S_{tau+1} = e^{-w} S_tau + x_tau      (left)
+    R_tau = x_tau + e^{-w} R_{tau+1}        (right-to-left sweep, from zero)
+    S_tau = x_tau + e^{-w} S_{tau-1}        (left-to-right sweep, from the left carry)
 
-run for all chunks and channels at once, one position per step.  Tokens are
-laid out position-major, (2, B, L, n, C), so every step reads and writes one
-contiguous block; the recurrence touches each value a constant number of times,
-where the convolution multiplies by a 2L+1 tap kernel, and the carries start
-the recurrence instead of costing two extra passes.  The chunk summaries the
-carries need come from a pairwise (tree) fold, log2(L) operations per side.
+Tokens are laid out position-major, (2, B, L, n, C), so every step reads and
+writes one contiguous block.  The right-to-left sweep ends with both chunk
+summaries (its final state, and a decay-weighted sum it gathers on the way),
+so the carries cost no extra pass over the tokens; the left-to-right sweep
+starts from the left carry, adds the right carry as a token at position L
+would arrive, and divides.  Seven element-wise operations per position in all.
 
 Numerics are those of :mod:`.chunked` (same chunk length rule, same carries).
 Use :func:`.chunked.bi_wkv_chunked` when gradients are needed.
 """
 import torch
 
-from .carries import DEFAULT_CHUNK, carries, chunk_length, split_into_chunks
+from .carries import DEFAULT_CHUNK, carries, carries_in_range, chunk_length, split_into_chunks
 
 
 def bi_wkv_recurrent(w, u, k, v, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
@@ -43,47 +45,50 @@ def bi_wkv_recurrent(w, u, k, v, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     torch.mul(e, v_chunks, out=x[0].permute(0, 2, 1, 3))
 
     decay = torch.exp(-w)
-    seen_from_right, seen_from_left = _fold(x, decay, reverse=False), _fold(x, decay, reverse=True)
-    carry_left, carry_right, shift = carries(m.view(B, n, C), seen_from_right, seen_from_left, w, L)
-    if bool((shift > 0).any()):
-        x.mul_(torch.exp(-shift).to(dtype).view(1, B, 1, n, C))
+    powers = decay ** torch.arange(L, dtype=dtype, device=k.device)[:, None]   # (L, C): e^{-j w}
+    total, summary_left, summary_right = _right_sweep(x, decay, torch.exp(u), powers)
 
-    total = _sweeps(x, carry_left.to(dtype).contiguous(), carry_right.to(dtype).contiguous(), decay, torch.exp(u))
-    y = torch.empty(B, n, L, C, dtype=dtype, device=k.device)
-    torch.div(total[0], total[1], out=y.permute(0, 2, 1, 3))
-    return y.view(B, n * L, C)[:, :T].to(out_dtype)
-
-
-def _fold(x, decay, reverse: bool):
-    """Per chunk: sum_tau decay^(L-1-tau) x_tau (as the next chunk sees it), or with
-    ``reverse`` sum_tau decay^tau x_tau (as the previous one does).  (2, B, n, C).
-
-    Pairs of neighbours merge into one term per level, the decay squaring each time.
-    """
-    q = decay
-    while x.shape[2] > 1:
-        if x.shape[2] % 2:   # a zero term at the far end keeps the weights of the others
-            zero = x.new_zeros(x.shape[:2] + (1,) + x.shape[3:])
-            x = torch.cat([zero, x] if not reverse else [x, zero], dim=2)
-        near, far = (x[:, :, 1::2], x[:, :, 0::2]) if not reverse else (x[:, :, 0::2], x[:, :, 1::2])
-        x = torch.addcmul(near, far, q)
-        q = q * q
-    return x[:, :, 0]
+    m = m.view(B, n, C)
+    in_range = carries_in_range(m, summary_left, summary_right, w, L)
+    if in_range is not None:
+        carry_left, carry_right = in_range
+    else:
+        carry_left, carry_right, shift = carries(m, summary_left, summary_right, w, L)
+        carry_left, carry_right = carry_left.to(dtype), carry_right.to(dtype)
+        if bool((shift > 0).any()):
+            scale_down = torch.exp(-shift).to(dtype).view(1, B, 1, n, C)
+            x *= scale_down
+            total *= scale_down
+    return _left_sweep(x, total, carry_left.contiguous(), carry_right.contiguous(), decay, powers)[:, :T].to(out_dtype)
 
 
-def _sweeps(x, carry_left, carry_right, decay, bonus):
-    """numerator/denominator at every token: the left and right exclusive decayed sums,
-    each started from its carry, plus the token's own term times e^u.  (2, B, L, n, C)."""
+def _right_sweep(x, decay, bonus, powers):
+    """Own term times e^u plus the right-exclusive in-chunk sum, at every position (2, B, L, n, C);
+    and the chunk summaries as the next chunk (sum_tau e^{-(L-1-tau) w} x_tau) and the
+    previous one (sum_tau e^{-tau w} x_tau) see them, (2, B, n, C) each."""
     L = x.shape[2]
     total = torch.empty_like(x)
+    state = x[:, :, L - 1].clone()
+    torch.mul(state, bonus, out=total[:, :, L - 1])
+    seen_from_right = state.clone()
+    for t in range(L - 2, -1, -1):
+        torch.addcmul(state, x[:, :, t], bonus, out=total[:, :, t])
+        seen_from_right.addcmul_(x[:, :, t], powers[L - 1 - t])
+        torch.addcmul(x[:, :, t], state, decay, out=state)
+    return total, seen_from_right, state
+
+
+def _left_sweep(x, total, carry_left, carry_right, decay, powers):
+    """Adds the left sum (from the left carry) and the right carry to ``total`` and
+    divides numerator by denominator: (B, n * L, C)."""
+    _, B, L, n, C = x.shape
+    y = torch.empty(B, n, L, C, dtype=x.dtype, device=x.device)
     state = carry_left
     for t in range(L):
-        torch.addcmul(state, x[:, :, t], bonus, out=total[:, :, t])
+        here = total[:, :, t]
+        here += state
+        here.addcmul_(carry_right, powers[L - 1 - t])   # the right carry arrives like a token at position L
+        torch.div(here[0], here[1], out=y[:, :, t])
         if t < L - 1:
             torch.addcmul(x[:, :, t], state, decay, out=state)
-    state = carry_right
-    for t in range(L - 1, -1, -1):
-        total[:, :, t] += state
-        if t > 0:
-            torch.addcmul(x[:, :, t], state, decay, out=state)
-    return total
+    return y.view(B, n * L, C)

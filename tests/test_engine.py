@@ -34,6 +34,22 @@ def test_fused_batchnorm_gives_the_same_output():
     assert not any(getattr(m, "inplace", False) for m in net.modules())
 
 
+@pytest.mark.parametrize("name", ["rwkv_unet_t", "med_urwkv_t", "ds_vrwkv_t"])
+def test_inference_mode_forward_equals_the_autograd_forward(name):
+    # Without autograd the channel and spatial mixes overwrite their fresh projections in
+    # place; the answer must not change, and the input must not be touched.
+    torch.manual_seed(0)
+    net = create_model(name).eval()
+    x = torch.randn(1, 3, 40, 56)
+    kept = x.clone()
+    expected = net(x)
+    assert expected.requires_grad
+    with torch.inference_mode():
+        got = net(x)
+    assert torch.allclose(got, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(x, kept)
+
+
 @pytest.mark.parametrize("shape,dtype", [((70, 90), np.uint8), ((70, 90, 3), np.uint8), ((70, 90, 4), np.uint8),
                                          ((70, 90), np.uint16), ((70, 90), np.float32), ((3, 40, 50), np.uint8),
                                          ((2, 40, 50, 3), np.uint16)])

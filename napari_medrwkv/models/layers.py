@@ -32,7 +32,21 @@ def q_shift(x: torch.Tensor, hw: tuple, shift: int = 1, gamma: float = 0.25) -> 
 
 
 def _lerp(x, shifted, mix):
-    return x * mix + shifted * (1 - mix)
+    """x * mix + shifted * (1 - mix), as one op with one output."""
+    return torch.lerp(shifted, x, mix)
+
+
+def _fresh_in_place(fn_in_place, fn, x):
+    """``fn(x)``; without autograd, ``fn_in_place`` overwrites ``x`` instead.  Only for an
+    ``x`` that nothing else holds (a projection's fresh output): at 512x512 each new
+    activation map costs a 10-50 MB allocation and its page faults."""
+    return fn(x) if torch.is_grad_enabled() else fn_in_place(x)
+
+
+def add_to_fresh(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other`` (a residual add); without autograd, into ``fresh``, which must be an
+    output nothing else holds."""
+    return _fresh_in_place(lambda f: f.add_(other), lambda f: f + other, fresh)
 
 
 class SpatialMix(nn.Module):
@@ -80,11 +94,11 @@ class SpatialMix(nn.Module):
         shifted = q_shift(x, hw, self.shift_pixel)
         k = self.key(_lerp(x, shifted, self.spatial_mix_k))
         v = self.value(_lerp(x, shifted, self.spatial_mix_v))
-        r = torch.sigmoid(self.receptance(_lerp(x, shifted, self.spatial_mix_r)))
+        r = _fresh_in_place(torch.sigmoid_, torch.sigmoid, self.receptance(_lerp(x, shifted, self.spatial_mix_r)))
         wkv = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
         if self.key_norm is not None:
             wkv = self.key_norm(wkv)
-        return self.output(r * wkv)
+        return self.output(_fresh_in_place(lambda r: r.mul_(wkv), lambda r: r * wkv, r))
 
 
 class ChannelMix(nn.Module):
@@ -112,10 +126,13 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple) -> torch.Tensor:
         shifted = q_shift(x, hw, self.shift_pixel)
-        k = torch.square(torch.relu(self.key(_lerp(x, shifted, self.spatial_mix_k))))
+        k = _fresh_in_place(lambda k: k.relu_().square_(), lambda k: torch.square(torch.relu(k)),
+                            self.key(_lerp(x, shifted, self.spatial_mix_k)))
         if self.key_norm is not None:
             k = self.key_norm(k)
-        return torch.sigmoid(self.receptance(_lerp(x, shifted, self.spatial_mix_r))) * self.value(k)
+        gate = self.receptance(_lerp(x, shifted, self.spatial_mix_r))
+        return _fresh_in_place(lambda g: g.sigmoid_().mul_(self.value(k)), lambda g: torch.sigmoid(g) * self.value(k),
+                               gate)
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (ChannelMix, DropPath, LayerNorm2d, SpatialMix, conv_bn_act, grid,
+from .layers import (ChannelMix, DropPath, LayerNorm2d, SpatialMix, add_to_fresh, conv_bn_act, grid,
                      pad_to_multiple, tokens)
 from .registry import register_model
 
@@ -88,12 +88,12 @@ class GLSP(nn.Module):
         if self.attn is not None:
             hw = x.shape[-2:]
             t = tokens(x)
-            t = t + self.drop_path(self.attn_norm(self.attn(t, hw)))
+            t = add_to_fresh(self.drop_path(self.attn_norm(self.attn(t, hw))), t)
             x = grid(t, hw)
         local = self.conv_local(x)
-        x = x + local if self.has_skip else local
+        x = add_to_fresh(local, x) if self.has_skip else local
         x = self.proj(self.se(x))
-        return shortcut + self.drop_path(x) if self.has_skip else x
+        return add_to_fresh(self.drop_path(x), shortcut) if self.has_skip else x
 
 
 class RWKVUNetEncoder(nn.Module):
@@ -141,7 +141,7 @@ class CrossChannelMix(nn.Module):
         size = skips[0].shape[-2:]
         x = torch.cat([_resize(conv(s), size) for conv, s in zip(self.into, skips)], 1)
         t = tokens(x)
-        t = t + self.drop_path(self.norm(self.mix(t, size)))
+        t = add_to_fresh(self.drop_path(self.norm(self.mix(t, size))), t)
         parts = grid(t, size).chunk(len(skips), dim=1)
         return [_resize(conv(p), s.shape[-2:]) for conv, p, s in zip(self.back, parts, skips)]
 

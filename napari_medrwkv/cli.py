@@ -3,7 +3,7 @@
     medrwkv models
     medrwkv segment --model M [--device D] [--tile N] INPUT... --out DIR
     medrwkv train --model M --data DIR [--split train] [--val-split val] [--epochs N] [--max-minutes X] --out FILE
-    medrwkv evaluate --model M --data DIR [--split test] [--device D] [--json]
+    medrwkv evaluate --model M --data DIR [--split test] [--device D] [--json] [--record]
 """
 import argparse
 import json
@@ -72,6 +72,9 @@ def _parser():
     ev.add_argument("--include", help="comma-separated stem patterns to score, e.g. 'benign_*,malignant_*' "
                                       "(default: every pair of the split)")
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ev.add_argument("--record", action="store_true",
+                    help="also store the scores in the checkpoint's metadata as SPLIT_dice, SPLIT_iou, SPLIT_hd95, "
+                         "SPLIT_n and SPLIT_split (a description); the weights are left as they are")
     ev.set_defaults(run=_evaluate)
     return parser
 
@@ -166,15 +169,40 @@ def _evaluate(args) -> int:
         bar.update_to(done, total)
 
     include = [p.strip() for p in args.include.split(",") if p.strip()] if args.include else None
+    record_into = _checkpoint_file(args.model) if args.record else None     # fail before the long part
     scores = evaluate(args.model, args.data, split=args.split, device=args.device, tile=args.tile,
                       progress=progress, include=include)
     bar.close()
+    if record_into is not None:
+        _record(record_into, scores, args.data, args.split, include)
     print(f"n={scores['n']}  Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
           + (f"  (HD95 undefined for {scores['hd95_undefined']})" if scores["hd95_undefined"] else ""))
     if args.json:
         summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
         print(json.dumps(summary))
     return 0
+
+
+def _checkpoint_file(model: str) -> Path:
+    from .engine.model import list_shipped, weights_dir
+    if model in list_shipped():
+        return weights_dir() / f"{model}.safetensors"
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--record stores the scores in a checkpoint file, and {model!r} is none; "
+                         "give a .safetensors path or a shipped model's name")
+    return path
+
+
+def _record(path: Path, scores: dict, data: str, split, include) -> None:
+    from .engine.checkpoint import record_metrics
+    prefix = split or "all"
+    described = f"{Path(data).resolve().name} {prefix} ({scores['n']} images"
+    described += f"; only {', '.join(include)})" if include else ")"
+    record_metrics(path, {f"{prefix}_{key}": (None if math.isnan(scores[key]) else scores[key])
+                          for key in ("dice", "iou", "hd95")} | {f"{prefix}_n": scores["n"],
+                                                                  f"{prefix}_split": described})
+    print(f"recorded as {prefix}_* in {path}")
 
 
 class _LazyBar:

@@ -4,8 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import safetensors.torch
+import torch
+
 from napari_medrwkv.cli import main
-from napari_medrwkv.engine.checkpoint import read_info
+from napari_medrwkv.engine.checkpoint import ModelInfo, read_info, save_checkpoint
+from napari_medrwkv.models import create_model
 
 
 def test_models_lists_architectures(capsys):
@@ -48,6 +53,23 @@ def test_train_then_evaluate_json(sample_folder, tmp_path):
                                 "--include", "nuclei_bright*"], capture_output=True, text=True)
     scores = json.loads(one.stdout.strip().splitlines()[-1])
     assert scores["n"] == 1 and scores["per_image"][0]["name"] == "nuclei_brightfield"
+
+
+def test_evaluate_record_stores_scores_and_keeps_weights(sample_folder, tmp_path, capsys):
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(create_model("ds_vrwkv_t"), ckpt, ModelInfo(architecture="ds_vrwkv_t", in_chans=3, num_classes=1,
+                                                                         metrics={"val_dice": 0.5}))
+    weights = safetensors.torch.load_file(str(ckpt))
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(sample_folder), "--json", "--record"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])      # JSON stays the last line
+    metrics = read_info(ckpt).metrics
+    assert metrics["all_dice"] == pytest.approx(scores["dice"]) and metrics["all_n"] == 2
+    assert metrics["all_split"] == f"{sample_folder.name} all (2 images)" and metrics["val_dice"] == 0.5
+    after = safetensors.torch.load_file(str(ckpt))
+    assert after.keys() == weights.keys() and all(torch.equal(after[k], weights[k]) for k in weights)
+    # an architecture has no file to record into: refused before any evaluation
+    assert main(["evaluate", "--model", "ds_vrwkv_t", "--data", str(sample_folder), "--record"]) == 2
+    assert "--record" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):

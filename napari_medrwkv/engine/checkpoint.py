@@ -215,9 +215,25 @@ def save_checkpoint(model: nn.Module, path: PathLike, info: ModelInfo, half: boo
         )
     if path.is_dir():
         raise CheckpointError(f"cannot save checkpoint {path}: it is a folder; give a file name ending in .safetensors")
-    tensors = _tensors_for_file(model, half)
-    metadata = {"format": "pt", METADATA_KEY: info.to_json()}
+    _write_atomically(_tensors_for_file(model, half), info, path, parent)
+    return path
 
+
+def record_metrics(path: PathLike, metrics: Dict[str, Any]) -> ModelInfo:
+    """Add ``metrics`` to those in a checkpoint's header (same keys are replaced), atomically.
+
+    The weights are copied as stored, byte for byte; only the metadata changes.
+    """
+    path = Path(path)
+    info = read_info(path)
+    tensors = safetensors.torch.load_file(str(path))
+    info.metrics.update(metrics)
+    _write_atomically(tensors, info, path, path.parent)
+    return info
+
+
+def _write_atomically(tensors: Dict[str, torch.Tensor], info: ModelInfo, path: Path, parent: Path) -> None:
+    metadata = {"format": "pt", METADATA_KEY: info.to_json()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     try:
@@ -234,7 +250,6 @@ def save_checkpoint(model: nn.Module, path: PathLike, info: ModelInfo, half: boo
         if isinstance(exc, OSError):
             raise CheckpointError(f"cannot save checkpoint {path}: {exc}; check the folder is writable and has space") from exc
         raise
-    return path
 
 
 def _apply_default_permissions(filename: str) -> None:

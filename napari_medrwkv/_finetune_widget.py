@@ -9,7 +9,6 @@ on first use, never when this module is imported.
 import math
 import re
 import threading
-import weakref
 from datetime import datetime
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -24,7 +23,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 
 from . import _review, _session
 from ._review import KEY as METADATA_KEY
-from ._segment_widget import BROWSE, data_digest, unwrap_outcome
+from ._segment_widget import BROWSE, connect_while_alive, data_digest, follow_layer_list, unwrap_outcome
 from .engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
 
 HOLD_OUT_FRACTION = 0.2          # of the reviewed pairs, when there are at least HOLD_OUT_MIN_PAIRS
@@ -83,12 +82,6 @@ def default_output(base: str, now: Optional[datetime] = None) -> str:
     while path.expanduser().exists():
         path, i = folder / f"{name}-{i}.safetensors", i + 1
     return str(path)
-
-
-def _disconnect_when_destroyed(widget: QWidget, disconnect, method) -> None:
-    """Disconnect a bound method when the Qt widget goes, without keeping it alive meanwhile."""
-    ref = weakref.WeakMethod(method)
-    widget.destroyed.connect(lambda *_: ref() is not None and disconnect(ref()))
 
 
 class _Relay(QObject):
@@ -365,12 +358,8 @@ class FineTuneWidget(QWidget):
         self.save_pairs_button.clicked.connect(self.save_pairs)
         self.model_combo.activated.connect(self._on_model_chosen)
         self.model_combo.currentTextChanged.connect(self._suggest_output)
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
-                      self.viewer.layers.events.moved):
-            event.connect(self.refresh_pairs)
-            _disconnect_when_destroyed(self, event.disconnect, self.refresh_pairs)
-        _session.changed.connect(self._on_session_changed)
-        _disconnect_when_destroyed(self, _session.changed.disconnect, self._on_session_changed)
+        follow_layer_list(self, self.viewer.layers, self.refresh_pairs)
+        connect_while_alive(self, _session.changed, self._on_session_changed)
         self._fill_models_and_devices()
         self.refresh_pairs()
 

@@ -41,6 +41,20 @@ def unwrap_outcome(outcome, status, action: str, cancelled_text: str, notify):
     return value
 
 
+def connect_while_alive(widget: QWidget, signal, method) -> None:
+    """``signal.connect(method)`` until the Qt widget is destroyed, without keeping it alive
+    meanwhile (the Python object can outlive its Qt widget)."""
+    signal.connect(method)
+    ref = weakref.WeakMethod(method)
+    widget.destroyed.connect(lambda *_: ref() is not None and signal.disconnect(ref()))
+
+
+def follow_layer_list(widget: QWidget, layers, method) -> None:
+    """Call ``method`` whenever layers are added to, removed from or reordered in ``layers``."""
+    for event in (layers.events.inserted, layers.events.removed, layers.events.moved):
+        connect_while_alive(widget, event, method)
+
+
 def data_digest(data: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(data).view(np.uint8)).hexdigest()
 
@@ -102,15 +116,10 @@ class SegmentWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.model_combo.activated.connect(self._on_model_chosen)
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed,
-                      self.viewer.layers.events.moved):
-            event.connect(self._refresh_images)
+        follow_layer_list(self, self.viewer.layers, self._refresh_images)
         self._refresh_images()
         self._fill_models_and_devices()
-        _session.changed.connect(self._on_session_changed)
-        # psygnal holds the slot weakly, but the Python object can outlive the Qt widget.
-        slot = weakref.WeakMethod(self._on_session_changed)
-        self.destroyed.connect(lambda *_: slot() is not None and _session.changed.disconnect(slot()))
+        connect_while_alive(self, _session.changed, self._on_session_changed)
 
     # ------------------------------------------------------------------ choices
     def _refresh_images(self, event=None):

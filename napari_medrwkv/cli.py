@@ -58,6 +58,8 @@ def _parser():
     tr.add_argument("--input-scale", type=float,
                     help="resize images by this factor before the network (0.5 = half size; default: the "
                          "model's own, 1 for a bare architecture); stored in the checkpoint for inference")
+    tr.add_argument("--freeze", choices=["none", "norm_stats", "encoder"],
+                    help="what stays as it is: nothing (default), BatchNorm statistics, or the encoder")
     tr.add_argument("--workers", type=int, help="DataLoader worker processes")
     tr.add_argument("--in-chans", type=int, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=int, default=1, help="classes for a bare architecture (1 = binary)")
@@ -135,7 +137,7 @@ def _train(args) -> int:
     from .engine.model import load_model
     from .engine.train import TrainConfig, train
     cfg = TrainConfig()
-    for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale"):
+    for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale", "freeze"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.workers is not None:

@@ -1,4 +1,6 @@
 """The headless engine: load_model, segment, train, evaluate."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -180,6 +182,30 @@ def test_train_is_deterministic_given_a_seed(sample_arrays):
     a = nm.train("ds_vrwkv_t", sample_arrays, epochs=1, device="cpu", config=cfg).model.net.state_dict()
     b = nm.train("ds_vrwkv_t", sample_arrays, epochs=1, device="cpu", config=cfg).model.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["rwkv_unet_t", "med_urwkv_t", "ds_vrwkv_t"])
+def test_freeze_holds_exactly_what_it_names(sample_arrays, name):
+    torch.manual_seed(0)
+    base = nm.load_model(name, device="cpu")
+    before = {k: v.clone() for k, v in base.net.state_dict().items()}
+    encoder = {f"{part}." for part in base.net.encoder_parts}
+    cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=4, lr=1e-2)
+
+    def changed(result):
+        after = result.model.net.state_dict()
+        return {k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
+
+    moved = changed(nm.train(base, sample_arrays, epochs=1, device="cpu", config=replace(cfg, freeze="encoder")))
+    assert moved and not any(k.startswith(tuple(encoder)) for k in moved)            # the decoder trained
+    moved = changed(nm.train(base, sample_arrays, epochs=1, device="cpu", config=replace(cfg, freeze="norm_stats")))
+    assert not any(k.endswith(("running_mean", "running_var")) for k in moved)
+    assert any(k.startswith(tuple(encoder)) and k.endswith(".weight") for k in moved)   # weights still train
+    result = nm.train(base, sample_arrays, epochs=1, device="cpu", config=cfg)
+    assert any(k.endswith("running_mean") for k in changed(result))
+    assert all(p.requires_grad for p in result.model.net.parameters())        # nothing stays frozen afterwards
+    with pytest.raises(ValueError, match="freeze='everything'.*'norm_stats'"):
+        nm.train(base, sample_arrays, epochs=1, config=replace(cfg, freeze="everything"))
 
 
 def test_cancel_and_time_budget_keep_the_best_model(sample_arrays, tmp_path):

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import __version__
@@ -42,6 +43,7 @@ class TrainConfig:
     num_workers: Optional[int] = None     # None: 0 on Windows/macOS, else 1
     dice_weight: float = 0.5
     input_scale: Optional[float] = None   # None: the model's own (1.0 for a bare architecture)
+    freeze: str = "none"                  # see FREEZE_CHOICES
 
     @classmethod
     def few_shot(cls, **overrides) -> "TrainConfig":
@@ -51,6 +53,13 @@ class TrainConfig:
         patches of 256 fit a laptop CPU; 16 patches per epoch give a validation point, and a
         chance to keep the best model, every few seconds to a minute even with 1-5 images."""
         return cls(**{**FEW_SHOT, **overrides})
+
+
+FREEZE_CHOICES = {
+    "none": "every layer trains",
+    "norm_stats": "every weight trains; BatchNorm running statistics stay as they are",
+    "encoder": "the encoder (weights and statistics) stays as it is; decoder and head train",
+}
 
 
 @dataclass
@@ -107,6 +116,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         out = _check_out(out)
     if cfg.input_scale is not None:
         cfg.input_scale = check_input_scale(cfg.input_scale)
+    if cfg.freeze not in FREEZE_CHOICES:
+        raise ValueError(f"freeze={cfg.freeze!r}: use one of " + "; ".join(f"{k!r} ({v})" for k, v in FREEZE_CHOICES.items()))
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -127,8 +138,13 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         persistent_workers=_workers(cfg) > 0)
 
     layout = _memory_format(model.device)
-    net = model.net.train().to(memory_format=layout)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = model.net.to(memory_format=layout)
+    fixed = _fixed_modules(net, cfg.freeze, info.architecture)
+    if cfg.freeze == "encoder":
+        for module in fixed:
+            module.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     amp_dtype = _amp_dtype(model.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     steps_per_epoch = len(loader)
@@ -143,7 +159,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         epoch += 1
         epoch_start, losses = time.monotonic(), []
         train_set.set_epoch(epoch)
-        net.train()
+        _train_mode(net, fixed)
         for x, y in loader:
             fraction = _fraction(step, planned_steps, time.monotonic() - start, budget)
             lr = cfg.lr * _schedule(fraction, cfg.warmup_fraction)
@@ -173,7 +189,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
             stop = True
 
     net.load_state_dict(best_state)
-    net.eval()
+    net.eval().requires_grad_(True)
     result.best_val_dice = best_dice if val_set is not None else None
     result.minutes = (time.monotonic() - start) / 60
     model.info.training = _provenance(model, data, split, val_split, cfg, result, command)
@@ -184,6 +200,25 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     if out is not None:
         result.path = Path(save_checkpoint(net, out, model.info))
     return result
+
+
+def _fixed_modules(net: nn.Module, freeze: str, architecture: str) -> List[nn.Module]:
+    """The modules that stay in eval mode (and, for "encoder", keep their weights) while training."""
+    if freeze == "none":
+        return []
+    if freeze == "norm_stats":
+        return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    parts = getattr(net, "encoder_parts", None)
+    if not parts:
+        raise ValueError(f"freeze='encoder': {architecture} does not say which of its parts is the encoder; "
+                         "use freeze='none' or 'norm_stats'")
+    return [getattr(net, name) for name in parts]
+
+
+def _train_mode(net: nn.Module, fixed: List[nn.Module]) -> None:
+    net.train()
+    for module in fixed:
+        module.eval()
 
 
 def validate(net, val_set, model: SegmentationModel) -> float:

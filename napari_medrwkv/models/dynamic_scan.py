@@ -329,6 +329,8 @@ class DynamicScanVRWKV(nn.Module):
     (padded to a multiple of 32 inside, logits cropped back).
     """
 
+    encoder_parts = ("stem1", "stem2", "downs", "levels")   # what TrainConfig(freeze="encoder") holds fixed
+
     def __init__(self, in_chans: int = 3, num_classes: int = 1,
                  dims: Sequence[int] = (32, 64, 128, 192), depths: Sequence[int] = (2, 2, 4, 2),
                  stem_chans: int = 16, window: int = 8, global_grid: int = 16,

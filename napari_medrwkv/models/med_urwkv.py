@@ -204,6 +204,8 @@ class MedURWKV(nn.Module):
     1/8 and 1/4 decoder stages.
     """
 
+    encoder_parts = ("encoder",)          # the Vision-RWKV backbone: what TrainConfig(freeze="encoder") holds fixed
+
     def __init__(self, in_chans: int = 3, num_classes: int = 1, embed_dims: int = 192,
                  post_norm: bool = False, init_values: Optional[float] = None,
                  widths: Sequence[int] = (256, 128, 64, 32, 16), rwkv_depth: int = 2,

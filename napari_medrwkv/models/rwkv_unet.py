@@ -166,6 +166,8 @@ class UpBlock(nn.Module):
 
 
 class RWKVUNet(nn.Module):
+    encoder_parts = ("encoder",)          # what TrainConfig(freeze="encoder") holds fixed
+
     def __init__(self, cfg: RWKVUNetConfig, in_chans: int = 3, num_classes: int = 1):
         super().__init__()
         self.encoder = RWKVUNetEncoder(cfg, in_chans)

@@ -4,7 +4,7 @@ import torch
 
 from napari_medrwkv.models import create_model
 from napari_medrwkv.models.rwkv_unet import GLSP, CONFIGS
-from napari_medrwkv.models.layers import SpatialMix
+from napari_medrwkv.models.layers import SpatialMix, q_shift
 
 
 def _params(model):
@@ -50,3 +50,25 @@ def test_ccm_follows_the_input_size():
     with torch.no_grad():
         for hw in [(64, 64), (48, 112), (100, 36)]:
             assert model(torch.randn(1, 3, *hw)).shape[-2:] == hw
+
+
+def _q_shift_by_the_definition(x, hw, shift):
+    """Each of four channel groups reads the pixel ``shift`` away (left, right, up, down), 0 outside."""
+    B, T, C = x.shape
+    H, W = hw
+    g = C // 4
+    grid = x.transpose(1, 2).reshape(B, C, H, W)
+    out = torch.zeros_like(grid)
+    for c in range(C):
+        dy, dx = [(0, -shift), (0, shift), (-shift, 0), (shift, 0)][c // g] if c < 4 * g else (0, 0)
+        for y in range(H):
+            for x_ in range(W):
+                if 0 <= y + dy < H and 0 <= x_ + dx < W:
+                    out[:, c, y, x_] = grid[:, c, y + dy, x_ + dx]
+    return out.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("hw,shift,C", [((5, 7), 1, 8), ((1, 1), 1, 4), ((3, 2), 2, 9), ((2, 6), 3, 12), ((4, 4), 1, 3)])
+def test_q_shift_matches_its_definition(hw, shift, C):
+    x = torch.randn(2, hw[0] * hw[1], C)
+    assert torch.equal(q_shift(x, hw, shift), _q_shift_by_the_definition(x, hw, shift))

@@ -22,11 +22,17 @@ def q_shift(x: torch.Tensor, hw: tuple, shift: int = 1, gamma: float = 0.25) -> 
     H, W = hw
     g = int(C * gamma)
     grid = x.transpose(1, 2).reshape(B, C, H, W)
-    out = torch.zeros_like(grid)
-    out[:, 0 * g:1 * g, :, shift:] = grid[:, 0 * g:1 * g, :, :W - shift]
-    out[:, 1 * g:2 * g, :, :W - shift] = grid[:, 1 * g:2 * g, :, shift:]
-    out[:, 2 * g:3 * g, shift:, :] = grid[:, 2 * g:3 * g, :H - shift, :]
-    out[:, 3 * g:4 * g, :H - shift, :] = grid[:, 3 * g:4 * g, shift:, :]
+    out = torch.empty_like(grid)            # every element is written once below: no memset
+    sw, sh = min(shift, W), min(shift, H)
+    right, left, down, up = (slice(i * g, (i + 1) * g) for i in range(4))
+    out[:, right, :, sw:] = grid[:, right, :, :W - sw]
+    out[:, right, :, :sw] = 0
+    out[:, left, :, :W - sw] = grid[:, left, :, sw:]
+    out[:, left, :, W - sw:] = 0
+    out[:, down, sh:, :] = grid[:, down, :H - sh, :]
+    out[:, down, :sh, :] = 0
+    out[:, up, :H - sh, :] = grid[:, up, sh:, :]
+    out[:, up, H - sh:, :] = 0
     out[:, 4 * g:] = grid[:, 4 * g:]
     return out.flatten(2).transpose(1, 2)
 

@@ -5,14 +5,17 @@
 The baseline is the classic U-Net (double 3x3 conv + BN + ReLU, 32-64-128-256
 channels, 1.9M parameters), a bare eval-mode forward under inference_mode --
 what any tool would run.  Ours is the whole user-facing call, ``segment`` on a
-uint8 RGB image (normalisation, fused BatchNorm, thresholding included).
+uint8 RGB image (normalisation, fused BatchNorm, thresholding included).  All are
+timed in rounds that call each in turn, so the machine's drift hits them alike.
 """
 import argparse
 
 import numpy as np
 import torch
 import torch.nn as nn
-from timing import median_seconds
+from pathlib import Path
+
+from timing import interleaved_median_seconds
 
 import napari_medrwkv as nm
 
@@ -55,18 +58,22 @@ def main():
     torch.manual_seed(0)
     unet = PlainUNet().eval()
     x = torch.randn(1, 3, args.size, args.size)
-    with torch.inference_mode():
-        baseline = median_seconds(lambda: unet(x), args.repeats)
     image = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-    print(f"{args.size}x{args.size} RGB, CPU {args.threads} threads, median of {args.repeats}")
-    print(f"{'model':>14} | {'params (M)':>10} | {'seconds':>7} | {'vs U-Net':>8}")
-    params = sum(p.numel() for p in unet.parameters()) / 1e6
-    print(f"{'plain U-Net':>14} | {params:10.2f} | {baseline:7.3f} | {1.0:7.2f}x")
-    for name in args.models:
-        model = nm.load_model(name, device="cpu")
-        seconds = median_seconds(lambda: nm.segment(image, model=model, tile=args.size), args.repeats)
-        params = sum(p.numel() for p in model.net.parameters()) / 1e6
-        print(f"{name:>14} | {params:10.2f} | {seconds:7.3f} | {seconds / baseline:7.2f}x")
+    models = {name: nm.load_model(name, device="cpu") for name in args.models}
+
+    def unet_forward():
+        with torch.inference_mode():
+            unet(x)
+    calls = {"plain U-Net": unet_forward}
+    calls.update({name: (lambda m=m: nm.segment(image, model=m, tile=args.size)) for name, m in models.items()})
+    seconds = interleaved_median_seconds(calls, args.repeats)
+    baseline = seconds["plain U-Net"]
+    print(f"{args.size}x{args.size} RGB, CPU {args.threads} threads, median of {args.repeats} interleaved rounds")
+    print(f"{'model':>22} | {'params (M)':>10} | {'seconds':>7} | {'vs U-Net':>8}")
+    for name, net in [("plain U-Net", unet)] + [(name, m.net) for name, m in models.items()]:
+        params = sum(p.numel() for p in net.parameters()) / 1e6
+        label = Path(name).stem if name.endswith(".safetensors") else name
+        print(f"{label:>22} | {params:10.2f} | {seconds[name]:7.3f} | {seconds[name] / baseline:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 # Few-shot fine-tuning from a trained model on a handful of corrected images, a few minutes
 # on a laptop CPU.  Measured with bench/finetune.py; see bench/RESULTS.md, "Few-shot".
 # num_workers 0: a few in-memory images need no loader processes, and forking from a GUI's
-# worker thread (napari) is fragile.
+# worker thread (napari) is fragile.  Every layer trains (freeze "none"): holding the encoder
+# gained least, and fixed BatchNorm statistics won with one draw of images and lost with another.
 FEW_SHOT = dict(lr=1e-3, patch_size=256, batch_size=4, samples_per_epoch=16, num_workers=0)
 FEW_SHOT_MINUTES = 3.0

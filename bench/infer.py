@@ -9,12 +9,11 @@ uint8 RGB image (normalisation, fused BatchNorm, thresholding included).  All ar
 timed in rounds that call each in turn, so the machine's drift hits them alike.
 """
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from pathlib import Path
-
 from timing import interleaved_median_seconds
 
 import napari_medrwkv as nm

@@ -42,10 +42,7 @@ def inputs(B, T, C, seed=0):
     return w, u, torch.randn(B, T, C, generator=g), torch.randn(B, T, C, generator=g)
 
 
-def run(fn, args, backward, repeats):
-    if not backward:
-        with torch.inference_mode():
-            return median_ms(lambda: fn(*args), repeats)
+def forward_backward_ms(fn, args, repeats):
     leaves = [a.clone().requires_grad_() for a in args]
 
     def step():
@@ -71,7 +68,7 @@ def main():
             fwd = interleaved_median_seconds({f: (lambda f=f: f(*x)) for f in (plain_cumsum_scan, bi_wkv_chunked,
                                                                               bi_wkv_recurrent)}, args.repeats)
         plain_f, chunk_f, rec_f = (fwd[f] * 1e3 for f in (plain_cumsum_scan, bi_wkv_chunked, bi_wkv_recurrent))
-        plain_b, chunk_b = run(plain_cumsum_scan, x, True, 5), run(bi_wkv_chunked, x, True, 5)
+        plain_b, chunk_b = forward_backward_ms(plain_cumsum_scan, x, 5), forward_backward_ms(bi_wkv_chunked, x, 5)
         small = [t[:1, :512] if t.dim() == 3 else t for t in x]
         with torch.no_grad():
             ref = bi_wkv_naive(*small)

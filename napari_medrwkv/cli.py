@@ -88,12 +88,11 @@ def _model_args(p):
 
 def _models(args) -> int:
     from .engine.checkpoint import read_info
-    from ._resources import weights_dir
-    from .engine.model import list_shipped
+    from .engine.model import list_shipped, shipped_path
     from .models import list_models
     print("shipped checkpoints:")
     for name in list_shipped():
-        info = read_info(weights_dir() / f"{name}.safetensors")
+        info = read_info(shipped_path(name))
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in info.metrics.items() if isinstance(v, (int, float)))
         print(f"  {name:24s} {info.architecture:14s} classes: {', '.join(info.class_names[1:]) or '-'}"
               + (f"  ({metrics})" if metrics else ""))
@@ -186,9 +185,9 @@ def _evaluate(args) -> int:
 
 
 def _checkpoint_file(model: str) -> Path:
-    from .engine.model import list_shipped, weights_dir
+    from .engine.model import list_shipped, shipped_path
     if model in list_shipped():
-        return weights_dir() / f"{model}.safetensors"
+        return shipped_path(model)
     path = Path(model).expanduser()
     if not path.is_file():
         raise ValueError(f"--record stores the scores in a checkpoint file, and {model!r} is none; "

@@ -86,6 +86,11 @@ def list_shipped() -> List[str]:
     return sorted(p.stem for p in weights_dir().glob("*.safetensors"))
 
 
+def shipped_path(name: str) -> Path:
+    """The file of the shipped checkpoint ``name`` (one of :func:`list_shipped`)."""
+    return weights_dir() / f"{name}.safetensors"
+
+
 def load_model(name_or_path, device="auto", *, in_chans: int = 3, num_classes: int = 1,
                class_names: Optional[List[str]] = None) -> SegmentationModel:
     """A shipped name, a ``.safetensors`` checkpoint path, or an architecture name.
@@ -98,7 +103,7 @@ def load_model(name_or_path, device="auto", *, in_chans: int = 3, num_classes: i
     device = resolve_device(device)
     source = str(name_or_path)
     if source in list_shipped():
-        net, info = load_checkpoint(weights_dir() / f"{source}.safetensors", device=device)
+        net, info = load_checkpoint(shipped_path(source), device=device)
         return SegmentationModel(net, info, source, device)
     path = Path(source).expanduser()
     if path.suffix == ".safetensors" or path.exists():

@@ -137,8 +137,8 @@ class ChannelMix(nn.Module):
         if self.key_norm is not None:
             k = self.key_norm(k)
         gate = self.receptance(_lerp(x, shifted, self.spatial_mix_r))
-        return _fresh_in_place(lambda g: g.sigmoid_().mul_(self.value(k)), lambda g: torch.sigmoid(g) * self.value(k),
-                               gate)
+        value = self.value(k)
+        return _fresh_in_place(lambda g: g.sigmoid_().mul_(value), lambda g: torch.sigmoid(g) * value, gate)
 
 
 class LayerNorm2d(nn.LayerNorm):

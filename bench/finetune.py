@@ -1,7 +1,7 @@
 """Few-shot fine-tuning: how much do a few corrected images and a few CPU minutes buy?
 
     python bench/finetune.py --base rwkv_unet_t-dsb2018 --data ../shared/data/busi --shots 10 \
-        --minutes 3 --lr 1e-3 3e-4 --patch 128 256 --freeze none norm_stats encoder
+        --minutes 3 --lr 1e-3 3e-4 --patch 128 256 --freeze none norm_stats encoder --augment-strength 0 1 2
 
 For each setting: fine-tune the base model on ``--shots`` images drawn (seeded) from
 the train split, validate on those same shots as the widget would with so few, and
@@ -26,6 +26,8 @@ def main():
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-4])
     parser.add_argument("--patch", type=int, nargs="+", default=[256])
     parser.add_argument("--freeze", nargs="+", default=["none"], help="TrainConfig.freeze settings to compare")
+    parser.add_argument("--augment-strength", type=float, nargs="+", default=[1.0],
+                        help="TrainConfig.augment_strength settings to compare (0 = flips and rotations only)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--val-limit", type=int, default=40, help="val images used for Dice (speed)")
     parser.add_argument("--threads", type=int, default=2)
@@ -44,15 +46,15 @@ def main():
     base = nm.load_model(args.base, device="cpu")
     before = nm.evaluate(base, val)["dice"]
     print(f"base {args.base} on {args.data} val ({len(val)} images): Dice {before:.4f}")
-    print(f"{'lr':>8} | {'patch':>5} | {'freeze':>10} | {'shots':>5} | {'minutes':>7} | {'epochs':>6} | "
-          f"{'val Dice':>8} | {'gain':>6}")
-    for lr, patch, freeze in itertools.product(args.lr, args.patch, args.freeze):
+    print(f"{'lr':>8} | {'patch':>5} | {'freeze':>10} | {'augment':>7} | {'shots':>5} | {'minutes':>7} | "
+          f"{'epochs':>6} | {'val Dice':>8} | {'gain':>6}")
+    for lr, patch, freeze, strength in itertools.product(args.lr, args.patch, args.freeze, args.augment_strength):
         cfg = nm.TrainConfig(lr=lr, patch_size=patch, batch_size=args.batch, seed=args.seed, freeze=freeze,
-                             samples_per_epoch=max(len(shots), 4 * args.batch))
+                             augment_strength=strength, samples_per_epoch=max(len(shots), 4 * args.batch))
         start = time.monotonic()
         result = nm.train(base, shots, max_minutes=args.minutes, device="cpu", val_data=shots, config=cfg)
         after = nm.evaluate(result.model, val)["dice"]
-        print(f"{lr:8.0e} | {patch:5d} | {freeze:>10} | {len(shots):5d} | {(time.monotonic() - start) / 60:7.1f} | "
+        print(f"{lr:8.0e} | {patch:5d} | {freeze:>10} | {strength:7g} | {len(shots):5d} | {(time.monotonic() - start) / 60:7.1f} | "
               f"{len(result.history):6d} | {after:8.4f} | {after - before:+6.3f}", flush=True)
 
 

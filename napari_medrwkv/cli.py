@@ -60,6 +60,10 @@ def _parser():
                          "model's own, 1 for a bare architecture); stored in the checkpoint for inference")
     tr.add_argument("--freeze", choices=["none", "norm_stats", "encoder"],
                     help="what stays as it is: nothing (default), BatchNorm statistics, or the encoder")
+    tr.add_argument("--foreground", type=float,
+                    help="fraction of training crops placed on a foreground pixel (default 1/3; 0 = uniform crops)")
+    tr.add_argument("--augment-strength", type=float,
+                    help="scales the random scale, intensity and noise ranges (default 1; 0 = flips and rotations only)")
     tr.add_argument("--workers", type=int, help="DataLoader worker processes")
     tr.add_argument("--in-chans", type=int, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=int, default=1, help="classes for a bare architecture (1 = binary)")
@@ -136,7 +140,8 @@ def _train(args) -> int:
     from .engine.model import load_model
     from .engine.train import TrainConfig, train
     cfg = TrainConfig()
-    for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale", "freeze"):
+    for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale", "freeze",
+                 "foreground", "augment_strength"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.workers is not None:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from skimage import io as skio
 
-from napari_medrwkv.engine.data import (IGNORE_INDEX, NORMALIZATION, DataError, Pair, SegmentationDataset,
+from napari_medrwkv.engine.data import (IGNORE_INDEX, NORMALIZATION, DataError, Pair, SegmentationDataset, augmentation,
                                         check_pair, find_pairs, image_to_channels, normalize, read_image,
                                         read_mask)
 
@@ -594,3 +594,84 @@ def test_dataset_multiclass(tmp_path):
     Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
     ds = SegmentationDataset(find_pairs(tmp_path), in_chans=1, num_classes=3, patch_size=30, augment=False)
     np.testing.assert_array_equal(ds[0][1].numpy(), mask)
+
+
+def sparse_folder(root, size=200, objects=((150, 20, 4, 1),)):
+    """One ``size``² image, background 10, with square objects (row, col, side, class) of value 200."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    image = np.full((size, size), 10, np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    for r, c, side, cls in objects:
+        image[r:r + side, c:c + side] = 200
+        mask[r:r + side, c:c + side] = cls
+    Image.fromarray(image).save(root / "images" / "a.png")
+    Image.fromarray(mask).save(root / "masks" / "a.png")
+    return find_pairs(root)
+
+
+def _patches(ds, n):
+    return [ds.sample(0, epoch=0, draw=d) for d in range(n)]
+
+
+def test_foreground_crops_find_a_small_object_on_a_large_image(tmp_path):
+    pairs = sparse_folder(tmp_path)
+    exact = dict(scale=None, flips=False, intensity=0, noise=0, samples_per_epoch=1)
+
+    def hit_rate(foreground):
+        ds = SegmentationDataset(pairs, 1, 1, patch_size=32, seed=4, foreground=foreground, **exact)
+        return np.mean([(y == 1).any().item() for _, y in _patches(ds, 300)])
+
+    uniform, always, default = hit_rate(0.0), hit_rate(1.0), hit_rate(1 / 3)
+    assert uniform < 0.1                      # (35/169)² ≈ 4% of uniform crops touch the object
+    assert always == 1.0
+    assert 0.25 < default < 0.5               # 1/3 placed on it, plus the uniform ones that hit
+    assert SegmentationDataset(pairs, 1, 1, patch_size=32).foreground == pytest.approx(1 / 3)
+
+
+def test_foreground_crops_place_the_object_anywhere_in_the_patch(tmp_path):
+    pairs = sparse_folder(tmp_path, objects=((100, 100, 1, 1),))
+    ds = SegmentationDataset(pairs, 1, 1, patch_size=16, seed=1, foreground=1.0, scale=None, flips=False,
+                             intensity=0, noise=0, samples_per_epoch=1)
+    where = set()
+    for x, y in _patches(ds, 400):
+        (r, c), = torch.nonzero(y == 1).tolist()
+        assert x[0, r, c] > 0                 # the image moved with the mask
+        where.add((r, c))
+    rows, cols = {r for r, _ in where}, {c for _, c in where}
+    assert rows == set(range(16)) and cols == set(range(16))   # not always centred
+
+
+def test_foreground_crops_draw_the_class_first(tmp_path):
+    # class 1 covers ~36% of the image, class 2 a 3x3 square: pixel-uniform choice would find class 2 in ~0.1%
+    pairs = sparse_folder(tmp_path, objects=((0, 0, 120, 1), (180, 180, 3, 2)))
+    ds = SegmentationDataset(pairs, 1, 3, patch_size=32, seed=2, foreground=1.0, scale=None, samples_per_epoch=1)
+    rare = np.mean([(y == 2).any().item() for _, y in _patches(ds, 200)])
+    assert 0.35 < rare < 0.65
+
+
+def test_foreground_crops_without_foreground_and_bad_fraction(tmp_path):
+    pairs = sparse_folder(tmp_path, objects=())
+    ds = SegmentationDataset(pairs, 1, 1, patch_size=32, seed=0, foreground=1.0, samples_per_epoch=1)
+    x, y = ds[0]
+    assert x.shape == (1, 32, 32) and not (y > 0).any()
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="foreground"):
+            SegmentationDataset(pairs, 1, 1, patch_size=32, foreground=bad)
+
+
+def test_augmentation_strength_scales_every_range_together(tmp_path):
+    assert augmentation(0) == dict(scale=None, intensity=0.0, noise=0.0)
+    assert augmentation(2) == dict(scale=(0.5, 1.5), intensity=pytest.approx(0.4), noise=pytest.approx(0.1))
+    default = SegmentationDataset(blob_folder(tmp_path / "d", [(40, 40)]), 1, 1, patch_size=32)
+    assert augmentation(1) == dict(scale=default.scale, intensity=default.intensity, noise=default.noise)
+    for bad in (-0.5, 3.5):
+        with pytest.raises(ValueError, match="augment_strength"):
+            augmentation(bad)
+    # strength 0: every patch is a flip/rotation of a crop, values untouched; strength 2 moves them
+    pairs = blob_folder(tmp_path / "s", [(48, 56)])
+    values = set(np.unique(SegmentationDataset(pairs, 1, 1, patch_size=32, augment=False)[0][0].numpy()))
+    calm = SegmentationDataset(pairs, 1, 1, patch_size=32, seed=0, samples_per_epoch=8, **augmentation(0))
+    wild = SegmentationDataset(pairs, 1, 1, patch_size=32, seed=0, samples_per_epoch=8, **augmentation(2))
+    assert all(set(np.unique(calm[i][0].numpy())) <= values for i in range(8))
+    assert not any(set(np.unique(wild[i][0].numpy())) <= values for i in range(8))

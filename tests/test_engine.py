@@ -240,3 +240,11 @@ def test_evaluate_reports_means_and_per_image(binary_model, sample_folder):
     assert picked["dice"] == fluorescence["dice"]
     with pytest.raises(ValueError, match="'benign_\\*' matches no image"):
         nm.evaluate(binary_model, str(sample_folder), include=["benign_*"])
+
+
+def test_bad_sampling_settings_are_refused_before_training(sample_arrays):
+    cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=4)
+    for bad, message in ((dict(augment_strength=-1), "augment_strength"), (dict(augment_strength=4), "augment_strength"),
+                         (dict(foreground=1.5), "foreground=1.5")):
+        with pytest.raises(ValueError, match=message):
+            nm.train("no_such_model", sample_arrays, epochs=1, config=replace(cfg, **bad))   # before the model loads

@@ -435,10 +435,49 @@ def _is_grey(image: np.ndarray) -> bool:
     return image.ndim == 2 or (image.ndim == 3 and (image.shape[-1] in (1, 2) or _channels_equal(image)))
 
 
-def _place(size: int, patch: int, rng: Optional[np.random.Generator]) -> int:
-    """Offset of a patch inside a longer axis (crop) or of the axis inside a longer patch (pad)."""
+def _place(size: int, patch: int, rng: Optional[np.random.Generator], keep: Optional[int] = None) -> int:
+    """Offset of a patch inside a longer axis (crop) or of the axis inside a longer patch (pad).
+
+    ``keep``: a pixel index that a crop must contain (the offset is uniform among those that do).
+    """
     slack = abs(size - patch)
-    return int(rng.integers(0, slack + 1)) if rng is not None else slack // 2
+    if rng is None:
+        return slack // 2
+    if keep is not None and size > patch:
+        return int(rng.integers(max(0, keep - patch + 1), min(keep, slack) + 1))
+    return int(rng.integers(0, slack + 1))
+
+
+def _foreground_pixel(y: np.ndarray, rng: np.random.Generator) -> Optional[Tuple[int, int]]:
+    """A random pixel of a random class present in ``y`` (> 0), or None when ``y`` has no foreground.
+
+    Class first, then pixel: a rare class is found as often as a common one.
+    """
+    classes = np.unique(y[y > 0])
+    if classes.size == 0:
+        return None
+    where = np.flatnonzero(y == classes[int(rng.integers(0, classes.size))])
+    return tuple(int(i) for i in np.unravel_index(where[int(rng.integers(0, where.size))], y.shape))
+
+
+#: Augmentation at strength 1: random scale range, brightness/contrast jitter, noise sigma bound.
+_SCALE_JITTER, _INTENSITY, _NOISE = 0.25, 0.2, 0.05
+MAX_AUGMENT_STRENGTH = 3.0          # scale down to 1 - 0.75: beyond, images would shrink to nothing
+
+
+def augmentation(strength: float = 1.0) -> dict:
+    """:class:`SegmentationDataset` keyword arguments for an augmentation ``strength``.
+
+    1 gives the defaults (scale 0.75-1.25, brightness and contrast +-0.2, noise sigma up to
+    0.05); 0 leaves the flips and 90-degree rotations only; the three ranges grow linearly
+    in between and up to :data:`MAX_AUGMENT_STRENGTH`.
+    """
+    strength = float(strength)
+    if not 0 <= strength <= MAX_AUGMENT_STRENGTH:
+        raise ValueError(f"augment_strength must lie in [0, {MAX_AUGMENT_STRENGTH:g}], got {strength:g}")
+    jitter = _SCALE_JITTER * strength
+    return dict(scale=(1 - jitter, 1 + jitter) if jitter else None, intensity=_INTENSITY * strength,
+                noise=_NOISE * strength)
 
 
 class SegmentationDataset(_TorchDataset):
@@ -453,12 +492,17 @@ class SegmentationDataset(_TorchDataset):
 
     Patches: images smaller than P are padded (``x`` reflect-padded where the axis
     has more than one pixel, else zero; ``y`` with -1); larger ones are cropped,
-    at random with ``augment``, centred without.  Augmentation (``augment=True``):
+    at random with ``augment``, centred without.  With ``augment``, a fraction
+    ``foreground`` (default 1/3, as nnU-Net) of the crops are placed to contain a
+    random foreground pixel (of a class drawn first, so rare classes count): on
+    large images with small objects (a 1024² slide of sparse nuclei, a 2048²
+    micrograph) uniform crops are nearly all background.  Augmentation (``augment=True``):
     random scale (``scale``, default 0.75-1.25; image bilinear, mask nearest)
     before cropping, horizontal/vertical flips and 90-degree rotations (``flips``),
     brightness and contrast jitter of +-``intensity`` (0.2) on the normalised
     values, and Gaussian noise with sigma up to ``noise`` (0.05).  Pass
-    ``scale=None``, ``flips=False``, ``intensity=0``, ``noise=0`` to switch parts off.
+    ``scale=None``, ``flips=False``, ``intensity=0``, ``noise=0`` to switch parts off;
+    :func:`augmentation` scales the three ranges together.
     ``input_scale`` resizes every pair once, before all of this, as the model's
     ``ModelInfo.input_scale`` says (inference resizes the same way).
 
@@ -479,8 +523,9 @@ class SegmentationDataset(_TorchDataset):
 
     def __init__(self, pairs: Sequence[Pair], in_chans: int, num_classes: int, patch_size: int = 256,
                  augment: bool = True, samples_per_epoch: Optional[int] = None, seed: int = 0, *,
-                 scale: Optional[Tuple[float, float]] = (0.75, 1.25), flips: bool = True,
-                 intensity: float = 0.2, noise: float = 0.05, input_scale: float = 1.0):
+                 scale: Optional[Tuple[float, float]] = (1 - _SCALE_JITTER, 1 + _SCALE_JITTER), flips: bool = True,
+                 intensity: float = _INTENSITY, noise: float = _NOISE, input_scale: float = 1.0,
+                 foreground: float = 1 / 3):
         if torch is None:  # pragma: no cover
             raise ImportError("SegmentationDataset needs PyTorch")
         self.pairs = list(pairs)
@@ -495,6 +540,9 @@ class SegmentationDataset(_TorchDataset):
         self.seed = int(seed) % 2 ** 63
         self.scale = tuple(scale) if scale else None
         self.flips, self.intensity, self.noise = bool(flips), float(intensity), float(noise)
+        self.foreground = float(foreground)
+        if not 0 <= self.foreground <= 1:
+            raise ValueError(f"foreground must lie in [0, 1] (a fraction of the crops), got {foreground}")
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._draws = torch.zeros(len(self), dtype=torch.int64).share_memory_()
         self._images: List[np.ndarray] = []        # float32 (1 or in_chans, H, W); grey kept once
@@ -590,9 +638,12 @@ class SegmentationDataset(_TorchDataset):
 
     def _patch(self, x: np.ndarray, y: np.ndarray, rng: Optional[np.random.Generator]):
         p = self.patch_size
+        keep = None
+        if rng is not None and rng.random() < self.foreground and max(y.shape) > p:
+            keep = _foreground_pixel(y, rng)
         for axis in (0, 1):
             size = y.shape[axis]
-            offset = _place(size, p, rng)
+            offset = _place(size, p, rng, None if keep is None else keep[axis])
             if size > p:                            # crop
                 sl = slice(offset, offset + p)
                 x = x[:, sl] if axis == 0 else x[:, :, sl]

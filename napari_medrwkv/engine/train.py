@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from .checkpoint import check_input_scale, save_checkpoint
-from .data import SegmentationDataset, find_pairs
+from .data import SegmentationDataset, augmentation, find_pairs
 from .defaults import FEW_SHOT
 from .metrics import dice
 from .model import SegmentationModel, load_model
@@ -38,12 +38,14 @@ class TrainConfig:
     patch_size: int = 256
     samples_per_epoch: Optional[int] = None   # default: the number of training images, at least 4 batches
     augment: bool = True
+    augment_strength: float = 1.0         # data.augmentation: 0 = flips and rotations only, 1 = defaults
     val_fraction: float = 0.15            # held out when no validation data is given
     seed: int = 0
     num_workers: Optional[int] = None     # None: 0 on Windows/macOS, else 1
     dice_weight: float = 0.5
     input_scale: Optional[float] = None   # None: the model's own (1.0 for a bare architecture)
     freeze: str = "none"                  # see FREEZE_CHOICES
+    foreground: float = 1 / 3             # fraction of crops placed on a foreground pixel
 
     @classmethod
     def few_shot(cls, **overrides) -> "TrainConfig":
@@ -118,6 +120,9 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         cfg.input_scale = check_input_scale(cfg.input_scale)
     if cfg.freeze not in FREEZE_CHOICES:
         raise ValueError(f"freeze={cfg.freeze!r}: use one of " + "; ".join(f"{k!r} ({v})" for k, v in FREEZE_CHOICES.items()))
+    augment_ranges = augmentation(cfg.augment_strength)         # checked before any data is read
+    if not 0 <= cfg.foreground <= 1:
+        raise ValueError(f"foreground={cfg.foreground!r}: a fraction of the training crops, in [0, 1]")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -129,7 +134,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         info.input_scale = cfg.input_scale
     train_set = SegmentationDataset(train_items, info.in_chans, info.num_classes, cfg.patch_size, augment=cfg.augment,
                                     samples_per_epoch=cfg.samples_per_epoch or max(len(train_items), 4 * cfg.batch_size),
-                                    seed=cfg.seed, input_scale=info.input_scale)
+                                    seed=cfg.seed, input_scale=info.input_scale, foreground=cfg.foreground,
+                                    **augment_ranges)
     val_set = SegmentationDataset(val_items, info.in_chans, info.num_classes, cfg.patch_size, augment=False,
                                   input_scale=info.input_scale) if val_items else None
     loader = torch.utils.data.DataLoader(

@@ -9,6 +9,7 @@ report Dice on the ``val`` split before and after.  Prints one row per setting.
 """
 import argparse
 import itertools
+import json
 import time
 
 import torch
@@ -33,29 +34,46 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--exclude", default="normal_", help="skip stems starting with this (BUSI normals)")
+    parser.add_argument("--splits", help="a splits.json to use instead of the dataset's own (e.g. one kind of image)")
+    parser.add_argument("--foreground", type=float, nargs="+", default=[1 / 3],
+                        help="TrainConfig.foreground settings to compare (fraction of crops on a foreground pixel)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     def usable(pairs):
         return [p for p in pairs if not (args.exclude and p.stem.startswith(args.exclude))]
 
-    train_pool = usable(find_pairs(args.data, "train"))
+    if args.splits:
+        with open(args.splits) as f:
+            chosen = json.load(f)
+        everything = {p.stem: p for p in find_pairs(args.data)}
+
+        def split_pairs(name):
+            return [everything[s] for s in chosen[name]]
+    else:
+        def split_pairs(name):
+            return find_pairs(args.data, name)
+
+    train_pool = usable(split_pairs("train"))
     shots = [train_pool[i] for i in torch.randperm(len(train_pool), generator=torch.Generator().manual_seed(args.seed))
              [:args.shots].tolist()]
-    val = usable(find_pairs(args.data, "val"))[:args.val_limit]
+    val = usable(split_pairs("val"))[:args.val_limit]
     base = nm.load_model(args.base, device="cpu")
     before = nm.evaluate(base, val)["dice"]
     print(f"base {args.base} on {args.data} val ({len(val)} images): Dice {before:.4f}")
-    print(f"{'lr':>8} | {'patch':>5} | {'freeze':>10} | {'augment':>7} | {'shots':>5} | {'minutes':>7} | "
+    print(f"{'lr':>8} | {'patch':>5} | {'freeze':>10} | {'augment':>7} | {'fg':>4} | {'shots':>5} | {'minutes':>7} | "
           f"{'epochs':>6} | {'val Dice':>8} | {'gain':>6}")
-    for lr, patch, freeze, strength in itertools.product(args.lr, args.patch, args.freeze, args.augment_strength):
+    settings = itertools.product(args.lr, args.patch, args.freeze, args.augment_strength, args.foreground)
+    for lr, patch, freeze, strength, foreground in settings:
         cfg = nm.TrainConfig(lr=lr, patch_size=patch, batch_size=args.batch, seed=args.seed, freeze=freeze,
-                             augment_strength=strength, samples_per_epoch=max(len(shots), 4 * args.batch))
+                             augment_strength=strength, foreground=foreground,
+                             samples_per_epoch=max(len(shots), 4 * args.batch))
         start = time.monotonic()
         result = nm.train(base, shots, max_minutes=args.minutes, device="cpu", val_data=shots, config=cfg)
         after = nm.evaluate(result.model, val)["dice"]
-        print(f"{lr:8.0e} | {patch:5d} | {freeze:>10} | {strength:7g} | {len(shots):5d} | {(time.monotonic() - start) / 60:7.1f} | "
-              f"{len(result.history):6d} | {after:8.4f} | {after - before:+6.3f}", flush=True)
+        print(f"{lr:8.0e} | {patch:5d} | {freeze:>10} | {strength:7g} | {foreground:4.2f} | {len(shots):5d} | "
+              f"{(time.monotonic() - start) / 60:7.1f} | {len(result.history):6d} | {after:8.4f} | {after - before:+6.3f}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The headless engine: load_model, segment, train, evaluate."""
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -248,3 +249,24 @@ def test_bad_sampling_settings_are_refused_before_training(sample_arrays):
                          (dict(foreground=1.5), "foreground=1.5")):
         with pytest.raises(ValueError, match=message):
             nm.train("no_such_model", sample_arrays, epochs=1, config=replace(cfg, **bad))   # before the model loads
+
+
+def test_time_budget_spent_in_validation_ends_training(sample_arrays):
+    # The steps of epoch 1 end inside the budget; its validation (and the progress call after
+    # it, made slow here) uses the rest.  No second epoch may start.
+    cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=4)
+    budget = 0.15 * 60
+    steps_done_at, validations = {}, []
+
+    def slow_after_validation(p):
+        if p.val_dice is None:
+            steps_done_at[p.epoch] = p.elapsed
+        else:
+            validations.append(p.epoch)
+            time.sleep(budget + 0.5)
+
+    result = nm.train("ds_vrwkv_t", sample_arrays, max_minutes=budget / 60, device="cpu", config=cfg,
+                      progress=slow_after_validation)
+    if steps_done_at[1] >= budget:
+        pytest.skip(f"epoch 1's steps took {steps_done_at[1]:.0f} s here, more than the {budget:.0f} s budget")
+    assert len(result.history) == 1 and validations == [1]

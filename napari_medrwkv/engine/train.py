@@ -191,7 +191,9 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
             progress(TrainProgress(epoch, cfg.epochs, steps_per_epoch, steps_per_epoch, float(np.mean(losses)),
                                    time.monotonic() - start, _fraction(step, planned_steps, time.monotonic() - start, budget),
                                    val_dice))
-        if cfg.epochs and epoch >= cfg.epochs:
+        # Time spent validating counts too: once the budget is gone, no further epoch
+        # (it would train one step and validate again, past the user's limit).
+        if (cfg.epochs and epoch >= cfg.epochs) or (budget and time.monotonic() - start >= budget):
             stop = True
 
     net.load_state_dict(best_state)

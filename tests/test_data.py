@@ -10,8 +10,8 @@ from PIL import Image
 from skimage import io as skio
 
 from napari_medrwkv.engine.data import (IGNORE_INDEX, NORMALIZATION, DataError, Pair, SegmentationDataset, augmentation,
-                                        check_pair, find_pairs, image_to_channels, normalize, read_image,
-                                        read_mask)
+                                        check_pair, find_pairs, image_to_channels, normalize, normalize_reference,
+                                        read_image, read_mask)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -260,6 +260,22 @@ def test_normalize_constant_is_zero(dtype):
     out = normalize(np.full((7, 9), 42, dtype))
     assert out.dtype == np.float32 and not np.isnan(out).any()
     np.testing.assert_array_equal(out, 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_normalize_uint8_uint16_fast_path_equals_the_float64_reference(seed):
+    # uint8/uint16 take the histogram + lookup-table path; normalize_reference is the definition
+    rng = np.random.default_rng(seed)
+    cases = [rng.integers(0, 256, (61, 47, 3), dtype=np.uint8),
+             rng.integers(0, 65536, (33, 29), dtype=np.uint16),
+             rng.integers(1000, 1004, (17, 5), dtype=np.uint16),              # four values
+             (rng.random((64, 64)) < 0.003).astype(np.uint8) * 200,          # percentiles coincide
+             np.full((3, 4), 7 + seed, np.uint8), np.array([[65535]], np.uint16), np.array([0, 255], np.uint8)]
+    cases += [rng.integers(0, 9, n, dtype=np.uint8) for n in (1, 2, 3, 199, 200, 201)]   # percentile positions
+    for x in cases:
+        fast, reference = normalize(x), normalize_reference(x)
+        assert fast.dtype == np.float32 and fast.shape == x.shape
+        np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-6, err_msg=f"{x.dtype} {x.shape}")
 
 
 def test_normalize_sparse_spots_do_not_vanish():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import napari_medrwkv as nm
-from napari_medrwkv.engine.fuse import fuse_for_inference
+from napari_medrwkv.engine.fuse import ConvAct, TokenLinear, fuse_for_inference
 from napari_medrwkv.engine.infer import blend_window, tile_starts
 from napari_medrwkv.models import create_model
 
@@ -20,21 +20,50 @@ def binary_model():
     return nm.load_model("rwkv_unet_t", device="cpu")
 
 
-def test_fused_batchnorm_gives_the_same_output():
+@pytest.mark.parametrize("name", ["rwkv_unet_t", "med_urwkv_t", "ds_vrwkv_t"])
+def test_fused_inference_net_gives_the_same_output(name):
     torch.manual_seed(0)
-    net = create_model("rwkv_unet_t").train()
+    net = create_model(name).train()
     with torch.no_grad():                       # non-trivial running statistics
         for _ in range(3):
             net(torch.randn(2, 3, 48, 48) * 2 + 0.5)
     net.eval()
     x = torch.randn(1, 3, 40, 56)
     fused = fuse_for_inference(net)
-    with torch.no_grad():
-        assert torch.allclose(fused(x), net(x), atol=1e-4)
+    with torch.inference_mode():
+        expected = net(x)
+        assert torch.allclose(fused(x), expected, atol=1e-4)
+        assert torch.allclose(fused(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-4)
+        # other dtypes take the plain conv/linear paths of the fused modules
+        assert torch.allclose(fuse_for_inference(net.double())(x.double()), expected.double(), atol=1e-4)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()), "the original is left untouched"
-    activations = [m for m in fused.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.SiLU))]
-    assert activations and all(m.inplace for m in activations)         # every one follows a conv here
-    assert not any(getattr(m, "inplace", False) for m in net.modules())
+    assert not any(isinstance(m, torch.nn.Linear) and not isinstance(m, TokenLinear) for m in fused.modules())
+    if name == "rwkv_unet_t":       # every BatchNorm folded (pre-norms included), every activation fused
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        fused_acts = {id(m.act) for m in fused.modules() if isinstance(m, ConvAct)}
+        assert fused_acts and all(id(m) in fused_acts for m in fused.modules() if isinstance(m, torch.nn.ReLU))
+
+
+def test_conv_act_and_token_linear_match_their_plain_modules():
+    torch.manual_seed(0)
+    for conv, act in [(torch.nn.Conv2d(5, 7, 3, stride=2, padding=1), torch.nn.SiLU()),
+                      (torch.nn.Conv2d(6, 6, 5, padding=2, groups=6, dilation=1), torch.nn.ReLU()),
+                      (torch.nn.Conv2d(4, 9, 1, bias=False), torch.nn.ReLU())]:
+        fused = ConvAct(conv, act)
+        for x in (torch.randn(2, conv.in_channels, 13, 10),
+                  torch.randn(1, conv.in_channels, 9, 16).contiguous(memory_format=torch.channels_last)):
+            with torch.no_grad():
+                assert torch.allclose(fused(x), act(conv(x)), atol=1e-5)
+    with pytest.raises(ValueError, match="zero-padded"):
+        ConvAct(torch.nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect"), torch.nn.ReLU())
+    linear = torch.nn.Linear(11, 6)
+    token = TokenLinear.from_linear(linear)
+    assert token.weight is linear.weight and token.bias is linear.bias       # shares, no copy
+    for x in (torch.randn(3, 17, 11), torch.randn(17, 11), torch.randn(2, 5, 17, 11), torch.randn(1, 1, 11),
+              torch.randn(3, 11, 17).transpose(1, 2)):
+        with torch.no_grad():
+            assert torch.allclose(token(x), linear(x), atol=1e-5)
+            assert token(x).is_contiguous()
 
 
 @pytest.mark.parametrize("name", ["rwkv_unet_t", "med_urwkv_t", "ds_vrwkv_t"])

@@ -11,7 +11,7 @@ that make it usable as a product:
 * any number of input channels goes straight into the stem.
 """
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -143,7 +143,9 @@ class CrossChannelMix(nn.Module):
         t = tokens(x)
         t = add_to_fresh(self.drop_path(self.norm(self.mix(t, size))), t)
         parts = grid(t, size).chunk(len(skips), dim=1)
-        return [_resize(conv(p), s.shape[-2:]) for conv, p, s in zip(self.back, parts, skips)]
+        # Resized before the 1x1 convs, which then run on the 1/4 and 1/8 grids instead of the
+        # 1/2 one: the same map, since bilinear weights sum to one and both steps are linear.
+        return [conv(_resize(p, s.shape[-2:])) for conv, p, s in zip(self.back, parts, skips)]
 
 
 def _resize(x, size):
@@ -161,8 +163,13 @@ class UpBlock(nn.Module):
             conv_bn_act(dim_in, dim_out, 1),
         )
 
-    def forward(self, x):
-        return F.interpolate(self.body(x), scale_factor=2, mode="bilinear", align_corners=False)
+    def forward(self, x, head: Optional[nn.Module] = None):
+        """``head``, a 1x1 conv, runs before the upsampling: the same map as after it (both
+        linear, bilinear weights sum to one), on a quarter of the pixels and fewer channels."""
+        x = self.body(x)
+        if head is not None:
+            x = head(x)
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
 class RWKVUNet(nn.Module):
@@ -187,9 +194,9 @@ class RWKVUNet(nn.Module):
         enc1, enc2, enc3, enc4 = self.encoder(x)
         enc1, enc2, enc3 = self.ccm([enc1, enc2, enc3])
         x = self.decoder[0](enc4)
-        for up, skip in zip(self.decoder[1:], (enc3, enc2, enc1)):
+        for up, skip in zip(self.decoder[1:-1], (enc3, enc2)):
             x = up(torch.cat([x, skip], 1))
-        logits = self.head(x)
+        logits = self.decoder[-1](torch.cat([x, enc1], 1), head=self.head)
         return logits[..., :size[0], :size[1]]
 
 

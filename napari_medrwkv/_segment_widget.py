@@ -87,6 +87,9 @@ class SegmentWidget(QWidget):
         self.tile_spin.setSingleStep(128)
         self.tile_spin.setSpecialValueText("model default")
         self.probability_check = QCheckBox("add a probability layer")
+        self.flips_check = QCheckBox("test-time flips (4x slower, steadier)")
+        self.flips_check.setToolTip("Average the model's answer over the image and its left-right, "
+                                    "up-down and double flips")
         self.run_button = QPushButton("Segment")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -106,6 +109,7 @@ class SegmentWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.probability_check)
+        layout.addWidget(self.flips_check)
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
@@ -182,7 +186,7 @@ class SegmentWidget(QWidget):
         self._set_running(True)
         self.status.setText(f"Segmenting {image_layer.name} with {source}…")
         self.worker = self._make_worker(data, source, self.device_combo.currentText(), self.tile_spin.value() or None,
-                                        image_layer.rgb)
+                                        image_layer.rgb, self.flips_check.isChecked())
         self.worker.returned.connect(lambda outcome: self._on_outcome(outcome, image_layer, source, slice_index))
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
@@ -191,7 +195,7 @@ class SegmentWidget(QWidget):
         self._cancel.set()
         self.status.setText("Cancelling…")
 
-    def _make_worker(self, data, source, device, tile, rgb):
+    def _make_worker(self, data, source, device, tile, rgb, flips=False):
         relay, cancel, models = self._relay, self._cancel, self._models
 
         @thread_worker
@@ -206,7 +210,7 @@ class SegmentWidget(QWidget):
                     models[key] = load_model(source, device=device)
                 model = models[key]
                 labels, probs = segment(data, model=model, tile=tile, rgb=rgb, return_probabilities=True,
-                                        progress=relay.progressed.emit, cancel=cancel.is_set)
+                                        progress=relay.progressed.emit, cancel=cancel.is_set, flips=flips)
             except Cancelled:
                 return "cancelled", None
             except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed

@@ -1,9 +1,9 @@
 """``medrwkv``: the engine on the command line.
 
     medrwkv models
-    medrwkv segment --model M [--device D] [--tile N] INPUT... --out DIR
+    medrwkv segment --model M [--device D] [--tile N] [--flips] INPUT... --out DIR
     medrwkv train --model M --data DIR [--split train] [--val-split val] [--epochs N] [--max-minutes X] --out FILE
-    medrwkv evaluate --model M --data DIR [--split test] [--device D] [--json] [--record]
+    medrwkv evaluate --model M --data DIR [--split test] [--device D] [--flips] [--json] [--record]
 """
 import argparse
 import json
@@ -11,6 +11,9 @@ import math
 import shlex
 import sys
 from pathlib import Path
+
+FLIPS_HELP = ("test-time augmentation: average the probabilities over the image and its left-right, "
+              "up-down and double flips (4x the time)")
 
 
 def main(argv=None) -> int:
@@ -39,6 +42,7 @@ def _parser():
     seg.add_argument("--out", required=True, help="folder for the label images (created if missing)")
     seg.add_argument("--tile", type=int, help="tile size for large images (default: the model's)")
     seg.add_argument("--probabilities", action="store_true", help="also write float32 probability TIFFs")
+    seg.add_argument("--flips", action="store_true", help=FLIPS_HELP)
     seg.add_argument("--overwrite", action="store_true", help="replace label files that already exist")
     seg.set_defaults(run=_segment)
 
@@ -77,6 +81,7 @@ def _parser():
     ev.add_argument("--tile", type=int)
     ev.add_argument("--include", help="comma-separated stem patterns to score, e.g. 'benign_*,malignant_*' "
                                       "(default: every pair of the split)")
+    ev.add_argument("--flips", action="store_true", help=FLIPS_HELP)
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ev.add_argument("--record", action="store_true",
                     help="also store the scores in the checkpoint's metadata as SPLIT_dice, SPLIT_iou, SPLIT_hd95, "
@@ -124,7 +129,7 @@ def _segment(args) -> int:
     model = load_model(args.model, device=args.device)
     for source, target in tqdm(targets, desc="segment", unit="image", disable=len(targets) < 2):
         image = read_image(source)
-        labels, probs = segment(image, model=model, tile=args.tile, return_probabilities=True)
+        labels, probs = segment(image, model=model, tile=args.tile, return_probabilities=True, flips=args.flips)
         write_labels(target, labels)
         if args.probabilities:
             write_labels(target.with_name(f"{source.stem}_probabilities.tif"), probs.astype(np.float32))
@@ -177,10 +182,10 @@ def _evaluate(args) -> int:
     include = [p.strip() for p in args.include.split(",") if p.strip()] if args.include else None
     record_into = _checkpoint_file(args.model) if args.record else None     # fail before the long part
     scores = evaluate(args.model, args.data, split=args.split, device=args.device, tile=args.tile,
-                      progress=progress, include=include)
+                      progress=progress, include=include, flips=args.flips)
     bar.close()
     if record_into is not None:
-        _record(record_into, scores, args.data, args.split, include)
+        _record(record_into, scores, args.data, args.split, include, args.flips)
     print(f"n={scores['n']}  Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
           + (f"  (HD95 undefined for {scores['hd95_undefined']})" if scores["hd95_undefined"] else ""))
     if args.json:
@@ -200,11 +205,12 @@ def _checkpoint_file(model: str) -> Path:
     return path
 
 
-def _record(path: Path, scores: dict, data: str, split, include) -> None:
+def _record(path: Path, scores: dict, data: str, split, include, flips: bool) -> None:
     from .engine.checkpoint import record_metrics
     prefix = split or "all"
     described = f"{Path(data).resolve().name} {prefix} ({scores['n']} images"
-    described += f"; only {', '.join(include)})" if include else ")"
+    described += f"; only {', '.join(include)}" if include else ""
+    described += "; test-time flips)" if flips else ")"
     record_metrics(path, {f"{prefix}_{key}": (None if math.isnan(scores[key]) else scores[key])
                           for key in ("dice", "iou", "hd95")} | {f"{prefix}_n": scores["n"],
                                                                   f"{prefix}_split": described})

@@ -68,6 +68,12 @@ def test_evaluate_record_stores_scores_and_keeps_weights(sample_folder, tmp_path
     assert metrics["all_split"] == f"{sample_folder.name} all (2 images)" and metrics["val_dice"] == 0.5
     after = safetensors.torch.load_file(str(ckpt))
     assert after.keys() == weights.keys() and all(torch.equal(after[k], weights[k]) for k in weights)
+    # scores with test-time flips say so
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(sample_folder), "--flips", "--json", "--record"]) == 0
+    flipped = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = read_info(ckpt).metrics
+    assert metrics["all_split"] == f"{sample_folder.name} all (2 images; test-time flips)"
+    assert metrics["all_dice"] == pytest.approx(flipped["dice"])
     # an architecture has no file to record into: refused before any evaluation
     assert main(["evaluate", "--model", "ds_vrwkv_t", "--data", str(sample_folder), "--record"]) == 2
     assert "--record" in capsys.readouterr().err

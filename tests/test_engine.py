@@ -93,6 +93,25 @@ def test_segment_any_layout_and_dtype(binary_model, shape, dtype):
     assert set(np.unique(labels)) <= {0, 1}
 
 
+@pytest.mark.parametrize("shape", [(70, 90, 3), (2, 45, 61)])
+def test_test_time_flips_average_the_flipped_predictions(binary_model, shape):
+    image = random_image(shape)
+    _, plain = nm.segment(image, model=binary_model, return_probabilities=True)
+    labels, flipped = nm.segment(image, model=binary_model, return_probabilities=True, flips=True)
+    # the reference: four plain calls on flipped images, flipped back and averaged
+    y, x = (0, 1) if shape[-1] == 3 else (1, 2)         # RGB image, or a stack of grey planes
+    views = [(), (x,), (y,), (y, x)]
+    reference = np.mean([np.flip(nm.segment(np.flip(image, axes) if axes else image, model=binary_model,
+                                            return_probabilities=True)[1], axes) if axes else plain
+                         for axes in views], axis=0)
+    np.testing.assert_allclose(flipped, reference, atol=1e-5)
+    assert np.array_equal(labels, (flipped > 0.5).astype(labels.dtype))
+    assert not np.allclose(flipped, plain, atol=1e-3), "an untrained net is not flip-invariant by itself"
+    # so the answer no longer depends on which way up the image is
+    _, of_mirror = nm.segment(np.flip(image, x), model=binary_model, return_probabilities=True, flips=True)
+    np.testing.assert_allclose(np.flip(of_mirror, x), flipped, atol=1e-5)
+
+
 def test_probabilities_binary_and_multiclass(binary_model):
     image = random_image((64, 80, 3))
     labels, probs = nm.segment(image, model=binary_model, return_probabilities=True)
@@ -159,8 +178,10 @@ def test_train_learns_the_samples_and_saves_provenance(sample_arrays, tmp_path):
                       config=cfg, progress=seen.append)
     losses = [r.loss for r in result.history]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    assert result.best_val_dice == max(r.val_dice for r in result.history)
-    assert result.best_epoch == 1 + [r.val_dice for r in result.history].index(result.best_val_dice)
+    validated = [r for r in result.history if r.val_dice is not None]      # see validation_due
+    assert validated[0].epoch == 1 and validated[-1].epoch == 6
+    best = max(validated, key=lambda r: r.val_dice)
+    assert (result.best_val_dice, result.best_epoch) == (best.val_dice, best.epoch)
     assert any(p.val_dice is not None for p in seen) and seen[-1].fraction == 1.0
     model = nm.load_model(out, device="cpu")
     assert model.info.training["epochs"] == 6 and model.info.training["best_epoch"] == result.best_epoch
@@ -278,6 +299,30 @@ def test_bad_sampling_settings_are_refused_before_training(sample_arrays):
                          (dict(foreground=1.5), "foreground=1.5")):
         with pytest.raises(ValueError, match=message):
             nm.train("no_such_model", sample_arrays, epochs=1, config=replace(cfg, **bad))   # before the model loads
+
+
+def test_validation_due_spaces_costly_validations():
+    from napari_medrwkv.engine.train import VALIDATION_SPACING, validation_due
+    assert validation_due(0.1, None, finishing=False)               # the first epoch
+    assert validation_due(0.1, 50.0, finishing=True)                # the last epoch
+    assert not validation_due(10.0, 50.0, finishing=False)          # validating costs 5x the epoch
+    assert validation_due(VALIDATION_SPACING * 50.0, 50.0, finishing=False)
+    assert validation_due(3.0, 1.0, finishing=False)                # cheap validation: every epoch
+
+
+def test_costly_validation_is_spaced_out_and_the_last_epoch_validated(sample_arrays):
+    # Validating on two large images costs far more than an epoch of one 32-px batch: the
+    # validations are spaced out, the last epoch's state is validated, and the kept model is
+    # one that was validated.
+    image, mask = sample_arrays[1]
+    large = [(np.tile(image, (2, 2, 1)), np.tile(mask, (2, 2)))] * 2
+    cfg = nm.TrainConfig(patch_size=32, batch_size=2, samples_per_epoch=2)
+    result = nm.train("ds_vrwkv_t", sample_arrays, val_data=large, epochs=5, device="cpu", config=cfg)
+    validated = [r.epoch for r in result.history if r.val_dice is not None]
+    assert len(result.history) == 5 and validated[0] == 1 and validated[-1] == 5
+    assert len(validated) < 5, [(r.epoch, round(r.seconds, 2)) for r in result.history]
+    assert result.best_epoch in validated
+    assert result.best_val_dice == max(r.val_dice for r in result.history if r.val_dice is not None)
 
 
 def test_time_budget_spent_in_validation_ends_training(sample_arrays):

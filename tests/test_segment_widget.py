@@ -52,6 +52,16 @@ def test_segment_adds_labels_tied_to_the_image(widget, qtbot):
     assert np.array_equal(labels.data, (prob.data > 0.5).astype(labels.data.dtype))
     assert widget.progress_bar.value() == widget.progress_bar.maximum() > 0
     assert not user_edited(labels)
+    # test-time flips: the probabilities of the engine's flips=True
+    from napari_medrwkv.engine.infer import segment
+    widget.flips_check.setChecked(True)
+    viewer.layers.remove(labels)
+    viewer.layers.remove(prob)
+    widget.run()
+    _wait(widget, qtbot)
+    model, = widget._models.values()            # the one loaded for the first run, reused
+    expected = segment(image.data, model=model, flips=True, return_probabilities=True)[1]
+    np.testing.assert_allclose(viewer.layers["nuclei brightfield [nuclei-test] probability"].data, expected, atol=1e-5)
 
 
 def test_edited_labels_are_never_replaced_without_asking(widget, qtbot, monkeypatch):

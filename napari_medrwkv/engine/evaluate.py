@@ -13,11 +13,12 @@ from .model import SegmentationModel, load_model
 
 def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Optional[int] = None,
              progress: Optional[Callable[[int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None,
-             include: Optional[Sequence[str]] = None) -> dict:
+             include: Optional[Sequence[str]] = None, flips: bool = False) -> dict:
     """``{"dice", "iou", "hd95", "n", "hd95_undefined", "per_image": [...]}``, means over images.
 
     ``include``: stem patterns (``fnmatch``, e.g. ``["benign_*", "malignant_*"]``) that pick
     the pairs of a dataset folder to score; a pattern that matches nothing is an error.
+    ``flips``: segment with test-time flips (see :func:`segment`).
 
     HD95 is undefined for an image where exactly one of prediction and truth is
     empty; those are left out of the mean and counted in ``hd95_undefined``.
@@ -31,7 +32,7 @@ def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Opti
         if cancel is not None and cancel():
             raise Cancelled("evaluation cancelled")
         name, image, truth = _load(item, i, model.info.num_classes)
-        pred = segment(image, model=model, tile=tile)
+        pred = segment(image, model=model, tile=tile, flips=flips)
         scores = per_class_scores(pred, truth, model.info.num_classes)
         per_image.append({"name": name, **scores})
         if progress is not None:

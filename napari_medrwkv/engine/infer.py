@@ -50,7 +50,7 @@ def blend_window(tile_h: int, tile_w: int) -> np.ndarray:
 
 
 def segment(image, model=None, tile: Optional[int] = None, progress: Progress = None, cancel: Cancel = None,
-            return_probabilities: bool = False, rgb: Optional[bool] = None, device="auto"):
+            return_probabilities: bool = False, rgb: Optional[bool] = None, device="auto", flips: bool = False):
     """Integer labels with the spatial shape of ``image`` (0/1 for a binary model, class ids otherwise).
 
     ``image``: (Y, X), (Y, X, 3|4), or a stack (Z, Y, X[, 3|4]) segmented slice by slice; any dtype.
@@ -60,7 +60,9 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     with 1/4 overlap.  ``progress(done, total)`` counts tiles; ``cancel()`` returning True
     raises :class:`Cancelled` before the next tile.  With ``return_probabilities`` returns
     ``(labels, probabilities)``: foreground probability for a binary model (spatial shape), else
-    per-class probabilities (classes first, then the spatial shape).
+    per-class probabilities (classes first, then the spatial shape).  ``flips``: test-time
+    augmentation, the mean probabilities of the tile as it is and flipped left-right, up-down
+    and both (4x the time; a prediction that no longer depends on the image's orientation).
     """
     if model is None:
         raise ValueError("segment: pass model= (a shipped name, a checkpoint path, or a loaded model)")
@@ -86,7 +88,7 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
                 if cancel is not None and cancel():
                     raise Cancelled("segmentation cancelled")
                 window = x[:, y0:y0 + tile, x0:x0 + tile]
-                tile_probs = _predict(model, window)
+                tile_probs = _predict(model, window, flips)
                 w = blend_window(*window.shape[1:]) if total > len(planes) else 1.0
                 probs[:, y0:y0 + tile, x0:x0 + tile] += tile_probs * w
                 weight[y0:y0 + tile, x0:x0 + tile] += w
@@ -110,12 +112,24 @@ def _channels(model: SegmentationModel) -> int:
     return model.info.num_classes
 
 
-def _predict(model: SegmentationModel, x: np.ndarray) -> np.ndarray:
+#: Test-time flips: the spatial axes of a (1, C, H, W) batch flipped by each view.
+FLIP_VIEWS = ((), (3,), (2,), (2, 3))
+
+
+def _predict(model: SegmentationModel, x: np.ndarray, flips: bool = False) -> np.ndarray:
     with torch.inference_mode():
         batch = torch.from_numpy(np.ascontiguousarray(x))[None].to(model.device, memory_format=torch.channels_last)
-        logits = model.inference_net()(batch)[0].float()
-        probs = torch.sigmoid(logits) if model.binary else torch.softmax(logits, 0)
+        views = FLIP_VIEWS if flips else FLIP_VIEWS[:1]
+        probs = sum(_unflipped_probabilities(model, batch, dims) for dims in views) / len(views)
     return probs.cpu().numpy()
+
+
+def _unflipped_probabilities(model: SegmentationModel, batch: torch.Tensor, dims: Tuple[int, ...]) -> torch.Tensor:
+    if dims:
+        batch = batch.flip(dims).contiguous(memory_format=torch.channels_last)
+    logits = model.inference_net()(batch).float()
+    probs = torch.sigmoid(logits) if model.binary else torch.softmax(logits, 1)
+    return (probs.flip(dims) if dims else probs)[0]
 
 
 def _labels(probs: np.ndarray, binary: bool) -> np.ndarray:

@@ -3,6 +3,7 @@ convolution before it (and a block's BatchNorm pre-norm into the 1x1 convolution
 fuse a convolution with the activation after it, and run token projections as 1x1
 convolutions on the CPU."""
 import copy
+import functools
 
 import torch
 import torch.nn as nn
@@ -34,25 +35,29 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A conv equal to ``bn(conv(x))`` in eval mode."""
     fused = _uninitialised_conv(conv, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                                 conv.padding, conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    scale, shift = _bn_scale_shift(bn)
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
-        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+        fused.bias.copy_(shift if conv.bias is None else conv.bias * scale + shift)
     return fused
 
 
 def fold_bn_into_next_conv(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     """A conv equal to ``conv(bn(x))`` in eval mode; ``conv`` must be 1x1 and ungrouped (a
     wider kernel would see the BatchNorm shift in its zero padding too)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
+    scale, shift = _bn_scale_shift(bn)
     fused = _uninitialised_conv(conv, conv.in_channels, conv.out_channels, 1, bias=True)
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.view(1, -1, 1, 1))
         bias = conv.weight.flatten(1) @ shift
         fused.bias.copy_(bias if conv.bias is None else bias + conv.bias)
     return fused
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d):
+    """Eval-mode BatchNorm as ``x * scale + shift`` per channel."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
 
 
 def _uninitialised_conv(like: nn.Conv2d, *args, **kwargs) -> nn.Conv2d:
@@ -115,7 +120,7 @@ class ConvAct(nn.Module):
                 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and _ONEDNN_CONV_ACT:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_conv_act_available():
             c = self.conv
             return torch.ops.mkldnn._convolution_pointwise(
                 x, c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups,
@@ -123,9 +128,11 @@ class ConvAct(nn.Module):
         return self.act(self.conv(x))
 
 
+@functools.cache
 def _onednn_conv_act_available() -> bool:
     # A private op (what torch.compile's CPU backend emits), in builds with oneDNN since
-    # PyTorch 2.0; checked once on a tiny input so that another build falls back cleanly.
+    # PyTorch 2.0; checked once, on first use, on a tiny input so that another build falls
+    # back cleanly.
     try:
         if not torch.backends.mkldnn.is_available():
             return False
@@ -134,9 +141,6 @@ def _onednn_conv_act_available() -> bool:
         return torch.allclose(out, F.relu(F.conv2d(x, w)), atol=1e-5)
     except (AttributeError, RuntimeError):
         return False
-
-
-_ONEDNN_CONV_ACT = _onednn_conv_act_available()
 
 
 class TokenLinear(nn.Linear):

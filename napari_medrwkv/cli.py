@@ -68,6 +68,9 @@ def _parser():
                     help="fraction of training crops placed on a foreground pixel (default 1/3; 0 = uniform crops)")
     tr.add_argument("--augment-strength", type=float,
                     help="scales the random scale, intensity and noise ranges (default 1; 0 = flips and rotations only)")
+    tr.add_argument("--ema", type=float, metavar="DECAY",
+                    help="validate and keep a moving average of the weights, this decay per step "
+                         "(e.g. 0.995: about the last 200 steps; default off)")
     tr.add_argument("--workers", type=int, help="DataLoader worker processes")
     tr.add_argument("--in-chans", type=int, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=int, default=1, help="classes for a bare architecture (1 = binary)")
@@ -146,7 +149,7 @@ def _train(args) -> int:
     from .engine.train import TrainConfig, train
     cfg = TrainConfig()
     for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale", "freeze",
-                 "foreground", "augment_strength"):
+                 "foreground", "augment_strength", "ema"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.workers is not None:

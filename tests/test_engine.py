@@ -301,6 +301,43 @@ def test_bad_sampling_settings_are_refused_before_training(sample_arrays):
             nm.train("no_such_model", sample_arrays, epochs=1, config=replace(cfg, **bad))   # before the model loads
 
 
+def test_weight_average_follows_its_definition():
+    from napari_medrwkv.engine.train import WeightAverage
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = WeightAverage(net, decay=0.8)
+    expected = {k: v.double().clone() for k, v in net.state_dict().items()}
+    for n in range(1, 30):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net.train()(torch.randn(4, 3))                  # moves the running statistics and the counter
+        average.update(net)
+        d = min(0.8, (1 + n) / (10 + n))
+        for k, v in net.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v.double() if v.is_floating_point() else v.double()
+    got = average.net.state_dict()
+    for k, v in expected.items():
+        assert torch.allclose(got[k].double(), v, atol=1e-6), k
+    assert got["1.num_batches_tracked"] == 29
+    assert not average.net.training and not any(p.requires_grad for p in average.net.parameters())
+
+
+def test_train_with_a_weight_average_keeps_the_average_it_validated(sample_arrays):
+    from napari_medrwkv.engine.data import SegmentationDataset
+    from napari_medrwkv.engine.train import validate
+    cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=8, seed=1, lr=1e-2)
+    raw = nm.train("ds_vrwkv_t", sample_arrays, val_data=sample_arrays, epochs=1, device="cpu", config=cfg)
+    averaged = nm.train("ds_vrwkv_t", sample_arrays, val_data=sample_arrays, epochs=1, device="cpu",
+                        config=replace(cfg, ema=0.9))
+    a, b = raw.model.net.state_dict(), averaged.model.net.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    val_set = SegmentationDataset(sample_arrays, 3, 1, 48, augment=False)
+    assert validate(averaged.model.net, val_set, averaged.model) == pytest.approx(averaged.best_val_dice, abs=1e-6)
+    with pytest.raises(ValueError, match="ema=1"):
+        nm.train("ds_vrwkv_t", sample_arrays, epochs=1, config=replace(cfg, ema=1))
+
+
 def test_validation_due_spaces_costly_validations():
     from napari_medrwkv.engine.train import VALIDATION_SPACING, validation_due
     assert validation_due(0.1, None, finishing=False)               # the first epoch

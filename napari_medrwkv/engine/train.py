@@ -48,6 +48,7 @@ class TrainConfig:
     input_scale: Optional[float] = None   # None: the model's own (1.0 for a bare architecture)
     freeze: str = "none"                  # see FREEZE_CHOICES
     foreground: float = 1 / 3             # fraction of crops placed on a foreground pixel
+    ema: float = 0.0                      # decay of the weight average validated and kept; 0 = off
 
     @classmethod
     def few_shot(cls, **overrides) -> "TrainConfig":
@@ -126,6 +127,9 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     augment_ranges = augmentation(cfg.augment_strength)         # checked before any data is read
     if not 0 <= cfg.foreground <= 1:
         raise ValueError(f"foreground={cfg.foreground!r}: a fraction of the training crops, in [0, 1]")
+    if not 0 <= cfg.ema < 1:
+        raise ValueError(f"ema={cfg.ema!r}: the decay of the weight average per step, in [0, 1) "
+                         "(e.g. 0.995 averages over about 200 steps; 0 switches it off)")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -160,6 +164,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     planned_steps = cfg.epochs * steps_per_epoch if cfg.epochs else None
     budget = cfg.max_minutes * 60 if cfg.max_minutes else None
 
+    average = WeightAverage(net, cfg.ema) if cfg.ema else None
+    kept = average.net if average is not None else net        # what is validated and kept
     result = TrainResult(model=model)
     best_state, best_dice = None, -1.0
     start, step, epoch = time.monotonic(), 0, 0
@@ -179,6 +185,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
                          y.to(model.device), info.num_classes, cfg.dice_weight)
             losses.append(loss)
             step += 1
+            if average is not None:
+                average.update(net)
             if progress is not None:
                 progress(TrainProgress(epoch, cfg.epochs, step - (epoch - 1) * steps_per_epoch, steps_per_epoch, loss,
                                        time.monotonic() - start, fraction))
@@ -190,12 +198,12 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         val_dice = None
         if val_set is not None and validation_due(trained_since_val, last_val_seconds, finishing):
             val_start = time.monotonic()
-            val_dice = validate(net, val_set, model)
+            val_dice = validate(kept, val_set, model)
             last_val_seconds, trained_since_val = time.monotonic() - val_start, 0.0
         score = -float(np.mean(losses)) if val_set is None else val_dice
         if score is not None and score > best_dice:
             best_dice, result.best_epoch = score, epoch
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
         result.history.append(EpochRecord(epoch, float(np.mean(losses)), val_dice, lr, time.monotonic() - epoch_start))
         if progress is not None:
             progress(TrainProgress(epoch, cfg.epochs, steps_per_epoch, steps_per_epoch, float(np.mean(losses)),
@@ -219,6 +227,29 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     if out is not None:
         result.path = Path(save_checkpoint(net, out, model.info))
     return result
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights and BatchNorm statistics
+    (Polyak averaging, as timm's ModelEma): ``avg = d * avg + (1 - d) * new`` after every
+    step, with ``d = min(decay, (1 + n) / (10 + n))`` at the n-th update so that a short run
+    is not dominated by its starting point.  The averaged copy (``net``, eval mode) is what
+    gets validated and kept: it is smoother than the last step's weights.
+    """
+
+    def __init__(self, net: nn.Module, decay: float):
+        self.decay, self.updates = float(decay), 0
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+
+    def update(self, net: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for avg, new in zip(self.net.state_dict().values(), net.state_dict().values()):
+                if avg.is_floating_point():
+                    avg.lerp_(new.detach(), 1 - d)
+                else:                       # counters such as num_batches_tracked
+                    avg.copy_(new)
 
 
 def _fixed_modules(net: nn.Module, freeze: str, architecture: str) -> List[nn.Module]:

@@ -1,7 +1,7 @@
 """Few-shot fine-tuning: how much do a few corrected images and a few CPU minutes buy?
 
     python bench/finetune.py --base rwkv_unet_t-dsb2018 --data ../shared/data/busi --shots 10 \
-        --minutes 3 --lr 1e-3 3e-4 --patch 128 256 --freeze none norm_stats encoder --augment-strength 0 1 2
+        --minutes 3 --lr 1e-3 3e-4 --patch 128 256 --freeze none norm_stats encoder --augment-strength 0 1 2 --ema 0 0.9
 
 For each setting: fine-tune the base model on ``--shots`` images drawn (seeded) from
 the train split, validate on those same shots as the widget would with so few, and
@@ -37,6 +37,8 @@ def main():
     parser.add_argument("--splits", help="a splits.json to use instead of the dataset's own (e.g. one kind of image)")
     parser.add_argument("--foreground", type=float, nargs="+", default=[1 / 3],
                         help="TrainConfig.foreground settings to compare (fraction of crops on a foreground pixel)")
+    parser.add_argument("--ema", type=float, nargs="+", default=[0.0],
+                        help="TrainConfig.ema settings to compare (decay of the kept weight average; 0 = off)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -61,17 +63,17 @@ def main():
     base = nm.load_model(args.base, device="cpu")
     before = nm.evaluate(base, val)["dice"]
     print(f"base {args.base} on {args.data} val ({len(val)} images): Dice {before:.4f}")
-    print(f"{'lr':>8} | {'patch':>5} | {'freeze':>10} | {'augment':>7} | {'fg':>4} | {'shots':>5} | {'minutes':>7} | "
-          f"{'epochs':>6} | {'val Dice':>8} | {'gain':>6}")
-    settings = itertools.product(args.lr, args.patch, args.freeze, args.augment_strength, args.foreground)
-    for lr, patch, freeze, strength, foreground in settings:
+    print(f"{'lr':>8} | {'patch':>5} | {'freeze':>10} | {'augment':>7} | {'fg':>4} | {'ema':>5} | {'shots':>5} | "
+          f"{'minutes':>7} | {'epochs':>6} | {'val Dice':>8} | {'gain':>6}")
+    settings = itertools.product(args.lr, args.patch, args.freeze, args.augment_strength, args.foreground, args.ema)
+    for lr, patch, freeze, strength, foreground, ema in settings:
         cfg = nm.TrainConfig(lr=lr, patch_size=patch, batch_size=args.batch, seed=args.seed, freeze=freeze,
-                             augment_strength=strength, foreground=foreground,
+                             augment_strength=strength, foreground=foreground, ema=ema,
                              samples_per_epoch=max(len(shots), 4 * args.batch))
         start = time.monotonic()
         result = nm.train(base, shots, max_minutes=args.minutes, device="cpu", val_data=shots, config=cfg)
         after = nm.evaluate(result.model, val)["dice"]
-        print(f"{lr:8.0e} | {patch:5d} | {freeze:>10} | {strength:7g} | {foreground:4.2f} | {len(shots):5d} | "
+        print(f"{lr:8.0e} | {patch:5d} | {freeze:>10} | {strength:7g} | {foreground:4.2f} | {ema:5g} | {len(shots):5d} | "
               f"{(time.monotonic() - start) / 60:7.1f} | {len(result.history):6d} | {after:8.4f} | {after - before:+6.3f}",
               flush=True)
 

@@ -348,3 +348,13 @@ def test_engine_imports_no_gui():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('napari', 'qtpy', 'PyQt5', 'PySide2', 'PyQt6', 'PySide6')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_bare_architecture_names_its_classes_as_a_checkpoint_does(tmp_path):
+    # The widgets show these names; a model must not change them by being saved and reloaded.
+    from napari_medrwkv import load_model
+    model = load_model("rwkv_unet_t", device="cpu", num_classes=3)
+    assert model.info.class_names == ["background", "class_1", "class_2"]
+    save_checkpoint(model.net, tmp_path / "m.safetensors", model.info)
+    assert read_info(tmp_path / "m.safetensors").class_names == model.info.class_names
+    assert load_model("rwkv_unet_t", device="cpu").info.class_names == ["background", "foreground"]

@@ -111,15 +111,10 @@ def load_model(name_or_path, device="auto", *, in_chans: int = 3, num_classes: i
         return SegmentationModel(net, info, str(path), device)
     if source in list_models():
         info = ModelInfo(architecture=source, arch_kwargs={}, in_chans=in_chans, num_classes=num_classes,
-                         class_names=class_names or _default_class_names(num_classes),
+                         class_names=list(class_names or []),  # empty: ModelInfo's defaults
                          normalization=dict(NORMALIZATION), tile_size=DEFAULT_TILE)
         net = create_model(source, in_chans=in_chans, num_classes=num_classes).to(device).eval()
         return SegmentationModel(net, info, source, device)
     raise ValueError(f"model {source!r} is neither a shipped model ({', '.join(list_shipped()) or 'none'}), "
                      f"a checkpoint file, nor an architecture ({', '.join(list_models())}).")
 
-
-def _default_class_names(num_classes: int) -> List[str]:
-    if num_classes == 1:
-        return ["background", "foreground"]
-    return ["background"] + [f"class {i}" for i in range(1, num_classes)]

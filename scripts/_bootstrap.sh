@@ -1,5 +1,5 @@
 # Sourced by launch.sh and test.sh: installs what is missing, quickly a second time.
-#   bootstrap EXTRAS   e.g. bootstrap "napari,pyqt5"
+#   bootstrap EXTRAS   e.g. bootstrap "napari,pyqt5"; bootstrap "" for the headless core only
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -34,7 +34,8 @@ pick_python() {
 
 bootstrap() {
     local extras="$1"
-    install_debs
+    # Only the Qt extras need the Debian packages; training and the CLI do not.
+    [ -z "$extras" ] || install_debs
     if [ ! -x "$VENV/bin/python" ]; then
         local py
         py="$(pick_python)"
@@ -58,7 +59,7 @@ bootstrap() {
     if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
         # The CPU wheel of torch first: an unpinned torch would pull a multi-GB CUDA build.
         "$VENV/bin/python" -c 'import torch' 2>/dev/null || "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-        "$VENV/bin/python" -m pip install -q -e "$ROOT[$extras]"
+        "$VENV/bin/python" -m pip install -q -e "$ROOT${extras:+[$extras]}"
         echo "$digest" > "$stamp"
     fi
 }

@@ -1,4 +1,6 @@
 """The shipped checkpoints load and segment real images well."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,58 @@ def test_polyp_and_ultrasound_models_on_unseen_test_images(name, shared_data):
     image = read_image(pairs[0].image)
     assert nm.segment(image, model=model).shape == image.shape[:2]
     assert nm.evaluate(model, pairs)["dice"] > spec["floor"]
+
+
+# The README's one command per checkpoint: scripts/reproduce_weights.sh NAME runs the chain of
+# `medrwkv train` steps.  Its last step must be the command recorded in the shipped file, so
+# the script cannot drift from the weights it claims to reproduce.
+SHIPPED = ["rwkv_unet_t-dsb2018", "rwkv_unet_t-kvasir", "rwkv_unet_t-busi"]
+
+
+def _recipe(name, tmp_path):
+    import subprocess
+    from conftest import ROOT
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_weights.sh"), "--dry-run", name, str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split() for line in out.splitlines()]
+
+
+def _train_args(words):
+    from napari_medrwkv.cli import _parser
+    assert words[:2] == ["medrwkv", "train"], words
+    return vars(_parser().parse_args(words[1:]))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_reproduce_script_ends_with_the_command_recorded_in_the_shipped_file(name, tmp_path):
+    steps = [_train_args(words) for words in _recipe(name, tmp_path)]
+    assert steps[0]["model"] == "rwkv_unet_t"                      # from scratch, no hidden start
+    assert steps[0]["class_names"].split(",") == read_info(weights_dir() / f"{name}.safetensors").class_names
+    for before, after in zip(steps, steps[1:]):                    # each step continues the last
+        assert after["model"] == before["out"]
+    assert steps[-1]["out"] == str(tmp_path / f"{name}.safetensors")
+
+    recorded = _train_args(read_info(weights_dir() / f"{name}.safetensors").training["command"].split())
+    ignore = {"model", "out", "device", "data", "run"}                 # paths of the machine it ran on
+    assert {k: v for k, v in steps[-1].items() if k not in ignore} == \
+           {k: v for k, v in recorded.items() if k not in ignore}
+    assert Path(steps[-1]["data"]).name == Path(recorded["data"]).name
+
+
+def test_reproduce_script_refuses_an_unknown_name(tmp_path):
+    import subprocess
+    from conftest import ROOT
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_weights.sh"), "rwkv_unet_t-nope", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "unknown checkpoint 'rwkv_unet_t-nope'" in run.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_reproduce_script_names_the_missing_data_folder(tmp_path):
+    import os, subprocess
+    from conftest import ROOT
+    env = dict(os.environ, MEDRWKV_DATA=str(tmp_path / "nowhere"))
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_weights.sh"), "rwkv_unet_t-busi", str(tmp_path / "w")],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 1 and str(tmp_path / "nowhere" / "busi") in run.stderr and "MEDRWKV_DATA" in run.stderr
+    assert not (tmp_path / "w").exists()

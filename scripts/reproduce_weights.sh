@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Re-trains one shipped checkpoint with the chain of `medrwkv train` commands that made it.
+#
+#   scripts/reproduce_weights.sh [--dry-run] NAME [WORKDIR]
+#
+# NAME is a file stem in weights/ (rwkv_unet_t-dsb2018, rwkv_unet_t-kvasir, rwkv_unet_t-busi).
+# Each step continues from the previous step's checkpoint; the steps and the final file go to
+# WORKDIR (default runs/NAME), never over weights/.  Data are read from $MEDRWKV_DATA
+# (default ../shared/data, as for development).  The shipped files were trained on CPU with
+# one thread each (OMP_NUM_THREADS=1, two runs side by side) and stop by wall-clock minutes,
+# so a re-run lands near, not exactly on, the shipped scores; on a faster machine it trains
+# more epochs in the same minutes.  --dry-run prints the commands without running them.
+set -euo pipefail
+
+usage() { echo "usage: $0 [--dry-run] NAME [WORKDIR]   (NAME: rwkv_unet_t-dsb2018 | rwkv_unet_t-kvasir | rwkv_unet_t-busi)" >&2; exit 2; }
+
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
+[ $# -ge 1 ] && [ $# -le 2 ] || usage
+NAME="$1"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORKDIR="${2:-$ROOT/runs/$NAME}"
+DATA_ROOT="${MEDRWKV_DATA:-$ROOT/../shared/data}"
+
+# One line per step: the dataset folder, then the arguments of `medrwkv train` after --data.
+# The first step starts from an architecture name; every later one from the step before it.
+case "$NAME" in
+rwkv_unet_t-dsb2018)
+    DATASET=dsb2018
+    FIRST="rwkv_unet_t --class-names background,nucleus"
+    STEPS=(
+        "--patch-size 128 --batch-size 8 --lr 2e-3 --max-minutes 55 --foreground 0"
+        "--patch-size 128 --batch-size 8 --lr 1e-3 --max-minutes 75"
+        "--patch-size 128 --batch-size 8 --lr 5e-4 --max-minutes 72"
+        "--patch-size 128 --batch-size 8 --lr 4e-4 --ema 0.995 --max-minutes 75"
+        "--patch-size 128 --batch-size 8 --lr 2e-4 --ema 0.995 --max-minutes 62"
+    )
+    ;;
+rwkv_unet_t-kvasir)
+    DATASET=kvasir-seg
+    FIRST="rwkv_unet_t --class-names background,polyp"
+    STEPS=(
+        "--input-scale 0.5 --patch-size 128 --batch-size 8 --lr 2e-3 --max-minutes 75 --foreground 0"
+        "--patch-size 128 --batch-size 8 --lr 1e-3 --max-minutes 33 --foreground 0"
+        "--patch-size 128 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 115 --foreground 0"
+        "--input-scale 0.75 --patch-size 160 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 100 --foreground 0"
+    )
+    ;;
+rwkv_unet_t-busi)
+    DATASET=busi
+    FIRST="rwkv_unet_t --class-names background,lesion"
+    STEPS=(
+        "--input-scale 0.3125 --patch-size 160 --batch-size 8 --lr 2e-3 --max-minutes 75 --foreground 0"
+        "--patch-size 160 --batch-size 8 --lr 1e-3 --max-minutes 33 --foreground 0"
+        "--patch-size 160 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 115 --foreground 0"
+        "--input-scale 0.4 --patch-size 160 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 99 --foreground 0"
+    )
+    ;;
+*)
+    echo "[medrwkv] unknown checkpoint '$NAME'" >&2; usage ;;
+esac
+
+DATA="$DATA_ROOT/$DATASET"
+if [ "$DRY_RUN" = 0 ]; then
+    if [ ! -d "$DATA/images" ]; then
+        echo "[medrwkv] no dataset at $DATA (expected images/, masks/, splits.json); set MEDRWKV_DATA to the folder holding $DATASET/" >&2
+        exit 1
+    fi
+    source "$ROOT/scripts/_bootstrap.sh"
+    bootstrap ""
+    mkdir -p "$WORKDIR"
+fi
+
+model="$FIRST"
+last=$(( ${#STEPS[@]} - 1 ))
+for i in "${!STEPS[@]}"; do
+    if [ "$i" = "$last" ]; then out="$WORKDIR/$NAME.safetensors"; else out="$WORKDIR/step-$((i + 1)).safetensors"; fi
+    # Word splitting of $model and the step is wanted: each holds several arguments.
+    # shellcheck disable=SC2206
+    cmd=(medrwkv train --model $model --data "$DATA" --split train --val-split val ${STEPS[$i]} --out "$out")
+    echo "${cmd[*]}"
+    if [ "$DRY_RUN" = 0 ]; then
+        if [ -f "$out" ]; then
+            echo "[medrwkv] $out exists, keeping it (delete it to train this step again)"
+        else
+            "$ROOT/.venv/bin/${cmd[0]}" "${cmd[@]:1}"
+        fi
+    fi
+    model="$out"
+done
+[ "$DRY_RUN" = 1 ] || echo "[medrwkv] done: $WORKDIR/$NAME.safetensors (score it with: medrwkv evaluate --model $WORKDIR/$NAME.safetensors --data $DATA --split test)"

@@ -124,3 +124,11 @@ def test_reproduce_script_names_the_missing_data_folder(tmp_path):
                          capture_output=True, text=True, env=env)
     assert run.returncode == 1 and str(tmp_path / "nowhere" / "busi") in run.stderr and "MEDRWKV_DATA" in run.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_readme_gives_one_reproduce_command_per_shipped_checkpoint():
+    import re
+    from conftest import ROOT
+    readme = (ROOT / "README.md").read_text()
+    names = re.findall(r"^scripts/reproduce_weights\.sh (\S+)$", readme, re.M)
+    assert sorted(names) == sorted(nm.list_shipped()) == sorted(SHIPPED)

@@ -54,6 +54,7 @@ rwkv_unet_t-busi)
         "--patch-size 160 --batch-size 8 --lr 1e-3 --max-minutes 33 --foreground 0"
         "--patch-size 160 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 115 --foreground 0"
         "--input-scale 0.4 --patch-size 160 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 99 --foreground 0"
+        "--input-scale 0.5 --patch-size 192 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 118 --foreground 0 --workers 0"
     )
     ;;
 *)

@@ -22,8 +22,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORKDIR="${2:-$ROOT/runs/$NAME}"
 DATA_ROOT="${MEDRWKV_DATA:-$ROOT/../shared/data}"
 
-# One line per step: the dataset folder, then the arguments of `medrwkv train` after --data.
-# The first step starts from an architecture name; every later one from the step before it.
+# Per checkpoint: its folder under the data root, the first step's --model (an architecture
+# name and its class names), and one line of `medrwkv train` arguments per step; every step
+# after the first starts from the checkpoint the step before it wrote.
 case "$NAME" in
 rwkv_unet_t-dsb2018)
     DATASET=dsb2018
@@ -84,7 +85,7 @@ for i in "${!STEPS[@]}"; do
         if [ -f "$out" ]; then
             echo "[medrwkv] $out exists, keeping it (delete it to train this step again)"
         else
-            "$ROOT/.venv/bin/${cmd[0]}" "${cmd[@]:1}"
+            "$VENV/bin/${cmd[0]}" "${cmd[@]:1}"        # $VENV: from _bootstrap.sh
         fi
     fi
     model="$out"

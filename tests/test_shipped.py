@@ -1,4 +1,7 @@
 """The shipped checkpoints load and segment real images well."""
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +12,9 @@ from napari_medrwkv.engine.checkpoint import read_info
 from napari_medrwkv.engine.data import find_pairs, read_image, read_mask
 from napari_medrwkv.engine.metrics import dice
 from napari_medrwkv._resources import weights_dir
+from napari_medrwkv.cli import _parser
 
-from conftest import SAMPLES
+from conftest import ROOT, SAMPLES
 
 DSB = "rwkv_unet_t-dsb2018"
 
@@ -77,30 +81,33 @@ def test_polyp_and_ultrasound_models_on_unseen_test_images(name, shared_data):
 SHIPPED = ["rwkv_unet_t-dsb2018", "rwkv_unet_t-kvasir", "rwkv_unet_t-busi"]
 
 
+def _reproduce_script(*args, env=None):
+    return subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_weights.sh"), *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
 def _recipe(name, tmp_path):
-    import subprocess
-    from conftest import ROOT
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_weights.sh"), "--dry-run", name, str(tmp_path)],
-                         capture_output=True, text=True, check=True).stdout
-    return [line.split() for line in out.splitlines()]
+    run = _reproduce_script("--dry-run", name, tmp_path)
+    assert run.returncode == 0, run.stderr
+    return [line.split() for line in run.stdout.splitlines()]
 
 
 def _train_args(words):
-    from napari_medrwkv.cli import _parser
     assert words[:2] == ["medrwkv", "train"], words
     return vars(_parser().parse_args(words[1:]))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_reproduce_script_ends_with_the_command_recorded_in_the_shipped_file(name, tmp_path):
+    info = read_info(weights_dir() / f"{name}.safetensors")
     steps = [_train_args(words) for words in _recipe(name, tmp_path)]
     assert steps[0]["model"] == "rwkv_unet_t"                      # from scratch, no hidden start
-    assert steps[0]["class_names"].split(",") == read_info(weights_dir() / f"{name}.safetensors").class_names
+    assert steps[0]["class_names"].split(",") == info.class_names
     for before, after in zip(steps, steps[1:]):                    # each step continues the last
         assert after["model"] == before["out"]
     assert steps[-1]["out"] == str(tmp_path / f"{name}.safetensors")
 
-    recorded = _train_args(read_info(weights_dir() / f"{name}.safetensors").training["command"].split())
+    recorded = _train_args(info.training["command"].split())
     ignore = {"model", "out", "device", "data", "run"}                 # paths of the machine it ran on
     assert {k: v for k, v in steps[-1].items() if k not in ignore} == \
            {k: v for k, v in recorded.items() if k not in ignore}
@@ -108,27 +115,19 @@ def test_reproduce_script_ends_with_the_command_recorded_in_the_shipped_file(nam
 
 
 def test_reproduce_script_refuses_an_unknown_name(tmp_path):
-    import subprocess
-    from conftest import ROOT
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_weights.sh"), "rwkv_unet_t-nope", str(tmp_path)],
-                         capture_output=True, text=True)
+    run = _reproduce_script("rwkv_unet_t-nope", tmp_path)
     assert run.returncode != 0 and "unknown checkpoint 'rwkv_unet_t-nope'" in run.stderr
     assert not any(tmp_path.iterdir())
 
 
 def test_reproduce_script_names_the_missing_data_folder(tmp_path):
-    import os, subprocess
-    from conftest import ROOT
     env = dict(os.environ, MEDRWKV_DATA=str(tmp_path / "nowhere"))
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_weights.sh"), "rwkv_unet_t-busi", str(tmp_path / "w")],
-                         capture_output=True, text=True, env=env)
+    run = _reproduce_script("rwkv_unet_t-busi", tmp_path / "w", env=env)
     assert run.returncode == 1 and str(tmp_path / "nowhere" / "busi") in run.stderr and "MEDRWKV_DATA" in run.stderr
     assert not (tmp_path / "w").exists()
 
 
 def test_readme_gives_one_reproduce_command_per_shipped_checkpoint():
-    import re
-    from conftest import ROOT
     readme = (ROOT / "README.md").read_text()
     names = re.findall(r"^scripts/reproduce_weights\.sh (\S+)$", readme, re.M)
     assert sorted(names) == sorted(nm.list_shipped()) == sorted(SHIPPED)

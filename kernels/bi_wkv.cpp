@@ -122,7 +122,7 @@ std::vector<at::Tensor> backward(const at::Tensor& w, const at::Tensor& u, const
                                partial.data_ptr<double>(), gk.data_ptr(), gv.data_ptr(), B, T, C, split,
                                c10::cuda::getCurrentCUDAStream()));
   // A deterministic reduction over (B, segments): no float atomics.
-  const at::Tensor sums = partial.sum({0, 1}).to(at::kFloat);
+  const at::Tensor sums = partial.sum(at::IntArrayRef{0, 1}).to(at::kFloat);
   return {sums[0], sums[1], gk, gv};
 }
 

@@ -173,6 +173,23 @@ def test_gradients_match_the_reference_in_float32():
         assert _rel_err(ours, ref) < 1e-4
 
 
+def test_under_autocast_the_torch_path_stays_float32_and_differentiable():
+    """Mixed-precision training (nm.train on a GPU) calls bi_wkv inside autocast with bfloat16
+    k, v: the result must keep float32 accuracy and the backward must run.  CPU autocast
+    stands in for CUDA's here."""
+    w, u, k, v = _inputs(2, 150, 8, w_scale=0.02, seed=6)
+    ref = bi_wkv_naive(w, u, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bi_wkv(w, u, k, v)
+    assert out.dtype == torch.float32 and _rel_err(out, ref) < 1e-5
+    args = [t.to(torch.bfloat16).requires_grad_() if t.dim() == 3 else t.clone().requires_grad_() for t in (w, u, k, v)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bi_wkv(*args)
+    out.float().square().sum().backward()
+    for a in args:
+        assert a.grad is not None and a.grad.dtype == a.dtype and torch.isfinite(a.grad.float()).all()
+
+
 def test_dispatcher_uses_torch_on_cpu_and_honours_the_variable(monkeypatch):
     k = torch.zeros(1, 2, 3)
     monkeypatch.delenv("MEDRWKV_WKV", raising=False)

@@ -38,6 +38,20 @@ def test_every_parameter_receives_a_gradient(name):
 
 
 @pytest.mark.parametrize("name", SMALL)
+def test_trains_under_mixed_precision(name):
+    """nm.train runs the network under bfloat16 autocast on a GPU; every op must accept the
+    mix of bfloat16 activations and float32 parameters (CPU autocast stands in for CUDA's)."""
+    torch.manual_seed(0)
+    model = create_model(name, in_chans=3, num_classes=2).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 48, 40))
+    assert out.shape == (2, 2, 48, 40)
+    target = torch.randint(0, 2, (2, 48, 40))
+    torch.nn.functional.cross_entropy(out.float(), target).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", SMALL)
 def test_deterministic_given_a_seed(name):
     torch.manual_seed(7)
     a = create_model(name).state_dict()

@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import bi_wkv
-from .layers import (ChannelMix, DropPath, LayerNorm2d, SpatialMix, conv_bn_act, grid,
+from .layers import (ChannelMix, DropPath, LayerNorm2d, SpatialMix, conv_bn_act, grid, lerp_mix,
                      pad_to_multiple, q_shift, tokens)
 from .registry import register_model
 
@@ -169,7 +169,7 @@ def from_scan_sequences(seqs: torch.Tensor, ctx) -> torch.Tensor:
 def scan_shift(seqs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """RWKV 1-D token shift along the scan: token t receives token t-1 where the
     two are grid neighbours (``mask`` (1, L, 1)), zero elsewhere."""
-    return F.pad(seqs[:, :-1], (0, 0, 1, 0)) * mask
+    return F.pad(seqs[:, :-1], (0, 0, 1, 0)) * mask.to(seqs.dtype)
 
 
 # --------------------------------------------------------------------------- mixing modules
@@ -195,9 +195,9 @@ class ScanSpatialMix(SpatialMix):
         seqs, ctx = to_scan_sequences(x, hw, (self.window, self.window), self.order, self.reverse)
         shifted = scan_shift(seqs, ctx[-1])
         L = seqs.shape[1]
-        k = self.key(torch.lerp(shifted, seqs, self.spatial_mix_k))
-        v = self.value(torch.lerp(shifted, seqs, self.spatial_mix_v))
-        r = torch.sigmoid(self.receptance(torch.lerp(shifted, seqs, self.spatial_mix_r)))
+        k = self.key(lerp_mix(seqs, shifted, self.spatial_mix_k))
+        v = self.value(lerp_mix(seqs, shifted, self.spatial_mix_v))
+        r = torch.sigmoid(self.receptance(lerp_mix(seqs, shifted, self.spatial_mix_r)))
         out = self.output(r * bi_wkv(self.spatial_decay / L, self.spatial_first / L, k, v))
         return from_scan_sequences(out, ctx)
 
@@ -237,14 +237,13 @@ class PooledGlobalMix(SpatialMix):
         seqs, ctx = to_scan_sequences(tokens(pooled), g_hw, g_hw, self.order, self.reverse)
         shifted = scan_shift(seqs, ctx[-1])
         T = seqs.shape[1]
-        k = self.key(torch.lerp(shifted, seqs, self.spatial_mix_k))
-        v = self.value(torch.lerp(shifted, seqs, self.spatial_mix_v))
+        k = self.key(lerp_mix(seqs, shifted, self.spatial_mix_k))
+        v = self.value(lerp_mix(seqs, shifted, self.spatial_mix_v))
         ctx_tokens = self.output(bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v))
         glob = grid(from_scan_sequences(ctx_tokens, ctx), g_hw)
         if tuple(g_hw) != tuple(hw):
             glob = F.interpolate(glob, size=tuple(hw), mode="bilinear", align_corners=False)
-        r = torch.sigmoid(self.receptance(torch.lerp(q_shift(x, hw, self.shift_pixel), x,
-                                                             self.spatial_mix_r)))
+        r = torch.sigmoid(self.receptance(lerp_mix(x, q_shift(x, hw, self.shift_pixel), self.spatial_mix_r)))
         return r * tokens(glob)
 
     def extra_repr(self) -> str:

@@ -37,9 +37,11 @@ def q_shift(x: torch.Tensor, hw: tuple, shift: int = 1, gamma: float = 0.25) -> 
     return out.flatten(2).transpose(1, 2)
 
 
-def _lerp(x, shifted, mix):
-    """x * mix + shifted * (1 - mix), as one op with one output."""
-    return torch.lerp(shifted, x, mix)
+def lerp_mix(x, shifted, mix):
+    """x * mix + shifted * (1 - mix), as one op with one output.  ``mix`` (a float32
+    parameter) takes the activations' dtype: torch.lerp refuses mixed dtypes, and under
+    autocast the activations are bfloat16/float16."""
+    return torch.lerp(shifted, x, mix.to(x.dtype))
 
 
 def _fresh_in_place(fn_in_place, fn, x):
@@ -98,9 +100,9 @@ class SpatialMix(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple) -> torch.Tensor:
         T = x.shape[1]
         shifted = q_shift(x, hw, self.shift_pixel)
-        k = self.key(_lerp(x, shifted, self.spatial_mix_k))
-        v = self.value(_lerp(x, shifted, self.spatial_mix_v))
-        r = _fresh_in_place(torch.sigmoid_, torch.sigmoid, self.receptance(_lerp(x, shifted, self.spatial_mix_r)))
+        k = self.key(lerp_mix(x, shifted, self.spatial_mix_k))
+        v = self.value(lerp_mix(x, shifted, self.spatial_mix_v))
+        r = _fresh_in_place(torch.sigmoid_, torch.sigmoid, self.receptance(lerp_mix(x, shifted, self.spatial_mix_r)))
         wkv = bi_wkv(self.spatial_decay / T, self.spatial_first / T, k, v)
         if self.key_norm is not None:
             wkv = self.key_norm(wkv)
@@ -133,10 +135,10 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple) -> torch.Tensor:
         shifted = q_shift(x, hw, self.shift_pixel)
         k = _fresh_in_place(lambda k: k.relu_().square_(), lambda k: torch.square(torch.relu(k)),
-                            self.key(_lerp(x, shifted, self.spatial_mix_k)))
+                            self.key(lerp_mix(x, shifted, self.spatial_mix_k)))
         if self.key_norm is not None:
             k = self.key_norm(k)
-        gate = self.receptance(_lerp(x, shifted, self.spatial_mix_r))
+        gate = self.receptance(lerp_mix(x, shifted, self.spatial_mix_r))
         value = self.value(k)
         return _fresh_in_place(lambda g: g.sigmoid_().mul_(value), lambda g: torch.sigmoid(g) * value, gate)
 

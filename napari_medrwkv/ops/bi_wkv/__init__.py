@@ -65,9 +65,12 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     if selected_path(k) == "cuda":
         from . import cuda
         return cuda.bi_wkv_cuda(w, u, k, v)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
-        return bi_wkv_chunked(w, u, k, v)
-    return bi_wkv_recurrent(w, u, k, v)
+    # The PyTorch paths choose their own precision (float32 inside); under autocast their
+    # convolutions would otherwise run in bfloat16/float16 and their backward mix dtypes.
+    with torch.autocast(k.device.type, enabled=False):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
+            return bi_wkv_chunked(w, u, k, v)
+        return bi_wkv_recurrent(w, u, k, v)
 
 
 def _check(w, u, k, v):

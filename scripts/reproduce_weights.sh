@@ -6,10 +6,12 @@
 # NAME is a file stem in weights/ (rwkv_unet_t-dsb2018, rwkv_unet_t-kvasir, rwkv_unet_t-busi).
 # Each step continues from the previous step's checkpoint; the steps and the final file go to
 # WORKDIR (default runs/NAME), never over weights/.  Data are read from $MEDRWKV_DATA
-# (default ../shared/data, as for development).  The shipped files were trained on CPU with
-# one thread each (OMP_NUM_THREADS=1, two runs side by side) and stop by wall-clock minutes,
-# so a re-run lands near, not exactly on, the shipped scores; on a faster machine it trains
-# more epochs in the same minutes.  --dry-run prints the commands without running them.
+# (default ../shared/data, as for development).  The steps without --device ran on CPU with
+# one thread each (OMP_NUM_THREADS=1, two runs side by side); those with --device cuda ran on
+# one H100 (three runs side by side, --workers 4 each) and need a CUDA build of torch in the
+# environment that runs them.  Steps stop by wall-clock minutes, so a re-run lands near, not
+# exactly on, the shipped scores; on a faster machine it trains more epochs in the same
+# minutes.  --dry-run prints the commands without running them.
 set -euo pipefail
 
 usage() { echo "usage: $0 [--dry-run] NAME [WORKDIR]   (NAME: rwkv_unet_t-dsb2018 | rwkv_unet_t-kvasir | rwkv_unet_t-busi)" >&2; exit 2; }
@@ -35,6 +37,7 @@ rwkv_unet_t-dsb2018)
         "--patch-size 128 --batch-size 8 --lr 5e-4 --max-minutes 72"
         "--patch-size 128 --batch-size 8 --lr 4e-4 --ema 0.995 --max-minutes 75"
         "--patch-size 128 --batch-size 8 --lr 2e-4 --ema 0.995 --max-minutes 62"
+        "--patch-size 256 --batch-size 16 --lr 5e-4 --ema 0.998 --max-minutes 8.0 --workers 4 --device cuda"
     )
     ;;
 rwkv_unet_t-kvasir)
@@ -45,6 +48,8 @@ rwkv_unet_t-kvasir)
         "--patch-size 128 --batch-size 8 --lr 1e-3 --max-minutes 33 --foreground 0"
         "--patch-size 128 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 115 --foreground 0"
         "--input-scale 0.75 --patch-size 160 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 100 --foreground 0"
+        "--input-scale 1.0 --patch-size 256 --batch-size 16 --lr 5e-4 --ema 0.998 --max-minutes 7.3 --foreground 0 --workers 4 --device cuda"
+        "--input-scale 1.0 --patch-size 256 --batch-size 16 --lr 2e-4 --ema 0.999 --max-minutes 6.8 --foreground 0 --workers 4 --device cuda"
     )
     ;;
 rwkv_unet_t-busi)
@@ -69,6 +74,18 @@ if [ "$DRY_RUN" = 0 ]; then
         exit 1
     fi
     source "$ROOT/scripts/_bootstrap.sh"
+    # A chain with GPU steps fails here, before hours of CPU steps, when torch sees no GPU.
+    gpu_steps=()
+    for i in "${!STEPS[@]}"; do
+        [[ " ${STEPS[$i]} " == *" --device cuda "* ]] && gpu_steps+=($((i + 1)))
+    done
+    if [ ${#gpu_steps[@]} -gt 0 ]; then
+        [ -x "$VENV/bin/python" ] || bootstrap ""
+        if ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+            echo "[medrwkv] $NAME: step(s) ${gpu_steps[*]} of ${#STEPS[@]} ran on a CUDA GPU (--device cuda), but torch in $VENV sees none; run this on a machine with an NVIDIA GPU and a CUDA build of torch in $VENV (--dry-run prints every step's command)" >&2
+            exit 1
+        fi
+    fi
     bootstrap ""
     mkdir -p "$WORKDIR"
 fi

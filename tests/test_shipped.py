@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import napari_medrwkv as nm
 from napari_medrwkv.engine.checkpoint import read_info
@@ -25,7 +26,7 @@ def test_dsb2018_model_is_shipped_with_its_provenance():
     assert info.architecture == "rwkv_unet_t" and info.num_classes == 1
     assert info.class_names == ["background", "nucleus"]
     assert info.training["command"].startswith("medrwkv train") and "dsb2018" in info.training["data"]
-    assert info.metrics["test_dice"] > 0.85 and info.metrics["test_n"] == 67
+    assert info.metrics["test_dice"] >= 0.90 and info.metrics["test_n"] == 67     # the target
 
 
 @pytest.mark.parametrize("name", ["nuclei_fluorescence", "nuclei_brightfield"])
@@ -46,8 +47,11 @@ def test_dsb2018_model_on_unseen_test_images(shared_data):
 # The polyp and ultrasound models: trained on data that may not be bundled, so their
 # score checks need ../shared/data; provenance and metadata are checked everywhere.
 OTHERS = {
-    "rwkv_unet_t-kvasir": dict(folder="kvasir-seg", foreground="polyp", include=None, floor=0.80),
-    "rwkv_unet_t-busi": dict(folder="busi", foreground="lesion", include=["benign_*", "malignant_*"], floor=0.65),
+    # recorded: the least test Dice the file may carry (Kvasir-SEG: the target; BUSI is
+    # still short of its 0.75); floor: a third of the test images, scored here.
+    "rwkv_unet_t-kvasir": dict(folder="kvasir-seg", foreground="polyp", include=None, recorded=0.85, floor=0.80),
+    "rwkv_unet_t-busi": dict(folder="busi", foreground="lesion", include=["benign_*", "malignant_*"], recorded=0.65,
+                             floor=0.65),
 }
 
 
@@ -58,8 +62,8 @@ def test_polyp_and_ultrasound_models_are_shipped_with_their_provenance(name):
     info = read_info(weights_dir() / f"{name}.safetensors")
     assert info.architecture == "rwkv_unet_t" and info.class_names == ["background", spec["foreground"]]
     assert info.training["command"].startswith("medrwkv train") and spec["folder"] in info.training["data"]
-    assert 0 < info.input_scale < 1                   # trained on downsized images, segments any size
-    assert info.metrics["test_dice"] > spec["floor"]
+    assert 0 < info.input_scale <= 1                  # trained at or below full size, segments any size
+    assert info.metrics["test_dice"] >= spec["recorded"]
 
 
 @pytest.mark.parametrize("name", sorted(OTHERS))
@@ -125,6 +129,16 @@ def test_reproduce_script_names_the_missing_data_folder(tmp_path):
     run = _reproduce_script("rwkv_unet_t-busi", tmp_path / "w", env=env)
     assert run.returncode == 1 and str(tmp_path / "nowhere" / "busi") in run.stderr and "MEDRWKV_DATA" in run.stderr
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists() or torch.cuda.is_available(),
+                    reason="checks the refusal on a machine without a GPU, with the repository's .venv")
+def test_reproduce_script_refuses_gpu_steps_up_front_without_a_gpu(tmp_path):
+    (tmp_path / "kvasir-seg" / "images").mkdir(parents=True)
+    env = dict(os.environ, MEDRWKV_DATA=str(tmp_path))
+    run = _reproduce_script("rwkv_unet_t-kvasir", tmp_path / "w", env=env)
+    assert run.returncode == 1 and "--device cuda" in run.stderr and "sees none" in run.stderr
+    assert not (tmp_path / "w").exists()             # nothing trained, nothing written
 
 
 def test_readme_gives_one_reproduce_command_per_shipped_checkpoint():

@@ -12,8 +12,8 @@ from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QMessageBox,
-                            QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
+                            QMessageBox, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from . import _session
 from ._review import KEY as METADATA_KEY
@@ -90,6 +90,15 @@ class SegmentWidget(QWidget):
         self.flips_check = QCheckBox("test-time flips (4x slower, steadier)")
         self.flips_check.setToolTip("Average the model's answer over the image and its left-right, "
                                     "up-down and double flips")
+        self.largest_check = QCheckBox("keep only the largest object")
+        self.largest_check.setToolTip("One object per image or slice (a lesion, a polyp): drop every "
+                                      "smaller detached piece")
+        self.threshold_spin = QDoubleSpinBox()
+        self.threshold_spin.setRange(0.05, 0.95)
+        self.threshold_spin.setSingleStep(0.05)
+        self.threshold_spin.setDecimals(2)
+        self.threshold_spin.setToolTip("Foreground where the model's probability is above this")
+        self._set_inference_controls(None)
         self.run_button = QPushButton("Segment")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -103,6 +112,7 @@ class SegmentWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Stack", self.scope_combo)
         form.addRow("Tile", self.tile_spin)
+        form.addRow("Threshold", self.threshold_spin)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -110,6 +120,7 @@ class SegmentWidget(QWidget):
         layout.addLayout(form)
         layout.addWidget(self.probability_check)
         layout.addWidget(self.flips_check)
+        layout.addWidget(self.largest_check)
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
@@ -120,6 +131,7 @@ class SegmentWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.model_combo.activated.connect(self._on_model_chosen)
+        self.model_combo.currentTextChanged.connect(self._on_model_changed)
         follow_layer_list(self, self.viewer.layers, self._refresh_images)
         self._refresh_images()
         self._fill_models_and_devices()
@@ -166,6 +178,35 @@ class SegmentWidget(QWidget):
         if path:
             self.add_model_source(path)
 
+    def _on_model_changed(self, source: str):
+        """Show the chosen model's own inference settings (those ``medrwkv calibrate`` chose)."""
+        if not source or source == BROWSE:
+            return
+        from .engine.model import read_model_info
+        try:
+            info = read_model_info(source)
+        except ValueError:
+            info = None                   # a damaged file: Segment will say what is wrong with it
+        self._set_inference_controls(info)
+
+    def _set_inference_controls(self, info):
+        from .engine.checkpoint import INFERENCE_DEFAULTS
+        settings = info.inference if info is not None else INFERENCE_DEFAULTS
+        binary = info is None or info.binary
+        self.flips_check.setChecked(settings["flips"])
+        self.largest_check.setChecked(settings["largest_component"])
+        self.threshold_spin.setValue(settings["threshold"])
+        self.largest_check.setEnabled(binary)
+        self.threshold_spin.setEnabled(binary)
+
+    def inference_choices(self) -> dict:
+        """What the controls ask of ``segment``; threshold and largest object for binary models only."""
+        choices = {"flips": self.flips_check.isChecked()}
+        if self.threshold_spin.isEnabled():
+            choices.update(threshold=round(self.threshold_spin.value(), 2),
+                           largest_component=self.largest_check.isChecked())
+        return choices
+
     # ------------------------------------------------------------------ running
     def run(self):
         """Start segmenting (does nothing while a run is in progress)."""
@@ -186,7 +227,7 @@ class SegmentWidget(QWidget):
         self._set_running(True)
         self.status.setText(f"Segmenting {image_layer.name} with {source}…")
         self.worker = self._make_worker(data, source, self.device_combo.currentText(), self.tile_spin.value() or None,
-                                        image_layer.rgb, self.flips_check.isChecked())
+                                        image_layer.rgb, self.inference_choices())
         self.worker.returned.connect(lambda outcome: self._on_outcome(outcome, image_layer, source, slice_index))
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
@@ -195,7 +236,7 @@ class SegmentWidget(QWidget):
         self._cancel.set()
         self.status.setText("Cancelling…")
 
-    def _make_worker(self, data, source, device, tile, rgb, flips=False):
+    def _make_worker(self, data, source, device, tile, rgb, choices):
         relay, cancel, models = self._relay, self._cancel, self._models
 
         @thread_worker
@@ -210,7 +251,7 @@ class SegmentWidget(QWidget):
                     models[key] = load_model(source, device=device)
                 model = models[key]
                 labels, probs = segment(data, model=model, tile=tile, rgb=rgb, return_probabilities=True,
-                                        progress=relay.progressed.emit, cancel=cancel.is_set, flips=flips)
+                                        progress=relay.progressed.emit, cancel=cancel.is_set, **choices)
             except Cancelled:
                 return "cancelled", None
             except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed

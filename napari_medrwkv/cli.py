@@ -1,9 +1,13 @@
 """``medrwkv``: the engine on the command line.
 
     medrwkv models
-    medrwkv segment --model M [--device D] [--tile N] [--flips] INPUT... --out DIR
+    medrwkv segment --model M [--device D] [--tile N] [--flips] [--threshold P] [--largest-component] INPUT... --out DIR
     medrwkv train --model M --data DIR [--split train] [--val-split val] [--epochs N] [--max-minutes X] --out FILE
     medrwkv evaluate --model M --data DIR [--split test] [--device D] [--flips] [--json] [--record]
+    medrwkv calibrate --model M --data DIR [--split val] [--try-flips] --out FILE
+
+``--flips``, ``--threshold`` and ``--largest-component`` (and their ``--no-`` forms) override
+the checkpoint's own inference settings, which ``calibrate`` chooses.
 """
 import argparse
 import json
@@ -12,8 +16,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from .engine.defaults import CALIBRATION_THRESHOLDS
+
 FLIPS_HELP = ("test-time augmentation: average the probabilities over the image and its left-right, "
-              "up-down and double flips (4x the time)")
+              "up-down and double flips (4x the time); default: the checkpoint's setting")
+THRESHOLD_HELP = "binary models: foreground where its probability is above this (default: the checkpoint's, 0.5 unless calibrated)"
+LARGEST_HELP = "binary models: keep only the largest object of each image or slice (default: the checkpoint's setting)"
 
 
 def main(argv=None) -> int:
@@ -42,7 +50,7 @@ def _parser():
     seg.add_argument("--out", required=True, help="folder for the label images (created if missing)")
     seg.add_argument("--tile", type=int, help="tile size for large images (default: the model's)")
     seg.add_argument("--probabilities", action="store_true", help="also write float32 probability TIFFs")
-    seg.add_argument("--flips", action="store_true", help=FLIPS_HELP)
+    _inference_args(seg)
     seg.add_argument("--overwrite", action="store_true", help="replace label files that already exist")
     seg.set_defaults(run=_segment)
 
@@ -84,13 +92,39 @@ def _parser():
     ev.add_argument("--tile", type=int)
     ev.add_argument("--include", help="comma-separated stem patterns to score, e.g. 'benign_*,malignant_*' "
                                       "(default: every pair of the split)")
-    ev.add_argument("--flips", action="store_true", help=FLIPS_HELP)
+    _inference_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ev.add_argument("--record", action="store_true",
                     help="also store the scores in the checkpoint's metadata as SPLIT_dice, SPLIT_iou, SPLIT_hd95, "
                          "SPLIT_n and SPLIT_split (a description); the weights are left as they are")
     ev.set_defaults(run=_evaluate)
+
+    cal = sub.add_parser("calibrate", help="choose a binary model's threshold and largest-object filter on "
+                                           "validation images, and write them into a checkpoint")
+    _model_args(cal)
+    cal.add_argument("--data", required=True)
+    cal.add_argument("--split", help="split in splits.json to choose on (default: all pairs); never the test split "
+                                     "you will report")
+    cal.add_argument("--include", help="comma-separated stem patterns to score (default: every pair of the split)")
+    cal.add_argument("--tile", type=int)
+    cal.add_argument("--try-flips", action="store_true", help="also try test-time flips (4x the time per image)")
+    cal.add_argument("--thresholds", default=",".join(str(t) for t in CALIBRATION_THRESHOLDS),
+                     help="comma-separated thresholds to try (default %(default)s; 0.5 is always tried)")
+    cal.add_argument("--out", required=True, help="checkpoint to write: the model's weights, byte for byte, with the "
+                                                  "chosen settings in its metadata")
+    cal.add_argument("--overwrite", action="store_true", help="replace --out if it exists (it may be --model itself)")
+    cal.set_defaults(run=_calibrate)
     return parser
+
+
+def _inference_args(p):
+    p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=None, help=FLIPS_HELP)
+    p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None, help=LARGEST_HELP)
+
+
+def _inference_kwargs(args) -> dict:
+    return {"flips": args.flips, "threshold": args.threshold, "largest_component": args.largest_component}
 
 
 def _model_args(p):
@@ -123,6 +157,7 @@ def _segment(args) -> int:
     from .engine.infer import segment
     from .engine.io import write_labels
     from .engine.model import load_model
+    from .engine.postprocess import inference_settings
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     targets = [(Path(p), out / f"{Path(p).stem}_labels{'.tif' if _is_stack(p) else '.png'}") for p in args.inputs]
@@ -130,9 +165,11 @@ def _segment(args) -> int:
     if existing and not args.overwrite:
         raise FileExistsError(f"{existing[0]} exists ({len(existing)} in all); pass --overwrite to replace them")
     model = load_model(args.model, device=args.device)
+    inference_settings(model.info, **_inference_kwargs(args))          # a bad --threshold fails before any work
     for source, target in tqdm(targets, desc="segment", unit="image", disable=len(targets) < 2):
         image = read_image(source)
-        labels, probs = segment(image, model=model, tile=args.tile, return_probabilities=True, flips=args.flips)
+        labels, probs = segment(image, model=model, tile=args.tile, return_probabilities=True,
+                                **_inference_kwargs(args))
         write_labels(target, labels)
         if args.probabilities:
             write_labels(target.with_name(f"{source.stem}_probabilities.tif"), probs.astype(np.float32))
@@ -165,7 +202,7 @@ def _train(args) -> int:
         else:
             bar.write(f"epoch {p.epoch}: loss {p.loss:.4f}, val Dice {p.val_dice:.4f}, {p.elapsed / 60:.1f} min")
 
-    command = "medrwkv " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "medrwkv train"
+    command = _command_line("train")
     result = train(model, args.data, out=args.out, epochs=args.epochs, max_minutes=args.max_minutes,
                    device=args.device, progress=progress, split=args.split, val_split=args.val_split,
                    config=cfg, command=command)
@@ -185,10 +222,10 @@ def _evaluate(args) -> int:
     include = [p.strip() for p in args.include.split(",") if p.strip()] if args.include else None
     record_into = _checkpoint_file(args.model) if args.record else None     # fail before the long part
     scores = evaluate(args.model, args.data, split=args.split, device=args.device, tile=args.tile,
-                      progress=progress, include=include, flips=args.flips)
+                      progress=progress, include=include, **_inference_kwargs(args))
     bar.close()
     if record_into is not None:
-        _record(record_into, scores, args.data, args.split, include, args.flips)
+        _record(record_into, scores, args.data, args.split, include)
     print(f"n={scores['n']}  Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
           + (f"  (HD95 undefined for {scores['hd95_undefined']})" if scores["hd95_undefined"] else ""))
     if args.json:
@@ -197,27 +234,92 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _checkpoint_file(model: str) -> Path:
+def _checkpoint_file(model: str, why: str = "--record stores the scores in a checkpoint file") -> Path:
     from .engine.model import list_shipped, shipped_path
     if model in list_shipped():
         return shipped_path(model)
     path = Path(model).expanduser()
     if not path.is_file():
-        raise ValueError(f"--record stores the scores in a checkpoint file, and {model!r} is none; "
-                         "give a .safetensors path or a shipped model's name")
+        raise ValueError(f"{why}, and {model!r} is none; give a .safetensors path or a shipped model's name")
     return path
 
 
-def _record(path: Path, scores: dict, data: str, split, include, flips: bool) -> None:
+def _record(path: Path, scores: dict, data: str, split, include) -> None:
     from .engine.checkpoint import record_metrics
     prefix = split or "all"
     described = f"{Path(data).resolve().name} {prefix} ({scores['n']} images"
     described += f"; only {', '.join(include)}" if include else ""
-    described += "; test-time flips)" if flips else ")"
+    described += "".join(f"; {part}" for part in describe_inference(scores["inference"])) + ")"
     record_metrics(path, {f"{prefix}_{key}": (None if math.isnan(scores[key]) else scores[key])
                           for key in ("dice", "iou", "hd95")} | {f"{prefix}_n": scores["n"],
                                                                   f"{prefix}_split": described})
     print(f"recorded as {prefix}_* in {path}")
+
+
+def _command_line(command: str) -> str:
+    """How this run was started, for a checkpoint's provenance."""
+    return "medrwkv " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else f"medrwkv {command}"
+
+
+def describe_inference(settings: dict) -> list:
+    """The settings that differ from the defaults, in words (empty for the defaults)."""
+    from .engine.checkpoint import INFERENCE_DEFAULTS
+    parts = []
+    if settings["flips"]:
+        parts.append("test-time flips")
+    if settings["threshold"] != INFERENCE_DEFAULTS["threshold"]:
+        parts.append(f"threshold {settings['threshold']:g}")
+    if settings["largest_component"]:
+        parts.append("largest object only")
+    return parts
+
+
+def _calibrate(args) -> int:
+    from .engine.calibrate import calibrate
+    from .engine.checkpoint import write_info
+    from .engine.model import load_model
+    source = _checkpoint_file(args.model, "calibrate writes the chosen settings into a copy of a checkpoint file")
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it (it may be --model itself)")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: give a file name ending in .safetensors")
+    try:
+        thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--thresholds {args.thresholds!r}: give numbers between 0 and 1, e.g. 0.3,0.4,0.5") from None
+    include = [p.strip() for p in args.include.split(",") if p.strip()] if args.include else None
+    model = load_model(source, device=args.device)
+    bar = _LazyBar("calibrate", "image")
+    result = calibrate(model, args.data, split=args.split, include=include, try_flips=args.try_flips,
+                       thresholds=thresholds, tile=args.tile, progress=lambda d, t: bar.update_to(d, t))
+    bar.close()
+    for row in result["grid"]:
+        words = ", ".join(describe_inference(row)) or "defaults"
+        print(f"  Dice {row['dice']:.4f}  {words}")
+    info = model.info
+    stale = _drop_recorded_scores(info.metrics)
+    info.inference = dict(result["inference"])
+    where = f"{Path(args.data).resolve().name} {args.split or 'all'} ({result['n']} images" + \
+        (f"; only {', '.join(include)}" if include else "") + ")"
+    info.metrics.update(calibrated_on=where, calibrated_dice=result["dice"], uncalibrated_dice=result["baseline_dice"])
+    info.training["calibration"] = _command_line("calibrate")
+    write_info(source, info, out)
+    chosen = ", ".join(describe_inference(info.inference)) or "the defaults (no flips, threshold 0.5, every object)"
+    print(f"chose {chosen}: Dice {result['dice']:.4f} against {result['baseline_dice']:.4f} with the defaults, "
+          f"on {where}; wrote {out}")
+    if stale:
+        print(f"dropped scores recorded with the old settings ({', '.join(stale)}); run evaluate --record again")
+    return 0
+
+
+def _drop_recorded_scores(metrics: dict) -> list:
+    """Removes the scores ``evaluate --record`` stored (they were measured with other settings)."""
+    prefixes = [key[:-len("_split")] for key in metrics if key.endswith("_split")]
+    for prefix in prefixes:
+        for key in ("dice", "iou", "hd95", "n", "split"):
+            metrics.pop(f"{prefix}_{key}", None)
+    return [f"{p}_*" for p in prefixes]
 
 
 class _LazyBar:

@@ -145,3 +145,38 @@ def test_bad_inputs_give_notifications(widget, errors, qtbot):
     widget.run()
     _wait(widget, qtbot)
     assert "/no/such/model.safetensors" in errors[-1]
+
+
+def test_inference_controls_show_the_chosen_models_settings_and_reach_segment(widget, qtbot, checkpoint, tmp_path):
+    from scipy import ndimage
+    from napari_medrwkv.engine.checkpoint import read_info, write_info
+    from napari_medrwkv.engine.model import shipped_path
+    calibrated = tmp_path / "one-nucleus.safetensors"
+    info = read_info(shipped_path("rwkv_unet_t-dsb2018"))
+    info.inference = {"flips": True, "threshold": 0.6, "largest_component": True}
+    write_info(shipped_path("rwkv_unet_t-dsb2018"), info, calibrated)
+    widget.add_model_source(str(calibrated))
+    assert widget.flips_check.isChecked() and widget.largest_check.isChecked()
+    assert widget.threshold_spin.value() == pytest.approx(0.6) and widget.threshold_spin.isEnabled()
+    widget.model_combo.setCurrentText("rwkv_unet_t-dsb2018")              # the shipped file: plain settings
+    assert not widget.flips_check.isChecked() and not widget.largest_check.isChecked()
+    assert widget.threshold_spin.value() == pytest.approx(0.5)
+    widget.model_combo.setCurrentText(str(calibrated))
+    widget.flips_check.setChecked(False)                                  # the user's choice wins
+    viewer = widget.viewer
+    viewer.open_sample("napari-medrwkv", "brightfield")
+    widget.image_combo.setCurrentText("nuclei brightfield")
+    widget.probability_check.setChecked(True)
+    widget.run()
+    _wait(widget, qtbot)
+    labels = viewer.layers["nuclei brightfield [one-nucleus]"].data
+    prob = viewer.layers["nuclei brightfield [one-nucleus] probability"].data
+    assert ndimage.label(labels, np.ones((3, 3)))[1] == 1 and labels.sum() > 20
+    from napari_medrwkv.engine.infer import segment
+    model = widget._models[(str(calibrated), widget.device_combo.currentText())]
+    np.testing.assert_array_equal(labels, segment(viewer.layers["nuclei brightfield"].data, model=model, flips=False))
+    assert (prob[labels > 0] > 0.6).all()
+    # a multi-class model has no threshold or largest object to set
+    widget.add_model_source(untrained_checkpoint(tmp_path / "three.safetensors", num_classes=3))
+    assert not widget.threshold_spin.isEnabled() and not widget.largest_check.isEnabled()
+    assert widget.inference_choices() == {"flips": False}

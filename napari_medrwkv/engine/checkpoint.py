@@ -28,9 +28,11 @@ from .. import __version__
 __all__ = [
     "CheckpointError",
     "ModelInfo",
+    "INFERENCE_DEFAULTS",
     "METADATA_KEY",
     "save_checkpoint",
     "read_info",
+    "write_info",
     "load_checkpoint",
 ]
 
@@ -65,6 +67,34 @@ def check_input_scale(value) -> float:
     return float(value)
 
 
+#: How ``segment`` turns probabilities into labels when its caller does not say: test-time
+#: flips, the foreground threshold of a binary model, and whether only the largest connected
+#: object of each plane is kept (binary models).  ``medrwkv calibrate`` chooses them on
+#: validation images and stores them in the checkpoint.
+INFERENCE_DEFAULTS: Dict[str, Any] = {"flips": False, "threshold": 0.5, "largest_component": False}
+
+
+def check_inference(settings, num_classes: int) -> Dict[str, Any]:
+    """``settings`` completed with :data:`INFERENCE_DEFAULTS`, else a ValueError naming the key."""
+    if not isinstance(settings, dict):
+        raise ValueError(f"inference must be a JSON object such as {INFERENCE_DEFAULTS}, got {settings!r}")
+    unknown = sorted(set(settings) - set(INFERENCE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"inference has unknown key(s) {', '.join(unknown)}; known: {', '.join(INFERENCE_DEFAULTS)}")
+    merged = {**INFERENCE_DEFAULTS, **settings}
+    for key in ("flips", "largest_component"):
+        if not isinstance(merged[key], bool):
+            raise ValueError(f"inference {key} must be true or false, got {merged[key]!r}")
+    threshold = merged["threshold"]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise ValueError(f"inference threshold must be a probability strictly between 0 and 1, got {threshold!r}")
+    merged["threshold"] = float(threshold)
+    if num_classes != 1 and (merged["threshold"] != 0.5 or merged["largest_component"]):
+        raise ValueError("inference threshold and largest_component apply to binary models only "
+                         f"(this one has {num_classes} classes and labels each pixel with its likeliest class)")
+    return merged
+
+
 @dataclass
 class ModelInfo:
     """What a checkpoint says about its model.
@@ -85,6 +115,7 @@ class ModelInfo:
     # model can work on large, smooth structures at a fraction of the pixels; labels come back
     # at the image's own size.  Training resizes the same way.
     input_scale: float = 1.0
+    inference: Dict[str, Any] = field(default_factory=lambda: dict(INFERENCE_DEFAULTS))
     training: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
     version: str = __version__
@@ -98,6 +129,7 @@ class ModelInfo:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.input_scale = check_input_scale(self.input_scale)
+        self.inference = check_inference(self.inference or {}, self.num_classes)
         self.arch_kwargs = dict(self.arch_kwargs or {})
         self.normalization = dict(self.normalization or {})
         self.training = dict(self.training or {})
@@ -224,12 +256,29 @@ def record_metrics(path: PathLike, metrics: Dict[str, Any]) -> ModelInfo:
 
     The weights are copied as stored, byte for byte; only the metadata changes.
     """
-    path = Path(path)
     info = read_info(path)
-    tensors = safetensors.torch.load_file(str(path))
     info.metrics.update(metrics)
-    _write_atomically(tensors, info, path, path.parent)
+    write_info(path, info)
     return info
+
+
+def write_info(path: PathLike, info: ModelInfo, out: PathLike = None) -> Path:
+    """Checkpoint ``path`` with ``info`` as its metadata, written atomically to ``out``
+    (default: over ``path``); the weights are copied as stored, byte for byte."""
+    path = Path(path)
+    out = Path(out) if out is not None else path
+    if not isinstance(info, ModelInfo):
+        raise TypeError(f"info must be a ModelInfo, got {type(info).__name__}")
+    _check_file(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {out}: folder {parent} does not exist; create it first")
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 -- safetensors raises several types for a damaged file
+        raise CheckpointError(f"cannot read the weights of {path} ({exc}); the file may be damaged") from None
+    _write_atomically(tensors, info, out, parent)
+    return out
 
 
 def _write_atomically(tensors: Dict[str, torch.Tensor], info: ModelInfo, path: Path, parent: Path) -> None:

@@ -9,21 +9,25 @@ from .data import find_pairs, mask_classes, read_image, read_mask
 from .infer import Cancelled, segment
 from .metrics import mean_finite, per_class_scores
 from .model import SegmentationModel, load_model
+from .postprocess import inference_settings
 
 
 def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Optional[int] = None,
              progress: Optional[Callable[[int, int], None]] = None, cancel: Optional[Callable[[], bool]] = None,
-             include: Optional[Sequence[str]] = None, flips: bool = False) -> dict:
-    """``{"dice", "iou", "hd95", "n", "hd95_undefined", "per_image": [...]}``, means over images.
+             include: Optional[Sequence[str]] = None, flips: Optional[bool] = None,
+             threshold: Optional[float] = None, largest_component: Optional[bool] = None) -> dict:
+    """``{"dice", "iou", "hd95", "n", "hd95_undefined", "inference", "per_image": [...]}``, means
+    over images; ``inference`` holds the settings the labels were made with.
 
     ``include``: stem patterns (``fnmatch``, e.g. ``["benign_*", "malignant_*"]``) that pick
     the pairs of a dataset folder to score; a pattern that matches nothing is an error.
-    ``flips``: segment with test-time flips (see :func:`segment`).
+    ``flips``, ``threshold``, ``largest_component``: as :func:`segment` (None: the model's own).
 
     HD95 is undefined for an image where exactly one of prediction and truth is
     empty; those are left out of the mean and counted in ``hd95_undefined``.
     """
     model = model if isinstance(model, SegmentationModel) else load_model(model, device=device)
+    settings = inference_settings(model.info, flips, threshold, largest_component)
     items = find_pairs(data, split) if isinstance(data, (str, os.PathLike)) else list(data)
     if include:
         items = _included(items, include, data)
@@ -32,12 +36,12 @@ def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Opti
         if cancel is not None and cancel():
             raise Cancelled("evaluation cancelled")
         name, image, truth = _load(item, i, model.info.num_classes)
-        pred = segment(image, model=model, tile=tile, flips=flips)
+        pred = segment(image, model=model, tile=tile, **settings)
         scores = per_class_scores(pred, truth, model.info.num_classes)
         per_image.append({"name": name, **scores})
         if progress is not None:
             progress(i + 1, len(items))
-    return summarize(per_image)
+    return {**summarize(per_image), "inference": settings}
 
 
 def _included(items, patterns, data):

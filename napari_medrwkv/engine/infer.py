@@ -12,6 +12,7 @@ import torch
 
 from .data import image_to_channels, resize_channels, scaled_size
 from .model import SegmentationModel, load_model
+from .postprocess import binary_labels, inference_settings
 
 Progress = Optional[Callable[[int, int], None]]
 Cancel = Optional[Callable[[], bool]]
@@ -50,7 +51,9 @@ def blend_window(tile_h: int, tile_w: int) -> np.ndarray:
 
 
 def segment(image, model=None, tile: Optional[int] = None, progress: Progress = None, cancel: Cancel = None,
-            return_probabilities: bool = False, rgb: Optional[bool] = None, device="auto", flips: bool = False):
+            return_probabilities: bool = False, rgb: Optional[bool] = None, device="auto",
+            flips: Optional[bool] = None, threshold: Optional[float] = None,
+            largest_component: Optional[bool] = None):
     """Integer labels with the spatial shape of ``image`` (0/1 for a binary model, class ids otherwise).
 
     ``image``: (Y, X), (Y, X, 3|4), or a stack (Z, Y, X[, 3|4]) segmented slice by slice; any dtype.
@@ -63,10 +66,16 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     per-class probabilities (classes first, then the spatial shape).  ``flips``: test-time
     augmentation, the mean probabilities of the tile as it is and flipped left-right, up-down
     and both (4x the time; a prediction that no longer depends on the image's orientation).
+    ``threshold`` (binary models): foreground where its probability is above this.
+    ``largest_component`` (binary models): keep only the largest 8-connected object of each
+    plane (one lesion per image).  Each of these three left as None takes the model's own
+    setting (``model.info.inference``; off, 0.5, off unless ``medrwkv calibrate`` chose others).
     """
     if model is None:
         raise ValueError("segment: pass model= (a shipped name, a checkpoint path, or a loaded model)")
     model = model if isinstance(model, SegmentationModel) else load_model(model, device=device)
+    settings = inference_settings(model.info, flips, threshold, largest_component)
+    flips = settings["flips"]
     image = np.asarray(image)
     stack_axes, colour = plane_layout(image.shape, rgb)
     planes = image if stack_axes else image[None]
@@ -98,7 +107,8 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
         # Probabilities, not labels, go back to the image's size: smooth edges, no blocky labels.
         probabilities.append(resize_channels(probs / weight, plane.shape[:2]))
     probs = np.stack(probabilities)                    # (Z, K, Y, X)
-    labels = _labels(probs, model.binary)
+    labels = binary_labels(probs[:, 0], settings["threshold"], settings["largest_component"]) if model.binary \
+        else _class_ids(probs)
     if not stack_axes:
         probs, labels = probs[0], labels[0]
     if not return_probabilities:
@@ -116,7 +126,7 @@ def _channels(model: SegmentationModel) -> int:
 FLIP_VIEWS = ((), (3,), (2,), (2, 3))
 
 
-def _predict(model: SegmentationModel, x: np.ndarray, flips: bool = False) -> np.ndarray:
+def _predict(model: SegmentationModel, x: np.ndarray, flips: bool) -> np.ndarray:
     with torch.inference_mode():
         batch = torch.from_numpy(np.ascontiguousarray(x))[None].to(model.device, memory_format=torch.channels_last)
         views = FLIP_VIEWS if flips else FLIP_VIEWS[:1]
@@ -132,8 +142,6 @@ def _unflipped_probabilities(model: SegmentationModel, batch: torch.Tensor, dims
     return (probs.flip(dims) if dims else probs)[0]
 
 
-def _labels(probs: np.ndarray, binary: bool) -> np.ndarray:
-    if binary:
-        return (probs[:, 0] > 0.5).astype(np.uint8)
+def _class_ids(probs: np.ndarray) -> np.ndarray:
     ids = probs.argmax(1)
     return ids.astype(np.uint8 if probs.shape[1] <= 256 else np.int32)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .._resources import weights_dir
 from ..models import create_model, list_models
-from .checkpoint import ModelInfo, load_checkpoint
+from .checkpoint import ModelInfo, load_checkpoint, read_info
 from .data import NORMALIZATION
 from .fuse import fuse_for_inference
 
@@ -89,6 +89,16 @@ def list_shipped() -> List[str]:
 def shipped_path(name: str) -> Path:
     """The file of the shipped checkpoint ``name`` (one of :func:`list_shipped`)."""
     return weights_dir() / f"{name}.safetensors"
+
+
+def read_model_info(source: str) -> Optional[ModelInfo]:
+    """The metadata of a shipped name or a checkpoint file, from its header alone (no
+    weights read); None for anything else (an architecture name)."""
+    if source in list_shipped():
+        return read_info(shipped_path(source))
+    if str(source).endswith(".safetensors"):
+        return read_info(Path(source).expanduser())
+    return None
 
 
 def load_model(name_or_path, device="auto", *, in_chans: int = 3, num_classes: int = 1,

@@ -140,8 +140,9 @@ def _models(args) -> int:
     for name in list_shipped():
         info = read_info(shipped_path(name))
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in info.metrics.items() if isinstance(v, (int, float)))
+        settings = ", ".join(describe_inference(info.inference))
         print(f"  {name:24s} {info.architecture:14s} classes: {', '.join(info.class_names[1:]) or '-'}"
-              + (f"  ({metrics})" if metrics else ""))
+              + (f"  ({metrics})" if metrics else "") + (f"  [segments with {settings}]" if settings else ""))
     if not list_shipped():
         print("  (none)")
     print("architectures:")

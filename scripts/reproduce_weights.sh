@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Re-trains one shipped checkpoint with the chain of `medrwkv train` commands that made it.
+# Re-trains one shipped checkpoint with the chain of `medrwkv train` commands that made it
+# (and, where its recipe has one, the `medrwkv calibrate` that chose its inference settings).
 #
 #   scripts/reproduce_weights.sh [--dry-run] NAME [WORKDIR]
 #
@@ -27,6 +28,7 @@ DATA_ROOT="${MEDRWKV_DATA:-$ROOT/../shared/data}"
 # Per checkpoint: its folder under the data root, the first step's --model (an architecture
 # name and its class names), and one line of `medrwkv train` arguments per step; every step
 # after the first starts from the checkpoint the step before it wrote.
+CALIBRATE=""     # `medrwkv calibrate` arguments after the last step, where the recipe has them
 case "$NAME" in
 rwkv_unet_t-dsb2018)
     DATASET=dsb2018
@@ -62,6 +64,8 @@ rwkv_unet_t-busi)
         "--input-scale 0.4 --patch-size 160 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 99 --foreground 0"
         "--input-scale 0.5 --patch-size 192 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 118 --foreground 0 --workers 0"
     )
+    # One lesion per image: the threshold, largest-object filter and flips chosen on val.
+    CALIBRATE="--split val --try-flips"
     ;;
 *)
     echo "[medrwkv] unknown checkpoint '$NAME'" >&2; usage ;;
@@ -93,7 +97,7 @@ fi
 model="$FIRST"
 last=$(( ${#STEPS[@]} - 1 ))
 for i in "${!STEPS[@]}"; do
-    if [ "$i" = "$last" ]; then out="$WORKDIR/$NAME.safetensors"; else out="$WORKDIR/step-$((i + 1)).safetensors"; fi
+    if [ "$i" = "$last" ] && [ -z "$CALIBRATE" ]; then out="$WORKDIR/$NAME.safetensors"; else out="$WORKDIR/step-$((i + 1)).safetensors"; fi
     # Word splitting of $model and the step is wanted: each holds several arguments.
     # shellcheck disable=SC2206
     cmd=(medrwkv train --model $model --data "$DATA" --split train --val-split val ${STEPS[$i]} --out "$out")
@@ -107,4 +111,17 @@ for i in "${!STEPS[@]}"; do
     fi
     model="$out"
 done
+if [ -n "$CALIBRATE" ]; then
+    out="$WORKDIR/$NAME.safetensors"
+    # shellcheck disable=SC2206
+    cmd=(medrwkv calibrate --model "$model" --data "$DATA" $CALIBRATE --out "$out")
+    echo "${cmd[*]}"
+    if [ "$DRY_RUN" = 0 ]; then
+        if [ -f "$out" ]; then
+            echo "[medrwkv] $out exists, keeping it (delete it to calibrate again)"
+        else
+            "$VENV/bin/${cmd[0]}" "${cmd[@]:1}"
+        fi
+    fi
+fi
 [ "$DRY_RUN" = 1 ] || echo "[medrwkv] done: $WORKDIR/$NAME.safetensors (score it with: medrwkv evaluate --model $WORKDIR/$NAME.safetensors --data $DATA --split test)"

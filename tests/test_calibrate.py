@@ -232,3 +232,15 @@ def test_calibrate_command_writes_the_choice_into_a_copy(busi_val, tmp_path, cap
 def _shipped(name):
     from napari_medrwkv.engine.model import shipped_path
     return shipped_path(name)
+
+
+def test_fine_tuning_keeps_the_settings_and_drops_the_calibration_scores(tmp_path, sample_arrays):
+    settings = {"flips": False, "threshold": 0.4, "largest_component": True}
+    info = ModelInfo("ds_vrwkv_t", 3, 1, inference=settings, metrics={"calibrated_dice": 0.9, "test_dice": 0.8})
+    save_checkpoint(create_model("ds_vrwkv_t"), tmp_path / "a.safetensors", info)
+    config = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=2)
+    result = nm.train(str(tmp_path / "a.safetensors"), sample_arrays, out=tmp_path / "b.safetensors", epochs=1,
+                      device="cpu", val_data=sample_arrays, config=config)
+    tuned = read_info(tmp_path / "b.safetensors")
+    assert result.model.info.inference == tuned.inference == settings
+    assert "calibrated_dice" not in tuned.metrics and "test_dice" not in tuned.metrics   # they were the old weights'

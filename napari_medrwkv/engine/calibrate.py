@@ -9,7 +9,7 @@ from itertools import product
 from typing import Callable, Optional, Sequence
 
 from .checkpoint import INFERENCE_DEFAULTS
-from .evaluate import _included, _load
+from .evaluate import included_pairs, load_pair
 from .data import find_pairs
 from .defaults import CALIBRATION_THRESHOLDS
 from .infer import Cancelled, segment
@@ -38,14 +38,14 @@ def calibrate(model, data, split: Optional[str] = None, include: Optional[Sequen
     thresholds = _checked_thresholds(thresholds)
     items = find_pairs(data, split) if not isinstance(data, (list, tuple)) else list(data)
     if include:
-        items = _included(items, include, data)
+        items = included_pairs(items, include, data)
     if not items:
         raise ValueError(f"calibrate: no image/mask pairs in {data}" + (f" (split {split!r})" if split else ""))
     flip_options = (False, True) if try_flips else (False,)
     total, done = len(items) * len(flip_options), 0
     dice = {}
     for i, item in enumerate(items):
-        _, image, truth = _load(item, i, 1)
+        _, image, truth = load_pair(item, i, 1)
         for flips in flip_options:
             if cancel is not None and cancel():
                 raise Cancelled("calibration cancelled")

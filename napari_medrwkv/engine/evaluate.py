@@ -30,12 +30,12 @@ def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Opti
     settings = inference_settings(model.info, flips, threshold, largest_component)
     items = find_pairs(data, split) if isinstance(data, (str, os.PathLike)) else list(data)
     if include:
-        items = _included(items, include, data)
+        items = included_pairs(items, include, data)
     per_image = []
     for i, item in enumerate(items):
         if cancel is not None and cancel():
             raise Cancelled("evaluation cancelled")
-        name, image, truth = _load(item, i, model.info.num_classes)
+        name, image, truth = load_pair(item, i, model.info.num_classes)
         pred = segment(image, model=model, tile=tile, **settings)
         scores = per_class_scores(pred, truth, model.info.num_classes)
         per_image.append({"name": name, **scores})
@@ -44,7 +44,7 @@ def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Opti
     return {**summarize(per_image), "inference": settings}
 
 
-def _included(items, patterns, data):
+def included_pairs(items, patterns, data):
     if not all(hasattr(item, "stem") for item in items):
         raise ValueError("evaluate: include= picks pairs of a dataset folder by stem; pass a folder")
     for pattern in patterns:
@@ -60,7 +60,7 @@ def summarize(per_image) -> dict:
             "per_image": per_image}
 
 
-def _load(item, index, num_classes):
+def load_pair(item, index, num_classes):
     if isinstance(item, tuple):
         image, mask = item
         return f"pair {index}", np.asarray(image), mask_classes(np.asarray(mask), num_classes, f"the mask of pair {index}")

@@ -110,6 +110,9 @@ def _parser():
     cal.add_argument("--try-flips", action="store_true", help="also try test-time flips (4x the time per image)")
     cal.add_argument("--thresholds", default=",".join(str(t) for t in CALIBRATION_THRESHOLDS),
                      help="comma-separated thresholds to try (default %(default)s; 0.5 is always tried)")
+    cal.add_argument("--min-gain", type=float, default=0.001,
+                     help="a setting is chosen over a plainer one only if it gains more than this mean Dice "
+                          "(default %(default)s)")
     cal.add_argument("--out", required=True, help="checkpoint to write: the model's weights, byte for byte, with the "
                                                   "chosen settings in its metadata")
     cal.add_argument("--overwrite", action="store_true", help="replace --out if it exists (it may be --model itself)")
@@ -293,7 +296,8 @@ def _calibrate(args) -> int:
     model = load_model(source, device=args.device)
     bar = _LazyBar("calibrate", "image")
     result = calibrate(model, args.data, split=args.split, include=include, try_flips=args.try_flips,
-                       thresholds=thresholds, tile=args.tile, progress=lambda d, t: bar.update_to(d, t))
+                       thresholds=thresholds, tile=args.tile, progress=lambda d, t: bar.update_to(d, t),
+                       min_gain=args.min_gain)
     bar.close()
     for row in result["grid"]:
         words = ", ".join(describe_inference(row)) or "defaults"

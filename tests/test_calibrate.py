@@ -166,7 +166,9 @@ def test_calibration_on_many_nuclei_keeps_every_object(nuclei, sample_arrays):
     grid = {(c["flips"], c["threshold"], c["largest_component"]): c["dice"] for c in result["grid"]}
     assert set(grid) == {(False, t, lc) for t in (0.4, 0.5, 0.6) for lc in (False, True)}   # 0.5 always tried
     assert grid[False, 0.5, True] < grid[False, 0.5, False] - 0.3                   # one nucleus of dozens
-    assert result["dice"] == max(grid.values()) and result["baseline_dice"] == grid[False, 0.5, False]
+    assert result["dice"] >= max(grid.values()) - 0.001 and result["baseline_dice"] == grid[False, 0.5, False]
+    # a gain within min_gain of the defaults is noise: the defaults stay
+    assert calibrate(model, sample_arrays, thresholds=[0.4, 0.6], min_gain=1 - 1e-9)["inference"] == INFERENCE_DEFAULTS
     with pytest.raises(ValueError, match="between 0 and 1"):
         calibrate(model, sample_arrays, thresholds=[0.5, 1.2])
 
@@ -190,9 +192,12 @@ def test_calibrated_settings_reproduce_their_score_through_evaluate(busi_val):
     model = nm.load_model(BUSI, device="cpu")
     result = calibrate(model, busi_val, try_flips=True, thresholds=[0.4, 0.6])
     grid = result["grid"]
-    assert len(grid) == 2 * 3 * 2 and result["dice"] == max(c["dice"] for c in grid)
-    first_best = next(c for c in grid if c["dice"] == result["dice"])
-    assert result["inference"] == {k: first_best[k] for k in INFERENCE_DEFAULTS}       # plainest of the best
+    top = max(c["dice"] for c in grid)
+    assert len(grid) == 2 * 3 * 2 and top - 0.001 <= result["dice"] <= top
+    plainest = next(c for c in grid if c["dice"] >= top - 0.001)
+    assert result["inference"] == {k: plainest[k] for k in INFERENCE_DEFAULTS}
+    strict = calibrate(model, busi_val, try_flips=True, thresholds=[0.4, 0.6], min_gain=0)
+    assert strict["dice"] == top and strict["grid"] == grid
     scores = nm.evaluate(model, busi_val, **result["inference"])
     assert scores["dice"] == pytest.approx(result["dice"], abs=1e-9) and scores["inference"] == result["inference"]
     defaults = nm.evaluate(model, busi_val, flips=False, threshold=0.5, largest_component=False)

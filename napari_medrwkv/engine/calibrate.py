@@ -21,21 +21,24 @@ from .postprocess import binary_labels
 def calibrate(model, data, split: Optional[str] = None, include: Optional[Sequence[str]] = None,
               try_flips: bool = False, thresholds: Sequence[float] = CALIBRATION_THRESHOLDS, device="auto",
               tile: Optional[int] = None, progress: Optional[Callable[[int, int], None]] = None,
-              cancel: Optional[Callable[[], bool]] = None) -> dict:
+              cancel: Optional[Callable[[], bool]] = None, min_gain: float = 0.001) -> dict:
     """The settings with the best mean Dice on ``data`` (a folder, its ``split``, the stems
     matching ``include``; or a list of (image, mask) pairs), and what each candidate scored.
 
     Returns ``{"inference": {...}, "dice": best, "baseline_dice": with the defaults (no flips,
     0.5, every object), "n": images, "grid": [{"flips", "threshold", "largest_component",
-    "dice"}, ...]}``.  Candidates are tried plainest first (no flips, thresholds nearest 0.5,
-    every object) and a later one must score strictly higher to be chosen.  ``try_flips``
-    adds test-time flips to the grid (4x the time of each segmentation that uses them).
+    "dice"}, ...]}``.  The grid is listed plainest first (no flips, thresholds nearest 0.5,
+    every object), and the plainest candidate within ``min_gain`` of the best Dice is chosen:
+    a setting must earn its place by more than noise.  ``try_flips`` adds test-time flips to
+    the grid (4x the time of each segmentation that uses them).
     """
     model = model if isinstance(model, SegmentationModel) else load_model(model, device=device)
     if not model.binary:
         raise ValueError(f"calibrate: {model.name} has {model.info.num_classes} classes; calibration chooses the "
                          "threshold and largest-object filter of binary (one-output) models")
     thresholds = _checked_thresholds(thresholds)
+    if not 0 <= min_gain < 1:
+        raise ValueError(f"calibrate: min_gain={min_gain!r} is a Dice difference in [0, 1)")
     items = find_pairs(data, split) if not isinstance(data, (list, tuple)) else list(data)
     if include:
         items = included_pairs(items, include, data)
@@ -59,10 +62,8 @@ def calibrate(model, data, split: Optional[str] = None, include: Optional[Sequen
                 progress(done, total)
     grid = [{"flips": f, "threshold": t, "largest_component": lc, "dice": mean_finite(dice[f, t, lc])[0]}
             for f, t, lc in _plainest_first(flip_options, thresholds)]
-    best = grid[0]
-    for candidate in grid[1:]:
-        if candidate["dice"] > best["dice"]:
-            best = candidate
+    top = max(c["dice"] for c in grid)
+    best = next(c for c in grid if c["dice"] >= top - min_gain)
     baseline = next(c for c in grid if c["flips"] == INFERENCE_DEFAULTS["flips"]
                     and c["threshold"] == INFERENCE_DEFAULTS["threshold"]
                     and c["largest_component"] == INFERENCE_DEFAULTS["largest_component"])

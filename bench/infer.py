@@ -1,6 +1,9 @@
 """Inference speed: nm.segment with rwkv_unet_t against a plain 4-level U-Net forward.
 
-    python bench/infer.py [--threads 2] [--size 512] [--repeats 5]
+    python bench/infer.py [--threads 2] [--size 512] [--repeats 5] [--models NAME ...] [--plain]
+
+Each model segments with its own inference settings (a calibrated checkpoint may ask for
+test-time flips: four passes); ``--plain`` times one pass, no flips, for every model.
 
 The baseline is the classic U-Net (double 3x3 conv + BN + ReLU, 32-64-128-256
 channels, 1.9M parameters), a bare eval-mode forward under inference_mode --
@@ -52,6 +55,7 @@ def main():
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="*", default=["rwkv_unet_t", "ds_vrwkv_t", "med_urwkv_t"])
+    parser.add_argument("--plain", action="store_true", help="no test-time flips, whatever a checkpoint asks")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -64,15 +68,18 @@ def main():
         with torch.inference_mode():
             unet(x)
     calls = {"plain U-Net": unet_forward}
-    calls.update({name: (lambda m=m: nm.segment(image, model=m, tile=args.size)) for name, m in models.items()})
+    flips = False if args.plain else None          # None: each model's own setting
+    calls.update({name: (lambda m=m: nm.segment(image, model=m, tile=args.size, flips=flips))
+                  for name, m in models.items()})
     seconds = interleaved_median_seconds(calls, args.repeats)
     baseline = seconds["plain U-Net"]
     print(f"{args.size}x{args.size} RGB, CPU {args.threads} threads, median of {args.repeats} interleaved rounds")
-    print(f"{'model':>22} | {'params (M)':>10} | {'seconds':>7} | {'vs U-Net':>8}")
+    print(f"{'model':>22} | {'params (M)':>10} | {'seconds':>7} | {'vs U-Net':>8} | flips")
     for name, net in [("plain U-Net", unet)] + [(name, m.net) for name, m in models.items()]:
         params = sum(p.numel() for p in net.parameters()) / 1e6
         label = Path(name).stem if name.endswith(".safetensors") else name
-        print(f"{label:>22} | {params:10.2f} | {seconds[name]:7.3f} | {seconds[name] / baseline:7.2f}x")
+        flipped = "" if name not in models else "yes" if models[name].info.inference["flips"] and not args.plain else "no"
+        print(f"{label:>22} | {params:10.2f} | {seconds[name]:7.3f} | {seconds[name] / baseline:7.2f}x | {flipped}")
 
 
 if __name__ == "__main__":

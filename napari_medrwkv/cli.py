@@ -223,7 +223,7 @@ def _evaluate(args) -> int:
     def progress(done, total):
         bar.update_to(done, total)
 
-    include = [p.strip() for p in args.include.split(",") if p.strip()] if args.include else None
+    include = _patterns(args.include)
     record_into = _checkpoint_file(args.model) if args.record else None     # fail before the long part
     scores = evaluate(args.model, args.data, split=args.split, device=args.device, tile=args.tile,
                       progress=progress, include=include, **_inference_kwargs(args))
@@ -248,15 +248,28 @@ def _checkpoint_file(model: str, why: str = "--record stores the scores in a che
     return path
 
 
+#: What ``evaluate --record`` stores per split, as PREFIX_key.
+RECORDED_KEYS = ("dice", "iou", "hd95", "n", "split")
+
+
+def _patterns(text):
+    """Comma-separated stem patterns as a list, or None."""
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+def _described_data(data: str, split, n: int, include, details=()) -> str:
+    """E.g. "busi test (64 images; only benign_*, malignant_*; test-time flips)"."""
+    parts = [f"only {', '.join(include)}"] if include else []
+    return f"{Path(data).resolve().name} {split or 'all'} ({'; '.join([f'{n} images', *parts, *details])})"
+
+
 def _record(path: Path, scores: dict, data: str, split, include) -> None:
     from .engine.checkpoint import record_metrics
     prefix = split or "all"
-    described = f"{Path(data).resolve().name} {prefix} ({scores['n']} images"
-    described += f"; only {', '.join(include)}" if include else ""
-    described += "".join(f"; {part}" for part in describe_inference(scores["inference"])) + ")"
-    record_metrics(path, {f"{prefix}_{key}": (None if math.isnan(scores[key]) else scores[key])
-                          for key in ("dice", "iou", "hd95")} | {f"{prefix}_n": scores["n"],
-                                                                  f"{prefix}_split": described})
+    described = _described_data(data, split, scores["n"], include, describe_inference(scores["inference"]))
+    values = {key: (None if isinstance(scores[key], float) and math.isnan(scores[key]) else scores[key])
+              for key in RECORDED_KEYS[:-1]}
+    record_metrics(path, {f"{prefix}_{key}": value for key, value in {**values, "split": described}.items()})
     print(f"recorded as {prefix}_* in {path}")
 
 
@@ -292,7 +305,7 @@ def _calibrate(args) -> int:
         thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
     except ValueError:
         raise ValueError(f"--thresholds {args.thresholds!r}: give numbers between 0 and 1, e.g. 0.3,0.4,0.5") from None
-    include = [p.strip() for p in args.include.split(",") if p.strip()] if args.include else None
+    include = _patterns(args.include)
     model = load_model(source, device=args.device)
     bar = _LazyBar("calibrate", "image")
     result = calibrate(model, args.data, split=args.split, include=include, try_flips=args.try_flips,
@@ -305,8 +318,7 @@ def _calibrate(args) -> int:
     info = model.info
     stale = _drop_recorded_scores(info.metrics)
     info.inference = dict(result["inference"])
-    where = f"{Path(args.data).resolve().name} {args.split or 'all'} ({result['n']} images" + \
-        (f"; only {', '.join(include)}" if include else "") + ")"
+    where = _described_data(args.data, args.split, result["n"], include)
     info.metrics.update(calibrated_on=where, calibrated_dice=result["dice"], uncalibrated_dice=result["baseline_dice"])
     info.training["calibration"] = _command_line("calibrate")
     write_info(source, info, out)
@@ -322,7 +334,7 @@ def _drop_recorded_scores(metrics: dict) -> list:
     """Removes the scores ``evaluate --record`` stored (they were measured with other settings)."""
     prefixes = [key[:-len("_split")] for key in metrics if key.endswith("_split")]
     for prefix in prefixes:
-        for key in ("dice", "iou", "hd95", "n", "split"):
+        for key in RECORDED_KEYS:
             metrics.pop(f"{prefix}_{key}", None)
     return [f"{p}_*" for p in prefixes]
 

@@ -9,8 +9,7 @@ from itertools import product
 from typing import Callable, Optional, Sequence
 
 from .checkpoint import INFERENCE_DEFAULTS
-from .evaluate import included_pairs, load_pair
-from .data import find_pairs
+from .evaluate import load_pair, scored_pairs
 from .defaults import CALIBRATION_THRESHOLDS
 from .infer import Cancelled, segment
 from .metrics import mean_finite, per_class_scores
@@ -39,9 +38,7 @@ def calibrate(model, data, split: Optional[str] = None, include: Optional[Sequen
     thresholds = _checked_thresholds(thresholds)
     if not 0 <= min_gain < 1:
         raise ValueError(f"calibrate: min_gain={min_gain!r} is a Dice difference in [0, 1)")
-    items = find_pairs(data, split) if not isinstance(data, (list, tuple)) else list(data)
-    if include:
-        items = included_pairs(items, include, data)
+    items = scored_pairs(data, split, include)
     if not items:
         raise ValueError(f"calibrate: no image/mask pairs in {data}" + (f" (split {split!r})" if split else ""))
     flip_options = (False, True) if try_flips else (False,)
@@ -64,9 +61,7 @@ def calibrate(model, data, split: Optional[str] = None, include: Optional[Sequen
             for f, t, lc in _plainest_first(flip_options, thresholds)]
     top = max(c["dice"] for c in grid)
     best = next(c for c in grid if c["dice"] >= top - min_gain)
-    baseline = next(c for c in grid if c["flips"] == INFERENCE_DEFAULTS["flips"]
-                    and c["threshold"] == INFERENCE_DEFAULTS["threshold"]
-                    and c["largest_component"] == INFERENCE_DEFAULTS["largest_component"])
+    baseline = grid[0]                # the plainest candidate is the defaults
     chosen = {k: best[k] for k in INFERENCE_DEFAULTS}
     return {"inference": chosen, "dice": best["dice"], "baseline_dice": baseline["dice"], "n": len(items),
             "grid": grid}

@@ -28,9 +28,7 @@ def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Opti
     """
     model = model if isinstance(model, SegmentationModel) else load_model(model, device=device)
     settings = inference_settings(model.info, flips, threshold, largest_component)
-    items = find_pairs(data, split) if isinstance(data, (str, os.PathLike)) else list(data)
-    if include:
-        items = included_pairs(items, include, data)
+    items = scored_pairs(data, split, include)
     per_image = []
     for i, item in enumerate(items):
         if cancel is not None and cancel():
@@ -44,7 +42,14 @@ def evaluate(model, data, split: Optional[str] = None, device="auto", tile: Opti
     return {**summarize(per_image), "inference": settings}
 
 
-def included_pairs(items, patterns, data):
+def scored_pairs(data, split: Optional[str] = None, include: Optional[Sequence[str]] = None) -> list:
+    """The pairs to score: a dataset folder's (its ``split``, the stems matching ``include``),
+    or a list of (image, mask) arrays as given."""
+    items = find_pairs(data, split) if isinstance(data, (str, os.PathLike)) else list(data)
+    return _included(items, include, data) if include else items
+
+
+def _included(items, patterns, data):
     if not all(hasattr(item, "stem") for item in items):
         raise ValueError("evaluate: include= picks pairs of a dataset folder by stem; pass a folder")
     for pattern in patterns:

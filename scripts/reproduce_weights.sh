@@ -14,6 +14,7 @@
 # exactly on, the shipped scores; on a faster machine it trains more epochs in the same
 # minutes.  --dry-run prints the commands without running them.
 set -euo pipefail
+set -f      # no file-name expansion: stem patterns such as benign_* are arguments, not globs
 
 usage() { echo "usage: $0 [--dry-run] NAME [WORKDIR]   (NAME: rwkv_unet_t-dsb2018 | rwkv_unet_t-kvasir | rwkv_unet_t-busi)" >&2; exit 2; }
 
@@ -64,8 +65,9 @@ rwkv_unet_t-busi)
         "--input-scale 0.4 --patch-size 160 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 99 --foreground 0"
         "--input-scale 0.5 --patch-size 192 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 118 --foreground 0 --workers 0"
     )
-    # One lesion per image: the threshold, largest-object filter and flips chosen on val.
-    CALIBRATE="--split val --try-flips"
+    # One lesion per image: the threshold, largest-object filter and flips chosen on the val
+    # images with a lesion, as the steps were (a normal image scores Dice 1 or 0).
+    CALIBRATE="--split val --include benign_*,malignant_* --try-flips"
     ;;
 *)
     echo "[medrwkv] unknown checkpoint '$NAME'" >&2; usage ;;

@@ -82,7 +82,7 @@ def _parser():
     tr.add_argument("--workers", type=int, help="DataLoader worker processes")
     tr.add_argument("--in-chans", type=int, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=int, default=1, help="classes for a bare architecture (1 = binary)")
-    tr.add_argument("--class-names", help="comma-separated class names for a bare architecture")
+    tr.add_argument("--class-names", help="comma-separated class names for a bare architecture, or new names for a checkpoint's classes")
     tr.set_defaults(run=_train)
 
     ev = sub.add_parser("evaluate", help="Dice / IoU / HD95 on a dataset folder")

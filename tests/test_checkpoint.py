@@ -358,3 +358,16 @@ def test_a_bare_architecture_names_its_classes_as_a_checkpoint_does(tmp_path):
     save_checkpoint(model.net, tmp_path / "m.safetensors", model.info)
     assert read_info(tmp_path / "m.safetensors").class_names == model.info.class_names
     assert load_model("rwkv_unet_t", device="cpu").info.class_names == ["background", "foreground"]
+
+
+def test_class_names_rename_a_checkpoint_that_starts_training_on_another_kind_of_object(tmp_path):
+    # The polyp model as the start of a lesion model: the names it is saved with must be the new ones,
+    # and a name list that does not fit the model's classes is an error, not silently dropped.
+    from napari_medrwkv import load_model
+    model = load_model("rwkv_unet_t", device="cpu", class_names=["background", "polyp"])
+    path = save_checkpoint(model.net, tmp_path / "polyp.safetensors", model.info)
+    renamed = load_model(path, device="cpu", class_names=["background", "lesion"])
+    assert renamed.info.class_names == ["background", "lesion"]
+    assert load_model(path, device="cpu").info.class_names == ["background", "polyp"]
+    with pytest.raises(ValueError, match=r"polyp\.safetensors.*3 entries"):
+        load_model(path, device="cpu", class_names=["background", "a", "b"])

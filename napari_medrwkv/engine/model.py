@@ -3,7 +3,7 @@
 ``load_model`` resolves a shipped name, a checkpoint file, or a bare
 architecture name (an untrained model, for training from scratch).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -48,6 +48,15 @@ class SegmentationModel:
             self.net.to(device)
             self.device, self._fused = device, None
         return self
+
+
+def _renamed(info: ModelInfo, class_names: Optional[List[str]], source: str) -> ModelInfo:
+    if not class_names:
+        return info
+    try:
+        return replace(info, class_names=list(class_names))
+    except ValueError as err:
+        raise ValueError(f"class names {','.join(class_names)!r} for {source}: {err}") from None
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
@@ -105,8 +114,10 @@ def load_model(name_or_path, device="auto", *, in_chans: int = 3, num_classes: i
                class_names: Optional[List[str]] = None) -> SegmentationModel:
     """A shipped name, a ``.safetensors`` checkpoint path, or an architecture name.
 
-    ``in_chans``, ``num_classes`` and ``class_names`` apply only to a bare
-    architecture, which starts untrained.
+    ``in_chans`` and ``num_classes`` apply only to a bare architecture, which
+    starts untrained.  ``class_names`` names a bare architecture's classes, or
+    renames a checkpoint's (as many names as it has classes): a model trained on
+    one kind of object that starts training on another.
     """
     if isinstance(name_or_path, SegmentationModel):
         return name_or_path.to(device)
@@ -114,11 +125,11 @@ def load_model(name_or_path, device="auto", *, in_chans: int = 3, num_classes: i
     source = str(name_or_path)
     if source in list_shipped():
         net, info = load_checkpoint(shipped_path(source), device=device)
-        return SegmentationModel(net, info, source, device)
+        return SegmentationModel(net, _renamed(info, class_names, source), source, device)
     path = Path(source).expanduser()
     if path.suffix == ".safetensors" or path.exists():
         net, info = load_checkpoint(path, device=device)
-        return SegmentationModel(net, info, str(path), device)
+        return SegmentationModel(net, _renamed(info, class_names, str(path)), str(path), device)
     if source in list_models():
         info = ModelInfo(architecture=source, arch_kwargs={}, in_chans=in_chans, num_classes=num_classes,
                          class_names=list(class_names or []),  # empty: ModelInfo's defaults

@@ -12,11 +12,21 @@
 # one H100 (three runs side by side, --workers 4 each) and need a CUDA build of torch in the
 # environment that runs them.  Steps stop by wall-clock minutes, so a re-run lands near, not
 # exactly on, the shipped scores; on a faster machine it trains more epochs in the same
-# minutes.  --dry-run prints the commands without running them.
+# minutes.  --dry-run prints the commands without running them, quoted so that each line can be pasted
+# into a shell as it is.
 set -euo pipefail
 set -f      # no file-name expansion: stem patterns such as benign_* are arguments, not globs
 
 usage() { echo "usage: $0 [--dry-run] NAME [WORKDIR]   (NAME: rwkv_unet_t-dsb2018 | rwkv_unet_t-kvasir | rwkv_unet_t-busi)" >&2; exit 2; }
+
+# A command as a shell would need it typed: benign_* stays a pattern, a path with spaces one word.
+show() {
+    local word line=""
+    for word in "$@"; do
+        if [[ "$word" =~ ^[A-Za-z0-9_./,:=+@%-]+$ ]]; then line+="$word "; else line+="'${word//\'/\'\\\'\'}' "; fi
+    done
+    echo "${line% }"
+}
 
 DRY_RUN=0
 if [ "${1:-}" = "--dry-run" ]; then DRY_RUN=1; shift; fi
@@ -96,14 +106,15 @@ if [ "$DRY_RUN" = 0 ]; then
     mkdir -p "$WORKDIR"
 fi
 
-model="$FIRST"
+# shellcheck disable=SC2206
+model_args=($FIRST)     # the first step's model and class names: several words, split on purpose
 last=$(( ${#STEPS[@]} - 1 ))
 for i in "${!STEPS[@]}"; do
     if [ "$i" = "$last" ] && [ -z "$CALIBRATE" ]; then out="$WORKDIR/$NAME.safetensors"; else out="$WORKDIR/step-$((i + 1)).safetensors"; fi
-    # Word splitting of $model and the step is wanted: each holds several arguments.
+    # Word splitting of the step is wanted: it holds several arguments.
     # shellcheck disable=SC2206
-    cmd=(medrwkv train --model $model --data "$DATA" --split train --val-split val ${STEPS[$i]} --out "$out")
-    echo "${cmd[*]}"
+    cmd=(medrwkv train --model "${model_args[@]}" --data "$DATA" --split train --val-split val ${STEPS[$i]} --out "$out")
+    show "${cmd[@]}"
     if [ "$DRY_RUN" = 0 ]; then
         if [ -f "$out" ]; then
             echo "[medrwkv] $out exists, keeping it (delete it to train this step again)"
@@ -111,13 +122,13 @@ for i in "${!STEPS[@]}"; do
             "$VENV/bin/${cmd[0]}" "${cmd[@]:1}"        # $VENV: from _bootstrap.sh
         fi
     fi
-    model="$out"
+    model_args=("$out")
 done
 if [ -n "$CALIBRATE" ]; then
     out="$WORKDIR/$NAME.safetensors"
     # shellcheck disable=SC2206
-    cmd=(medrwkv calibrate --model "$model" --data "$DATA" $CALIBRATE --out "$out")
-    echo "${cmd[*]}"
+    cmd=(medrwkv calibrate --model "${model_args[0]}" --data "$DATA" $CALIBRATE --out "$out")
+    show "${cmd[@]}"
     if [ "$DRY_RUN" = 0 ]; then
         if [ -f "$out" ]; then
             echo "[medrwkv] $out exists, keeping it (delete it to calibrate again)"

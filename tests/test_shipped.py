@@ -96,7 +96,7 @@ def _recipe(name, tmp_path):
     """The `medrwkv train` steps, and the `medrwkv calibrate` after them (or None)."""
     run = _reproduce_script("--dry-run", name, tmp_path)
     assert run.returncode == 0, run.stderr
-    lines = [line.split() for line in run.stdout.splitlines()]
+    lines = [shlex.split(line) for line in run.stdout.splitlines()]   # as a shell would read them
     if lines[-1][:2] == ["medrwkv", "calibrate"]:
         return lines[:-1], lines[-1]
     return lines, None
@@ -136,6 +136,18 @@ def test_reproduce_script_ends_with_the_command_recorded_in_the_shipped_file(nam
     assert {k: v for k, v in steps[-1].items() if k not in ignore} == \
            {k: v for k, v in recorded.items() if k not in ignore}
     assert Path(steps[-1]["data"]).name == Path(recorded["data"]).name
+
+
+def test_reproduce_script_keeps_a_work_folder_with_spaces_and_quotes_in_one_word(tmp_path):
+    # Its printed commands are the very argument lists it runs: each must read back, pasted into
+    # a shell, as the same words (a stem pattern unexpanded, the folder one argument).
+    workdir = tmp_path / "Dr O'Neil's runs"
+    train_lines, calibrate_line = _recipe("rwkv_unet_t-busi", workdir)
+    for i, words in enumerate(train_lines[1:], start=1):
+        assert _train_args(words)["model"] == str(workdir / f"step-{i}.safetensors")
+    calibration = vars(_parser().parse_args(calibrate_line[1:]))
+    assert calibration["model"] == str(workdir / f"step-{len(train_lines)}.safetensors")
+    assert calibration["include"] == "benign_*,malignant_*"
 
 
 def test_reproduce_script_refuses_an_unknown_name(tmp_path):

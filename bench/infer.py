@@ -10,6 +10,10 @@ channels, 1.9M parameters), a bare eval-mode forward under inference_mode --
 what any tool would run.  Ours is the whole user-facing call, ``segment`` on a
 uint8 RGB image (normalisation, fused BatchNorm, thresholding included).  All are
 timed in rounds that call each in turn, so the machine's drift hits them alike.
+
+Loading a model keeps freed memory for reuse (engine/memory.py), for the whole process:
+the U-Net runs with it too.  ``MEDRWKV_RETAIN_MEMORY=0`` runs all of them with malloc as
+glibc sets it, as any other tool would run the U-Net.
 """
 import argparse
 from pathlib import Path
@@ -20,6 +24,7 @@ import torch.nn as nn
 from timing import interleaved_median_seconds
 
 import napari_medrwkv as nm
+from napari_medrwkv.engine.memory import retain_freed_memory
 
 
 def double_conv(c_in, c_out):
@@ -73,7 +78,8 @@ def main():
                   for name, m in models.items()})
     seconds = interleaved_median_seconds(calls, args.repeats)
     baseline = seconds["plain U-Net"]
-    print(f"{args.size}x{args.size} RGB, CPU {args.threads} threads, median of {args.repeats} interleaved rounds")
+    memory = "freed memory kept" if retain_freed_memory() else "malloc as the C library sets it"
+    print(f"{args.size}x{args.size} RGB, CPU {args.threads} threads, {memory}, median of {args.repeats} interleaved rounds")
     print(f"{'model':>22} | {'params (M)':>10} | {'seconds':>7} | {'vs U-Net':>8} | flips")
     for name, net in [("plain U-Net", unet)] + [(name, m.net) for name, m in models.items()]:
         params = sum(p.numel() for p in net.parameters()) / 1e6

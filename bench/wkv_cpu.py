@@ -8,12 +8,18 @@ dispatcher runs the recurrent one there), forward+backward for the chunked one
 forward columns come from rounds that call the three in turn, so a machine whose
 speed drifts affects them alike.  The plain scan is the textbook vectorisation: one global max
 of k per sequence, e^{+-i w} factors, and full-length cumsums along T.
+
+Both run with freed memory kept for reuse, as in the app (engine/memory.py: without it,
+glibc maps every freed 4.7 MB buffer afresh, and the timings swing with the allocator's
+state by up to 1.6x, the plain scan's most); ``MEDRWKV_RETAIN_MEMORY=0`` measures with
+malloc as glibc sets it.
 """
 import argparse
 
 import torch
 from timing import interleaved_median_seconds, median_seconds
 
+from napari_medrwkv.engine.memory import retain_freed_memory
 from napari_medrwkv.ops.bi_wkv import bi_wkv_chunked, bi_wkv_naive, bi_wkv_recurrent
 
 
@@ -58,7 +64,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [(1, 4096, 288), (16, 256, 560), (4, 1024, 288), (1, 16384, 288)]
-    print(f"Bi-WKV CPU, float32, {args.threads} threads, median ms")
+    memory = "freed memory kept" if retain_freed_memory() else "malloc as the C library sets it"
+    print(f"Bi-WKV CPU, float32, {args.threads} threads, {memory}, median ms")
     print(f"| {'B, T, C':>16} | plain fwd | chunked fwd | recurrent fwd | speed-up | plain f+b | chunked f+b "
           f"| speed-up | rel.err rec / chunk |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -25,6 +25,7 @@ from . import _review, _session
 from ._review import KEY as METADATA_KEY
 from ._segment_widget import BROWSE, connect_while_alive, data_digest, follow_layer_list, unwrap_outcome
 from .engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
+from .engine.memory import retain_freed_memory
 
 HOLD_OUT_FRACTION = 0.2          # of the reviewed pairs, when there are at least HOLD_OUT_MIN_PAIRS
 HOLD_OUT_MIN_PAIRS = 3
@@ -246,6 +247,7 @@ class FineTuneWidget(QWidget):
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
+        retain_freed_memory()      # before this widget's workers first allocate: they share the kept memory
         self.viewer = napari_viewer
         self.worker = None
         self.result = None                # engine TrainResult of the last finished fine-tune

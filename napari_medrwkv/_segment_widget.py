@@ -18,6 +18,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, Q
 from . import _session
 from ._review import KEY as METADATA_KEY
 from ._review import link
+from .engine.memory import retain_freed_memory
 
 BROWSE = "Checkpoint file…"
 
@@ -70,6 +71,7 @@ class SegmentWidget(QWidget):
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
+        retain_freed_memory()      # before this widget's workers first allocate: they share the kept memory
         self.viewer = napari_viewer
         self.worker = None
         self._slices = 1

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .engine.defaults import CALIBRATION_THRESHOLDS
+from .engine.memory import retain_freed_memory
 
 FLIPS_HELP = ("test-time augmentation: average the probabilities over the image and its left-right, "
               "up-down and double flips (4x the time); default: the checkpoint's setting")
@@ -27,6 +28,7 @@ LARGEST_HELP = "binary models: keep only the largest object of each image or sli
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    retain_freed_memory()        # before any thread starts, so that every one shares the kept memory
     try:
         return args.run(args)
     except KeyboardInterrupt:

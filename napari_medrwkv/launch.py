@@ -41,6 +41,9 @@ def _wait_for(widget, timeout: float) -> bool:
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    from .engine.memory import retain_freed_memory
+
+    retain_freed_memory()        # before napari starts its threads, so that the widgets' workers share it
     import napari
 
     viewer = napari.Viewer(title="MedRWKV")

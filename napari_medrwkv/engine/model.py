@@ -15,6 +15,7 @@ from ..models import create_model, list_models
 from .checkpoint import ModelInfo, load_checkpoint, read_info
 from .data import NORMALIZATION
 from .fuse import fuse_for_inference
+from .memory import retain_freed_memory
 
 DEFAULT_TILE = 512
 
@@ -122,6 +123,8 @@ def load_model(name_or_path, device="auto", *, in_chans: int = 3, num_classes: i
     if isinstance(name_or_path, SegmentationModel):
         return name_or_path.to(device)
     device = resolve_device(device)
+    if device.type == "cpu":
+        retain_freed_memory()      # every CPU forward pass re-allocates its activations
     source = str(name_or_path)
     if source in list_shipped():
         net, info = load_checkpoint(shipped_path(source), device=device)

@@ -13,9 +13,9 @@ quarter of its time, on the main thread and on a worker thread (the widgets' cas
 created after it, as the allocators PyTorch recommends for CPU inference (jemalloc,
 tcmalloc) do by design.  The process then keeps up to 1 GiB of freed memory between calls
 instead of returning it (its peak grew by ~10%, 650 to 720 MB, in that benchmark; after 72
-calls on images of varied sizes it held ~230 MB more than glibc's default); training
-at full batch outgrows these thresholds and runs as before.  ``MEDRWKV_RETAIN_MEMORY=0``
-leaves malloc as it is.  Other C libraries (macOS, Windows, musl) are left alone.
+calls on images of varied sizes it held ~230 MB more than glibc's default).  Few-shot
+fine-tuning on a worker thread gains too (~18%).  ``MEDRWKV_RETAIN_MEMORY=0`` leaves malloc
+as it is.  Other C libraries (macOS, Windows, musl) are left alone.
 """
 import ctypes
 import os

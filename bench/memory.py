@@ -73,7 +73,7 @@ def main():
             for retain in (False, True):
                 runs[retain].append(run_case(args, retain, on_worker))
         if not runs[True][0]["retained"]:
-            print("(this C library is not glibc, or MEDRWKV_RETAIN_MEMORY is set: nothing to compare)")
+            print("(this C library is not glibc: the setting does not apply, nothing to compare)")
             return
         default, kept = (_summary(runs[retain]) for retain in (False, True))
         for (size, t0, f0, peak0), (_, t1, f1, peak1) in zip(default, kept):
@@ -87,6 +87,7 @@ def _summary(runs):
     per_size = zip(*(run["rows"] for run in runs))
     return [(rows[0][0], statistics.median(r[1] for r in rows), statistics.median(r[2] for r in rows), peak)
             for rows in per_size]
+
 
 if __name__ == "__main__":
     main()

@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from timing import interleaved_median_seconds
+from timing import interleaved_median_seconds, memory_setting
 
 import napari_medrwkv as nm
-from napari_medrwkv.engine.memory import retain_freed_memory
 
 
 def double_conv(c_in, c_out):
@@ -78,7 +77,7 @@ def main():
                   for name, m in models.items()})
     seconds = interleaved_median_seconds(calls, args.repeats)
     baseline = seconds["plain U-Net"]
-    memory = "freed memory kept" if retain_freed_memory() else "malloc as the C library sets it"
+    memory = memory_setting()
     print(f"{args.size}x{args.size} RGB, CPU {args.threads} threads, {memory}, median of {args.repeats} interleaved rounds")
     print(f"{'model':>22} | {'params (M)':>10} | {'seconds':>7} | {'vs U-Net':>8} | flips")
     for name, net in [("plain U-Net", unet)] + [(name, m.net) for name, m in models.items()]:

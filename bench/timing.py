@@ -2,6 +2,13 @@
 import statistics
 import time
 
+from napari_medrwkv.engine.memory import retain_freed_memory
+
+
+def memory_setting() -> str:
+    """Applies the app's allocator setting (engine/memory.py) and says which one the timings ran with."""
+    return "freed memory kept" if retain_freed_memory() else "malloc as the C library sets it"
+
 
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls, after one untimed warm-up call."""

@@ -17,9 +17,8 @@ malloc as glibc sets it.
 import argparse
 
 import torch
-from timing import interleaved_median_seconds, median_seconds
+from timing import interleaved_median_seconds, median_seconds, memory_setting
 
-from napari_medrwkv.engine.memory import retain_freed_memory
 from napari_medrwkv.ops.bi_wkv import bi_wkv_chunked, bi_wkv_naive, bi_wkv_recurrent
 
 
@@ -64,7 +63,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [(1, 4096, 288), (16, 256, 560), (4, 1024, 288), (1, 16384, 288)]
-    memory = "freed memory kept" if retain_freed_memory() else "malloc as the C library sets it"
+    memory = memory_setting()
     print(f"Bi-WKV CPU, float32, {args.threads} threads, {memory}, median ms")
     print(f"| {'B, T, C':>16} | plain fwd | chunked fwd | recurrent fwd | speed-up | plain f+b | chunked f+b "
           f"| speed-up | rel.err rec / chunk |")

@@ -18,6 +18,7 @@ fine-tuning on a worker thread gains too (~18%).  ``MEDRWKV_RETAIN_MEMORY=0`` le
 as it is.  Other C libraries (macOS, Windows, musl) are left alone.
 """
 import ctypes
+import functools
 import os
 import sys
 
@@ -32,9 +33,8 @@ _MMAP_THRESHOLD = 256 << 20    # blocks below this come from the heap, reused af
 _TRIM_THRESHOLD = 1 << 30      # free memory at the heap's top kept up to this much
 _ARENA_MAX = 1                 # threads share the main heap, which has no 64 MiB limit
 
-_state = {"applied": None}
 
-
+@functools.cache
 def retain_freed_memory() -> bool:
     """Tells glibc's malloc to keep freed memory for reuse; once per process.
 
@@ -42,9 +42,7 @@ def retain_freed_memory() -> bool:
     ``MEDRWKV_RETAIN_MEMORY=0``).  Call it early: threads that already allocated keep the
     arena they have.
     """
-    if _state["applied"] is None:
-        _state["applied"] = _apply()
-    return _state["applied"]
+    return _apply()
 
 
 def _apply() -> bool:

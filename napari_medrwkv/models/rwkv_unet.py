@@ -142,7 +142,10 @@ class CrossChannelMix(nn.Module):
         x = torch.cat([_resize(conv(s), size) for conv, s in zip(self.into, skips)], 1)
         t = tokens(x)
         t = add_to_fresh(self.drop_path(self.norm(self.mix(t, size))), t)
-        parts = grid(t, size).chunk(len(skips), dim=1)
+        # The parts are channel slices of one channels_last map.  Each is copied out whole
+        # first: bilinear resizing of a strided slice takes a slow generic path (rwkv_unet_t at
+        # 512x512 on the CPU: 6.4 ms for the 1/4 part, against a 1.2 ms copy and 0.8 ms).
+        parts = [p.contiguous(memory_format=torch.channels_last) for p in grid(t, size).chunk(len(skips), dim=1)]
         # Resized before the 1x1 convs, which then run on the 1/4 and 1/8 grids instead of the
         # 1/2 one: the same map, since bilinear weights sum to one and both steps are linear.
         return [conv(_resize(p, s.shape[-2:])) for conv, p, s in zip(self.back, parts, skips)]

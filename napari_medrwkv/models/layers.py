@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import bi_wkv
+from ..ops import bi_wkv, depthwise_conv2d
 
 
 def q_shift(x: torch.Tensor, hw: tuple, shift: int = 1, gamma: float = 0.25) -> torch.Tensor:
@@ -166,10 +166,26 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise ``nn.Conv2d`` (groups == channels) whose weight gradient on the CPU comes
+    from :func:`..ops.depthwise_conv2d`, several times faster than oneDNN's there.  The same
+    parameters and the same function; eval mode and inference run plain ``F.conv2d``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not (self.groups == self.in_channels == self.out_channels and self.dilation == (1, 1)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
+            raise ValueError(f"DepthwiseConv2d takes groups == in == out channels, no dilation, zero padding: {self}")
+
+    def forward(self, x):
+        return depthwise_conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
 def conv_bn_act(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1,
                 act: type = nn.ReLU, norm: bool = True) -> nn.Sequential:
     """Conv (no bias) + BatchNorm + activation; ``act=None``/``norm=False`` drop those."""
-    layers = [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=not norm)]
+    conv = DepthwiseConv2d if groups > 1 and groups == c_in == c_out else nn.Conv2d
+    layers = [conv(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=not norm)]
     if norm:
         layers.append(nn.BatchNorm2d(c_out))
     if act is not None:

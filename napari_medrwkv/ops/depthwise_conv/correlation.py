@@ -1,0 +1,42 @@
+"""Depthwise-convolution weight gradient as a forward depthwise convolution.
+
+The gradient of channel c's kernel is the cross-correlation of each image's input plane
+with its output-gradient plane, read at the k x k lags the kernel spans, summed over
+images.  With every (image, channel) plane as a channel of one image and every gradient
+plane as that channel's kernel, this is one depthwise convolution whose output is k x k:
+oneDNN's forward depthwise kernel runs it at near memory speed.  (oneDNN's own
+backward-weights kernel for depthwise convolutions on channels_last tensors pads every
+channel to a block of 8 by 8, and on AVX2 takes ~10x the time of the forward pass:
+measured in bench/depthwise.py.)
+
+A stride s is handled by its s x s polyphase components: taps (i, j) with i = a (mod s),
+j = b (mod s) read only the pixels (a + s y, b + s x) of the padded input, so each
+component is a stride-1 correlation with its own, smaller set of lags.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def depthwise_weight_grad_by_correlation(grad_out: torch.Tensor, x: torch.Tensor, kernel_size, stride,
+                                         padding) -> torch.Tensor:
+    """d loss / d weight, (C, 1, kh, kw), of ``F.conv2d(x, weight, stride=stride, padding=padding, groups=C)``
+    given ``grad_out`` (B, C, Ho, Wo); in the dtype of ``x``."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    B, C = x.shape[:2]
+    Ho, Wo = grad_out.shape[-2:]
+    kernels = grad_out.contiguous().view(B * C, 1, Ho, Wo)
+    padded = F.pad(x, (pw, pw, ph, ph))
+    grad = x.new_empty(C, 1, kh, kw)
+    for a in range(min(sh, kh)):
+        for b in range(min(sw, kw)):
+            lags_h, lags_w = len(range(a, kh, sh)), len(range(b, kw, sw))
+            h, w = Ho + lags_h - 1, Wo + lags_w - 1
+            component = padded[:, :, a::sh, b::sw][:, :, :h, :w]
+            # Lags that reach past the padded input see zeros (a gradient row/column no tap uses).
+            short_h, short_w = h - component.shape[-2], w - component.shape[-1]
+            if short_h or short_w:
+                component = F.pad(component, (0, short_w, 0, short_h))
+            planes = component.contiguous().view(1, B * C, h, w)
+            lags = F.conv2d(planes, kernels, groups=B * C)                  # (1, B*C, lags_h, lags_w)
+            grad[:, 0, a::sh, b::sw] = lags.view(B, C, lags_h, lags_w).sum(0)
+    return grad

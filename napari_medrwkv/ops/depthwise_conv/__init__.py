@@ -6,7 +6,7 @@ CPU in float32 its weight gradient comes from :func:`depthwise_weight_grad_by_co
 where that is measured to be faster than oneDNN's own (``bench/depthwise.py``): every
 stride-1 layer, and strided ones on large planes.  Training rwkv_unet_t on the CPU (batch 4,
 256 px, 2 threads) spent a fifth of each step in oneDNN's depthwise weight gradients, 490 ms;
-these take 310 ms, and a whole step 4% less time (6% at batch 8).
+these take 310 ms, and a whole step 3-4% less time (6% at batch 8).
 
 :func:`depthwise_weight_grad_naive` is the float64 reference the tests compare with.
 """

@@ -18,6 +18,29 @@ def q_shift(x: torch.Tensor, hw: tuple, shift: int = 1, gamma: float = 0.25) -> 
     Four channel groups of ``gamma * C`` move right, left, down and up by
     ``shift`` pixels with zero fill; the remaining channels pass unchanged.
     """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _QShift.apply(x, hw, shift, gamma)
+    return _shift_groups(x, hw, shift, gamma, reverse=False)
+
+
+class _QShift(torch.autograd.Function):
+    """The shift's gradient is its adjoint, the same shift in the opposite directions: one
+    pass.  Autograd through the slice assignments zero-filled and summed a full-size
+    gradient per group instead (CPU training of rwkv_unet_t: CCM's shift at 256 px, batch 4,
+    ~70 ms backward against 5 ms forward)."""
+
+    @staticmethod
+    def forward(ctx, x, hw, shift, gamma):
+        ctx.hw, ctx.shift, ctx.gamma = hw, shift, gamma
+        return _shift_groups(x, hw, shift, gamma, reverse=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _shift_groups(grad.contiguous(), ctx.hw, ctx.shift, ctx.gamma, reverse=True), None, None, None
+
+
+def _shift_groups(x, hw, shift, gamma, reverse: bool):
+    """:func:`q_shift`, or with ``reverse`` its adjoint (right <-> left, down <-> up)."""
     B, T, C = x.shape
     H, W = hw
     g = int(C * gamma)
@@ -25,6 +48,8 @@ def q_shift(x: torch.Tensor, hw: tuple, shift: int = 1, gamma: float = 0.25) -> 
     out = torch.empty_like(grid)            # every element is written once below: no memset
     sw, sh = min(shift, W), min(shift, H)
     right, left, down, up = (slice(i * g, (i + 1) * g) for i in range(4))
+    if reverse:
+        right, left, down, up = left, right, up, down
     out[:, right, :, sw:] = grid[:, right, :, :W - sw]
     out[:, right, :, :sw] = 0
     out[:, left, :, :W - sw] = grid[:, left, :, sw:]

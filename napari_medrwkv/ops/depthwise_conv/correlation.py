@@ -25,18 +25,40 @@ def depthwise_weight_grad_by_correlation(grad_out: torch.Tensor, x: torch.Tensor
     B, C = x.shape[:2]
     Ho, Wo = grad_out.shape[-2:]
     kernels = grad_out.contiguous().view(B * C, 1, Ho, Wo)
-    padded = F.pad(x, (pw, pw, ph, ph))
     grad = x.new_empty(C, 1, kh, kw)
     for a in range(min(sh, kh)):
         for b in range(min(sw, kw)):
             lags_h, lags_w = len(range(a, kh, sh)), len(range(b, kw, sw))
             h, w = Ho + lags_h - 1, Wo + lags_w - 1
-            component = padded[:, :, a::sh, b::sw][:, :, :h, :w]
-            # Lags that reach past the padded input see zeros (a gradient row/column no tap uses).
-            short_h, short_w = h - component.shape[-2], w - component.shape[-1]
-            if short_h or short_w:
-                component = F.pad(component, (0, short_w, 0, short_h))
-            planes = component.contiguous().view(1, B * C, h, w)
+            planes = _polyphase_component(x, (a, b), (sh, sw), (ph, pw), (h, w)).view(1, B * C, h, w)
             lags = F.conv2d(planes, kernels, groups=B * C)                  # (1, B*C, lags_h, lags_w)
             grad[:, 0, a::sh, b::sw] = lags.view(B, C, lags_h, lags_w).sum(0)
     return grad
+
+
+def _polyphase_component(x, offset, stride, padding, size):
+    """Rows a, a + sh, ... and columns b, b + sw, ... of ``x`` zero-padded by ``padding``, the
+    first ``size`` of each, as a contiguous (B, C, h, w) tensor: one copy of the pixels it
+    holds, no padded copy of the whole input (and zeros past the input's far edge, where lags
+    reach beyond it)."""
+    B, C, H, W = x.shape
+    out = x.new_empty(B, C, *size)
+    (r0, r1), (c0, c1) = (_inside(n, o, s, p, m) for n, o, s, p, m in zip((H, W), offset, stride, padding, size))
+    if r1 <= r0 or c1 <= c0:
+        return out.zero_()
+    out[:, :, :r0] = 0
+    out[:, :, r1:] = 0
+    out[:, :, r0:r1, :c0] = 0
+    out[:, :, r0:r1, c1:] = 0
+    (sh, sw), (ph, pw), (a, b) = stride, padding, offset
+    y0, x0 = a + sh * r0 - ph, b + sw * c0 - pw
+    out[:, :, r0:r1, c0:c1] = x[:, :, y0:y0 + sh * (r1 - r0 - 1) + 1:sh, x0:x0 + sw * (c1 - c0 - 1) + 1:sw]
+    return out
+
+
+def _inside(n: int, offset: int, stride: int, pad: int, size: int):
+    """The range [first, end) of component indices i < size whose padded position
+    offset + stride * i falls on the input (0 <= offset + stride * i - pad < n)."""
+    first = max(0, -(-(pad - offset) // stride))
+    end = min(size, (n - 1 + pad - offset) // stride + 1)
+    return first, max(first, end)

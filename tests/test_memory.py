@@ -10,9 +10,10 @@ from napari_medrwkv.engine import memory
 
 glibc_only = pytest.mark.skipif(memory._glibc() is None, reason="the settings apply to glibc's malloc only")
 
-# In a fresh process, as an application would: load a model, then segment three times on a
+# In a fresh process, as an application would: load a model, then segment five times on a
 # worker thread (as the widgets do) and count each call's page faults.  The first call sets up
-# the heap, the second still settles it; from the third on, the memory is reused.
+# the heap; the second, and now and then the third, still grows it by 16-48 MiB (seen here and
+# on CI); after that the memory is reused.
 _SCRIPT = """
 import json, resource, threading
 import numpy as np, torch
@@ -23,7 +24,7 @@ model = nm.load_model("rwkv_unet_t", device="cpu")
 image = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
 faults = []
 def work():
-    for _ in range(3):
+    for _ in range(5):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         nm.segment(image, model=model)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -45,10 +46,11 @@ def _faults_per_call(retain: str):
 def test_a_repeated_segmentation_on_a_worker_thread_reuses_the_memory_it_freed():
     kept = _faults_per_call("1")
     assert kept["retained"] is True
-    # 4 KiB pages: the ~300 MB a 512x512 call would map afresh is ~78,000 faults.
-    assert kept["faults"][2] < 2_000, kept
+    # 4 KiB pages: the ~300 MB a 512x512 call maps afresh is ~50,000-90,000 faults; calls 3-5
+    # together map less than a sixth of one such call.
+    assert sum(kept["faults"][2:]) < 12_000, kept
     returned = _faults_per_call("0")              # malloc as glibc sets it: every call maps afresh
-    assert returned["retained"] is False and returned["faults"][2] > 20_000, returned
+    assert returned["retained"] is False and min(returned["faults"][2:]) > 20_000, returned
 
 
 def test_switched_off_by_the_environment(monkeypatch):

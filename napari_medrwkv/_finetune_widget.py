@@ -614,8 +614,11 @@ class FineTuneWidget(QWidget):
         self._select_model(path)             # the next round starts from this model
         how = "Cancelled" if result.cancelled else "Done"
         best = "the best so far" if result.cancelled else "the best"
-        self.status.setText(f"{how}: {len(result.history)} epoch(s) in {result.minutes:.1f} min; kept epoch "
-                            f"{result.best_epoch} ({best}). Saved {path}; it is in the model lists of this session.")
+        kept = (f"no epoch beat the starting model on {self._compare_kind or 'the validation images'}, "
+                "so its weights were kept"
+                if result.best_epoch == 0 else f"kept epoch {result.best_epoch} ({best})")
+        self.status.setText(f"{how}: {len(result.history)} epoch(s) in {result.minutes:.1f} min; {kept}. "
+                            f"Saved {path}; it is in the model lists of this session.")
         if before is not None and after is not None:
             self.result_label.setText(f"Dice on {self._compare_kind}: before {before:.2f} → after {after:.2f}")
         elif result.best_val_dice is not None:

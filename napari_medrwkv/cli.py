@@ -214,7 +214,12 @@ def _train(args) -> int:
                    config=cfg, command=command)
     bar.close()
     best = f"{result.best_val_dice:.4f}" if result.best_val_dice is not None else "n/a"
-    print(f"best epoch {result.best_epoch} (val Dice {best}) after {result.minutes:.1f} min; wrote {result.path}")
+    if result.best_epoch == 0:
+        print(f"no epoch beat the starting weights (val Dice {best}) in {result.minutes:.1f} min; "
+              f"wrote them, unchanged, to {result.path}")
+    else:
+        start = f", starting weights {result.start_val_dice:.4f}" if result.start_val_dice is not None else ""
+        print(f"best epoch {result.best_epoch} (val Dice {best}{start}) after {result.minutes:.1f} min; wrote {result.path}")
     return 0
 
 

@@ -183,6 +183,7 @@ def test_train_learns_the_samples_and_saves_provenance(sample_arrays, tmp_path):
     best = max(validated, key=lambda r: r.val_dice)
     assert (result.best_val_dice, result.best_epoch) == (best.val_dice, best.epoch)
     assert any(p.val_dice is not None for p in seen) and seen[-1].fraction == 1.0
+    assert result.start_val_dice is None             # a fresh architecture's start is no candidate
     model = nm.load_model(out, device="cpu")
     assert model.info.training["epochs"] == 6 and model.info.training["best_epoch"] == result.best_epoch
     assert model.info.metrics["val_dice"] == pytest.approx(result.best_val_dice)
@@ -336,6 +337,33 @@ def test_train_with_a_weight_average_keeps_the_average_it_validated(sample_array
     assert validate(averaged.model.net, val_set, averaged.model) == pytest.approx(averaged.best_val_dice, abs=1e-6)
     with pytest.raises(ValueError, match="ema=1"):
         nm.train("ds_vrwkv_t", sample_arrays, epochs=1, config=replace(cfg, ema=1))
+
+
+def test_training_without_validation_data_keeps_an_epoch_whatever_its_loss():
+    # One image leaves nothing to validate on, so epochs are scored by their loss; with eight
+    # classes it starts above 1, which once left no epoch kept and crashed after the whole run.
+    rng = np.random.default_rng(0)
+    pair = (rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), rng.integers(0, 8, (64, 64)).astype(np.uint8))
+    model = nm.load_model("rwkv_unet_t", num_classes=8, device="cpu")
+    cfg = nm.TrainConfig(patch_size=32, batch_size=2, samples_per_epoch=2)
+    result = nm.train(model, [pair], epochs=1, device="cpu", config=cfg)
+    assert result.history[0].loss > 1 and result.best_epoch == 1 and result.best_val_dice is None
+
+
+def test_fine_tuning_that_only_hurts_gives_the_starting_weights_back(sample_arrays, tmp_path):
+    # The shipped nuclei model on the bundled nuclei samples, one epoch at a learning rate that
+    # wrecks it: no epoch beats the start on the validation images, so the start is what comes back.
+    start = nm.load_model("rwkv_unet_t-dsb2018", device="cpu")
+    cfg = nm.TrainConfig(patch_size=64, batch_size=2, samples_per_epoch=4, lr=1.0, warmup_fraction=0.0)
+    out = tmp_path / "tuned.safetensors"
+    result = nm.train(start, sample_arrays, out=out, epochs=1, device="cpu", val_data=sample_arrays, config=cfg)
+    assert result.start_val_dice > 0.5 and result.history[0].val_dice < result.start_val_dice
+    assert result.best_epoch == 0 and result.best_val_dice == result.start_val_dice
+    before, after = start.net.state_dict(), result.model.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    saved = nm.load_model(out, device="cpu")
+    assert saved.info.training["best_epoch"] == 0
+    assert saved.info.training["start_val_dice"] == pytest.approx(result.start_val_dice)
 
 
 def test_validation_due_spaces_costly_validations():

@@ -129,6 +129,24 @@ def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, q
     assert "Re-segmented 1 unreviewed slice" in widget.status.text()
 
 
+def test_a_fine_tuning_that_only_hurts_gives_the_starting_model_back(loop, qtbot, tmp_path, errors):
+    # The shipped nuclei model does well on the nuclei samples; at the widget's largest learning
+    # rate two epochs wreck it, so the held-out pair keeps the start, and the widget says so.
+    widget = loop
+    widget.add_model_source("rwkv_unet_t-dsb2018")
+    out = tmp_path / "hurt.safetensors"
+    _tiny(widget, out)
+    widget.lr_spin.setValue(widget.lr_spin.maximum())
+    widget.run()
+    _wait(widget, qtbot)
+    assert not errors, errors
+    assert widget.result.best_epoch == 0 and widget.result.start_val_dice > 0.5
+    assert "no epoch beat the starting model on held-out reviewed pairs" in widget.status.text()
+    before, after = widget.result_label.text().split("before ")[1].split(" → after ")
+    assert before == after
+    assert read_info(out).training["best_epoch"] == 0
+
+
 def test_cancel_keeps_and_saves_the_best_model_so_far(loop, qtbot, tmp_path, errors):
     widget = loop
     out = tmp_path / "cancelled.safetensors"

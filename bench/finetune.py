@@ -4,8 +4,10 @@
         --minutes 3 --lr 1e-3 3e-4 --patch 128 256 --freeze none norm_stats encoder --augment-strength 0 1 2 --ema 0 0.9
 
 For each setting: fine-tune the base model on ``--shots`` images drawn (seeded) from
-the train split, validate on those same shots as the widget would with so few, and
-report Dice on the ``val`` split before and after.  Prints one row per setting.
+the train split, validate on those same shots (or, with ``--hold-out 0.2``, on a fifth of
+them held out of training, as the Fine-tune widget does), and report Dice on the ``val``
+split before and after, and the epoch kept (0: the starting weights).  Prints one row per
+setting.
 """
 import argparse
 import itertools
@@ -39,6 +41,9 @@ def main():
                         help="TrainConfig.foreground settings to compare (fraction of crops on a foreground pixel)")
     parser.add_argument("--ema", type=float, nargs="+", default=[0.0],
                         help="TrainConfig.ema settings to compare (decay of the kept weight average; 0 = off)")
+    parser.add_argument("--hold-out", type=float, default=0.0,
+                        help="validate on this fraction of the shots (at least one), trained on the rest, as the "
+                             "Fine-tune widget does from three reviewed pairs (0.2); 0 = validate on the shots")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -59,22 +64,27 @@ def main():
     train_pool = usable(split_pairs("train"))
     shots = [train_pool[i] for i in torch.randperm(len(train_pool), generator=torch.Generator().manual_seed(args.seed))
              [:args.shots].tolist()]
+    train_shots, val_shots = shots, shots
+    if args.hold_out:
+        n_held = max(1, int(round(args.hold_out * len(shots))))
+        train_shots, val_shots = shots[n_held:], shots[:n_held]      # the draw is already seeded and shuffled
     val = usable(split_pairs("val"))[:args.val_limit]
     base = nm.load_model(args.base, device="cpu")
     before = nm.evaluate(base, val)["dice"]
     print(f"base {args.base} on {args.data} val ({len(val)} images): Dice {before:.4f}")
     print(f"{'lr':>8} | {'patch':>5} | {'freeze':>10} | {'augment':>7} | {'fg':>4} | {'ema':>5} | {'shots':>5} | "
-          f"{'minutes':>7} | {'epochs':>6} | {'val Dice':>8} | {'gain':>6}")
+          f"{'minutes':>7} | {'epochs':>6} | {'kept':>4} | {'val Dice':>8} | {'gain':>6}")
     settings = itertools.product(args.lr, args.patch, args.freeze, args.augment_strength, args.foreground, args.ema)
     for lr, patch, freeze, strength, foreground, ema in settings:
         cfg = nm.TrainConfig(lr=lr, patch_size=patch, batch_size=args.batch, seed=args.seed, freeze=freeze,
                              augment_strength=strength, foreground=foreground, ema=ema,
-                             samples_per_epoch=max(len(shots), 4 * args.batch))
+                             samples_per_epoch=max(len(train_shots), 4 * args.batch))
         start = time.monotonic()
-        result = nm.train(base, shots, max_minutes=args.minutes, device="cpu", val_data=shots, config=cfg)
+        result = nm.train(base, train_shots, max_minutes=args.minutes, device="cpu", val_data=val_shots, config=cfg)
         after = nm.evaluate(result.model, val)["dice"]
         print(f"{lr:8.0e} | {patch:5d} | {freeze:>10} | {strength:7g} | {foreground:4.2f} | {ema:5g} | {len(shots):5d} | "
-              f"{(time.monotonic() - start) / 60:7.1f} | {len(result.history):6d} | {after:8.4f} | {after - before:+6.3f}",
+              f"{(time.monotonic() - start) / 60:7.1f} | {len(result.history):6d} | {result.best_epoch:4d} | {after:8.4f} | "
+              f"{after - before:+6.3f}",
               flush=True)
 
 

@@ -366,6 +366,16 @@ def test_fine_tuning_that_only_hurts_gives_the_starting_weights_back(sample_arra
     assert saved.info.training["start_val_dice"] == pytest.approx(result.start_val_dice)
 
 
+def test_a_model_trained_in_memory_is_a_starting_candidate_when_trained_again(sample_arrays):
+    # Trained from an architecture name and not saved, the model keeps that name as its source;
+    # its weights are trained all the same, so a second run must not lose them to a worse epoch.
+    cfg = nm.TrainConfig(patch_size=64, batch_size=2, samples_per_epoch=4)
+    first = nm.train("rwkv_unet_t", sample_arrays, epochs=1, device="cpu", val_data=sample_arrays, config=cfg)
+    assert first.start_val_dice is None and first.model.source == "rwkv_unet_t"
+    second = nm.train(first.model, sample_arrays, epochs=1, device="cpu", val_data=sample_arrays, config=cfg)
+    assert second.start_val_dice == pytest.approx(first.best_val_dice, abs=1e-6)
+
+
 def test_validation_due_spaces_costly_validations():
     from napari_medrwkv.engine.train import VALIDATION_SPACING, validation_due
     assert validation_due(0.1, None, finishing=False)               # the first epoch

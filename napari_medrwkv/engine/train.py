@@ -290,9 +290,10 @@ VALIDATION_SPACING = 2.0
 
 
 def _starts_trained(model: SegmentationModel) -> bool:
-    """Whether the weights training starts from were trained (a shipped model or a checkpoint),
-    not freshly initialised from an architecture name."""
-    return model.source not in list_models()
+    """Whether the weights training starts from were trained (a shipped model, a checkpoint, or a
+    model trained in memory, which keeps its architecture name as source), not freshly
+    initialised from an architecture name."""
+    return model.source not in list_models() or bool(model.info.training)
 
 
 def validation_due(trained_seconds: float, last_validation_seconds: Optional[float], finishing: bool) -> bool:

@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import napari_medrwkv as nm
 from napari_medrwkv.engine.fuse import ConvAct, TokenLinear, fuse_for_inference
@@ -123,6 +124,23 @@ def test_probabilities_binary_and_multiclass(binary_model):
     assert probs.shape == (3, 2, 64, 80)
     assert np.allclose(probs.sum(0), 1, atol=1e-5)
     assert np.array_equal(labels, probs.argmax(0))
+
+
+@pytest.mark.parametrize("classes,largest", [(1, False), (1, True), (3, False)])
+def test_a_stack_segments_as_its_planes_do_alone(classes, largest):
+    # Labels are made plane by plane (the stack's probabilities are kept only when asked): the
+    # reference is each plane segmented as a 2D image, tiled, with its own largest object.
+    torch.manual_seed(1)
+    model = nm.load_model("rwkv_unet_t", device="cpu", num_classes=classes)
+    stack = random_image((3, 70, 90), seed=5)
+    options = dict(model=model, tile=48, **({"largest_component": True, "threshold": 0.45} if largest else {}))
+    labels, probs = nm.segment(stack, return_probabilities=True, **options)
+    alone = [nm.segment(plane, return_probabilities=True, **options) for plane in stack]
+    assert np.array_equal(labels, np.stack([plane_labels for plane_labels, _ in alone]))
+    np.testing.assert_array_equal(probs, np.stack([p for _, p in alone], axis=0 if classes == 1 else 1))
+    assert np.array_equal(nm.segment(stack, **options), labels)
+    if largest:
+        assert all(ndimage.label(plane, np.ones((3, 3)))[1] <= 1 for plane in labels)
 
 
 def test_tiles_cover_the_plane_with_the_overlap_asked():

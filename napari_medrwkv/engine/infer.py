@@ -87,8 +87,8 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     net_shape = scaled_size(planes.shape[1:3], scale)       # the plane as the network sees it
     ys, xs = tile_starts(net_shape[0], tile, overlap), tile_starts(net_shape[1], tile, overlap)
     total, done = len(planes) * len(ys) * len(xs), 0
-    probabilities = []
-    for plane in planes:
+    labels = probabilities = None
+    for z, plane in enumerate(planes):
         probs = np.zeros((_channels(model),) + net_shape, dtype=np.float32)
         weight = np.zeros(net_shape, dtype=np.float32)
         x = resize_channels(image_to_channels(plane, model.info.in_chans), net_shape)
@@ -105,17 +105,22 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
                 if progress is not None:
                     progress(done, total)
         # Probabilities, not labels, go back to the image's size: smooth edges, no blocky labels.
-        probabilities.append(resize_channels(probs / weight, plane.shape[:2]))
-    probs = np.stack(probabilities)                    # (Z, K, Y, X)
-    labels = binary_labels(probs[:, 0], settings["threshold"], settings["largest_component"]) if model.binary \
-        else _class_ids(probs)
+        # Each plane becomes labels at once, so a stack holds its probabilities only when asked.
+        probs = resize_channels(probs / weight, plane.shape[:2])
+        plane_labels = binary_labels(probs[0], settings["threshold"], settings["largest_component"]) \
+            if model.binary else _class_ids(probs)
+        if labels is None:
+            labels = np.empty((len(planes),) + plane_labels.shape, plane_labels.dtype)
+            if return_probabilities:         # (Z, Y, X) binary, (K, Z, Y, X) multi-class
+                probabilities = np.empty(((len(planes),) if model.binary else (len(probs), len(planes)))
+                                         + plane_labels.shape, np.float32)
+        labels[z] = plane_labels
+        if return_probabilities:
+            probabilities[z if model.binary else (slice(None), z)] = probs[0] if model.binary else probs
     if not stack_axes:
-        probs, labels = probs[0], labels[0]
-    if not return_probabilities:
-        return labels
-    if model.binary:
-        return labels, probs[..., 0, :, :] if stack_axes else probs[0]
-    return labels, np.moveaxis(probs, 1, 0) if stack_axes else probs
+        labels = labels[0]
+        probabilities = None if probabilities is None else probabilities[0] if model.binary else probabilities[:, 0]
+    return (labels, probabilities) if return_probabilities else labels
 
 
 def _channels(model: SegmentationModel) -> int:
@@ -143,5 +148,5 @@ def _unflipped_probabilities(model: SegmentationModel, batch: torch.Tensor, dims
 
 
 def _class_ids(probs: np.ndarray) -> np.ndarray:
-    ids = probs.argmax(1)
-    return ids.astype(np.uint8 if probs.shape[1] <= 256 else np.int32)
+    """Class ids of per-class probabilities (K, Y, X)."""
+    return probs.argmax(0).astype(np.uint8 if len(probs) <= 256 else np.int32)

@@ -6,7 +6,8 @@
 For each setting: fine-tune the base model on ``--shots`` images drawn (seeded) from
 the train split, validate on those same shots (or, with ``--hold-out 0.2``, on a fifth of
 them held out of training, as the Fine-tune widget does), and report Dice on the ``val``
-split before and after, and the epoch kept (0: the starting weights).  Prints one row per
+split before and after, the epoch kept (0: the starting weights) and its share of the kept
+weights (blend: the rest is the start's).  Prints one row per
 setting.
 """
 import argparse
@@ -18,6 +19,7 @@ import torch
 
 import napari_medrwkv as nm
 from napari_medrwkv.engine.data import find_pairs
+from napari_medrwkv.engine.defaults import FEW_SHOT
 
 
 def main():
@@ -41,6 +43,8 @@ def main():
                         help="TrainConfig.foreground settings to compare (fraction of crops on a foreground pixel)")
     parser.add_argument("--ema", type=float, nargs="+", default=[0.0],
                         help="TrainConfig.ema settings to compare (decay of the kept weight average; 0 = off)")
+    parser.add_argument("--blend", type=float, nargs="+", default=[FEW_SHOT["blend"]],
+                        help="TrainConfig.blend settings to compare (the best epoch's share of the kept weights)")
     parser.add_argument("--hold-out", type=float, default=0.0,
                         help="validate on this fraction of the shots (at least one), trained on the rest, as the "
                              "Fine-tune widget does from three reviewed pairs (0.2); 0 = validate on the shots")
@@ -73,18 +77,19 @@ def main():
     before = nm.evaluate(base, val)["dice"]
     print(f"base {args.base} on {args.data} val ({len(val)} images): Dice {before:.4f}")
     print(f"{'lr':>8} | {'patch':>5} | {'freeze':>10} | {'augment':>7} | {'fg':>4} | {'ema':>5} | {'shots':>5} | "
-          f"{'minutes':>7} | {'epochs':>6} | {'kept':>4} | {'val Dice':>8} | {'gain':>6}")
-    settings = itertools.product(args.lr, args.patch, args.freeze, args.augment_strength, args.foreground, args.ema)
-    for lr, patch, freeze, strength, foreground, ema in settings:
+          f"{'minutes':>7} | {'epochs':>6} | {'kept':>4} | {'blend':>5} | {'val Dice':>8} | {'gain':>6}")
+    settings = itertools.product(args.lr, args.patch, args.freeze, args.augment_strength, args.foreground, args.ema,
+                                 args.blend)
+    for lr, patch, freeze, strength, foreground, ema, blend in settings:
         cfg = nm.TrainConfig(lr=lr, patch_size=patch, batch_size=args.batch, seed=args.seed, freeze=freeze,
-                             augment_strength=strength, foreground=foreground, ema=ema,
+                             augment_strength=strength, foreground=foreground, ema=ema, blend=blend,
                              samples_per_epoch=max(len(train_shots), 4 * args.batch))
         start = time.monotonic()
         result = nm.train(base, train_shots, max_minutes=args.minutes, device="cpu", val_data=val_shots, config=cfg)
         after = nm.evaluate(result.model, val)["dice"]
         print(f"{lr:8.0e} | {patch:5d} | {freeze:>10} | {strength:7g} | {foreground:4.2f} | {ema:5g} | {len(shots):5d} | "
-              f"{(time.monotonic() - start) / 60:7.1f} | {len(result.history):6d} | {result.best_epoch:4d} | {after:8.4f} | "
-              f"{after - before:+6.3f}",
+              f"{(time.monotonic() - start) / 60:7.1f} | {len(result.history):6d} | {result.best_epoch:4d} | "
+              f"{result.blend:5.2f} | {after:8.4f} | {after - before:+6.3f}",
               flush=True)
 
 

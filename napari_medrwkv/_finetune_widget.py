@@ -616,7 +616,8 @@ class FineTuneWidget(QWidget):
         best = "the best so far" if result.cancelled else "the best"
         kept = (f"no epoch beat the starting model on {self._compare_kind or 'the validation images'}, "
                 "so its weights were kept"
-                if result.best_epoch == 0 else f"kept epoch {result.best_epoch} ({best})")
+                if result.best_epoch == 0 else f"kept epoch {result.best_epoch} ({best})"
+                + (f", blended with the starting model ({result.blend:.0%} the epoch's)" if result.blend < 1 else ""))
         self.status.setText(f"{how}: {len(result.history)} epoch(s) in {result.minutes:.1f} min; {kept}. "
                             f"Saved {path}; it is in the model lists of this session.")
         if before is not None and after is not None:
@@ -627,7 +628,7 @@ class FineTuneWidget(QWidget):
         targets = unreviewed_slices(self.viewer.layers)
         count = sum(len(indices) for _, _, indices in targets)
         self.resegment_button.setEnabled(bool(count))
-        if count:
+        if count and result.best_epoch != 0:      # the start kept: re-segmenting would change nothing
             self.status.setText(self.status.text() + f" Re-segment the {count} unreviewed slice(s) with it?")
 
     def _on_finished(self):

@@ -81,6 +81,9 @@ def _parser():
     tr.add_argument("--ema", type=float, metavar="DECAY",
                     help="validate and keep a moving average of the weights, this decay per step "
                          "(e.g. 0.995: about the last 200 steps; default off)")
+    tr.add_argument("--blend", type=float, metavar="SHARE",
+                    help="from trained weights: keep this share of the best epoch's weights, the rest the "
+                         "start's (e.g. 0.75 for a few-shot fine-tuning; default 1, the epoch alone)")
     tr.add_argument("--workers", type=int, help="DataLoader worker processes")
     tr.add_argument("--in-chans", type=int, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=int, default=1, help="classes for a bare architecture (1 = binary)")
@@ -192,7 +195,7 @@ def _train(args) -> int:
     from .engine.train import TrainConfig, train
     cfg = TrainConfig()
     for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale", "freeze",
-                 "foreground", "augment_strength", "ema"):
+                 "foreground", "augment_strength", "ema", "blend"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.workers is not None:
@@ -219,7 +222,9 @@ def _train(args) -> int:
               f"wrote them, unchanged, to {result.path}")
     else:
         start = f", starting weights {result.start_val_dice:.4f}" if result.start_val_dice is not None else ""
-        print(f"best epoch {result.best_epoch} (val Dice {best}{start}) after {result.minutes:.1f} min; wrote {result.path}")
+        blend = f" blended with the starting weights ({result.blend:.0%} the epoch's)" if result.blend < 1 else ""
+        print(f"best epoch {result.best_epoch}{blend} (val Dice {best}{start}) after {result.minutes:.1f} min; "
+              f"wrote {result.path}")
     return 0
 
 

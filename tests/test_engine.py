@@ -380,8 +380,57 @@ def test_fine_tuning_that_only_hurts_gives_the_starting_weights_back(sample_arra
     before, after = start.net.state_dict(), result.model.net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     saved = nm.load_model(out, device="cpu")
-    assert saved.info.training["best_epoch"] == 0
+    assert saved.info.training["best_epoch"] == 0 and saved.info.training["blend"] == 1.0
     assert saved.info.training["start_val_dice"] == pytest.approx(result.start_val_dice)
+
+
+def test_the_best_epoch_is_blended_with_the_start_unless_the_start_scores_higher(sample_arrays):
+    # Real weights, real validation: the shipped nuclei model, and the same weights wrecked by
+    # noise.  A good epoch from a wrecked start: its blend is kept, exactly start + 3/4 (epoch -
+    # start).  A wrecked epoch from a good start: the start comes back, as best epoch 0.
+    from napari_medrwkv.engine.data import SegmentationDataset
+    from napari_medrwkv.engine.train import TrainResult, _keep_or_blend, validate
+    model = nm.load_model("rwkv_unet_t-dsb2018", device="cpu")
+    val_set = SegmentationDataset(sample_arrays, 3, 1, 256, augment=False, input_scale=model.info.input_scale)
+    net = model.net.eval()
+    good = {k: v.clone() for k, v in net.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    wrecked = {k: v + 0.1 * v.std() * torch.randn(v.shape, generator=gen) if v.is_floating_point() and v.numel() > 1
+               else v.clone() for k, v in good.items()}
+
+    def score(state):
+        net.load_state_dict(state)
+        return validate(net, val_set, model)
+
+    good_dice, wrecked_dice = score(good), score(wrecked)
+    assert good_dice > wrecked_dice + 0.3
+    result = TrainResult(model=model, best_epoch=3, start_val_dice=wrecked_dice)
+    state, dice = _keep_or_blend(net, val_set, model, wrecked, good, good_dice, 0.75, result)
+    assert (result.best_epoch, result.blend) == (3, 0.75) and dice > wrecked_dice
+    assert all(torch.equal(state[k], wrecked[k].lerp(good[k], 0.75)) for k in state if state[k].is_floating_point())
+    assert dice == score(state)
+    result = TrainResult(model=model, best_epoch=3, start_val_dice=good_dice)
+    state, dice = _keep_or_blend(net, val_set, model, good, wrecked, wrecked_dice, 0.75, result)
+    assert (result.best_epoch, result.blend, dice) == (0, 1.0, good_dice) and state is good
+
+
+def test_training_from_trained_weights_keeps_the_blend_asked_for(sample_arrays):
+    # Deterministic with a seed: the same run with blend 1 gives the epoch's weights, so the run
+    # with blend 0.5 must keep exactly the midpoint of those and the start's.  One image: no
+    # validation data, so the blend is kept unchecked.
+    start = nm.load_model("rwkv_unet_t-dsb2018", device="cpu")
+    cfg = nm.TrainConfig(patch_size=64, batch_size=2, samples_per_epoch=4, seed=3)
+    whole = nm.train(start, sample_arrays[:1], epochs=1, device="cpu", config=cfg)
+    half = nm.train(start, sample_arrays[:1], epochs=1, device="cpu", config=replace(cfg, blend=0.5))
+    assert (whole.blend, half.blend, half.best_epoch) == (1.0, 0.5, 1)
+    s0, s1, kept = start.net.state_dict(), whole.model.net.state_dict(), half.model.net.state_dict()
+    assert not torch.equal(s1["head.weight"], s0["head.weight"])
+    for k in kept:
+        if kept[k].is_floating_point():
+            torch.testing.assert_close(kept[k], s0[k].lerp(s1[k], 0.5), rtol=0, atol=1e-6)
+    assert half.model.info.training["blend"] == 0.5
+    with pytest.raises(ValueError, match="blend=0"):
+        nm.train(start, sample_arrays[:1], epochs=1, device="cpu", config=replace(cfg, blend=0))
 
 
 def test_a_model_trained_in_memory_is_a_starting_candidate_when_trained_again(sample_arrays):

@@ -98,6 +98,11 @@ def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, q
     # the widget's settings reach the checkpoint's provenance (lr: the few-shot default)
     from napari_medrwkv.engine.defaults import FEW_SHOT
     assert training["config"]["patch_size"] == 64 and training["config"]["lr"] == pytest.approx(FEW_SHOT["lr"])
+    # a trained start: the best epoch blended with it, or the start itself, and the status says which
+    assert training["config"]["blend"] == FEW_SHOT["blend"] == 0.75
+    said = "no epoch beat the starting model" if training["best_epoch"] == 0 else \
+        f"kept epoch {training['best_epoch']} (the best), blended with the starting model (75% the epoch's)"
+    assert said in widget.status.text() and training["blend"] == (1.0 if training["best_epoch"] == 0 else 0.75)
     assert _session.registered() == [str(out)]
     items = [segment.model_combo.itemText(i) for i in range(segment.model_combo.count())]
     assert str(out) in items and items[-1] == _finetune_widget.BROWSE
@@ -142,6 +147,7 @@ def test_a_fine_tuning_that_only_hurts_gives_the_starting_model_back(loop, qtbot
     assert not errors, errors
     assert widget.result.best_epoch == 0 and widget.result.start_val_dice > 0.5
     assert "no epoch beat the starting model on held-out reviewed pairs" in widget.status.text()
+    assert "Re-segment" not in widget.status.text()          # the same model would change nothing
     before, after = widget.result_label.text().split("before ")[1].split(" → after ")
     assert before == after
     assert read_info(out).training["best_epoch"] == 0

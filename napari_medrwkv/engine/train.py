@@ -50,6 +50,7 @@ class TrainConfig:
     freeze: str = "none"                  # see FREEZE_CHOICES
     foreground: float = 1 / 3             # fraction of crops placed on a foreground pixel
     ema: float = 0.0                      # decay of the weight average validated and kept; 0 = off
+    blend: float = 1.0                    # the best epoch's share of the kept weights, the rest the trained start's
 
     @classmethod
     def few_shot(cls, **overrides) -> "TrainConfig":
@@ -96,6 +97,8 @@ class TrainResult:
     model: SegmentationModel              # the best weights (by validation Dice)
     history: List[EpochRecord] = field(default_factory=list)
     best_epoch: int = 0                   # 0: no epoch beat the starting weights, which were kept
+    blend: float = 1.0                    # the best epoch's share of the kept weights, the start's the rest
+                                          # (cfg.blend, where the start was trained; else 1)
     best_val_dice: Optional[float] = None
     start_val_dice: Optional[float] = None   # of the starting weights (a trained start, with validation data)
     path: Optional[Path] = None
@@ -113,9 +116,10 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     part) or a list of (image, mask) arrays.  Validation data: ``val_data``/``val_split``, else a
     held-out part of ``data``.  Stops after ``epochs`` or ``max_minutes`` (whichever comes first;
     with neither, 20 epochs), or when ``cancel()`` returns True; the best weights are kept either way
-    and saved to ``out`` (a ``.safetensors`` path) when given.  Starting from trained weights with
-    validation data, those weights are validated first and kept if no epoch beats them
-    (``best_epoch`` 0).
+    and saved to ``out`` (a ``.safetensors`` path) when given.  Starting from trained weights, the
+    best epoch's are blended with them as ``config.blend`` says (WiSE-FT: that share of the
+    epoch's, the rest the start's); with validation data the starting weights are validated
+    first and kept instead (``best_epoch`` 0) if they score at least as high.
     """
     cfg = copy.deepcopy(config) if config is not None else TrainConfig()
     cfg.epochs = epochs if epochs is not None else cfg.epochs
@@ -131,6 +135,9 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     augment_ranges = augmentation(cfg.augment_strength)         # checked before any data is read
     if not 0 <= cfg.foreground <= 1:
         raise ValueError(f"foreground={cfg.foreground!r}: a fraction of the training crops, in [0, 1]")
+    if not 0 < cfg.blend <= 1:
+        raise ValueError(f"blend={cfg.blend!r}: the best epoch's share of the kept weights, in (0, 1] "
+                         "(the rest from the trained starting weights; 1 = the epoch alone)")
     if not 0 <= cfg.ema < 1:
         raise ValueError(f"ema={cfg.ema!r}: the decay of the weight average per step, in [0, 1) "
                          "(e.g. 0.995 averages over about 200 steps; 0 switches it off)")
@@ -173,13 +180,11 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     result = TrainResult(model=model)
     best_state, best_dice = None, float("-inf")       # without validation data the score is -loss, any size
     start, step, epoch = time.monotonic(), 0, 0
-    if val_set is not None and _starts_trained(model):
-        # The starting weights are a candidate too: a fine-tuning whose epochs all score lower on
-        # the validation images gives them back (best epoch 0) rather than a worse model.  (The
-        # shipped polyp and ultrasound models, three few-shot minutes on ten more images of their
-        # own kind: 0.06-0.13 Dice lower on others.)
-        best_dice = result.start_val_dice = validate(kept, val_set, model)
-        best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
+    # Trained starting weights are blended into the best epoch's and, given validation data, are
+    # a candidate themselves (see _keep_or_blend).
+    start_state = {k: v.detach().clone() for k, v in kept.state_dict().items()} if _starts_trained(model) else None
+    if start_state is not None and val_set is not None:
+        result.start_val_dice = validate(kept, val_set, model)
     last_val_seconds, trained_since_val = None, 0.0
     stop = False
     while not stop:
@@ -226,6 +231,9 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         if finishing or (budget and time.monotonic() - start >= budget and (val_set is None or val_dice is not None)):
             stop = True
 
+    if start_state is not None:
+        best_state, best_dice = _keep_or_blend(kept, val_set, model, start_state, best_state, best_dice, cfg.blend,
+                                               result)
     net.load_state_dict(best_state)
     net.eval().requires_grad_(True)
     result.best_val_dice = best_dice if val_set is not None else None
@@ -238,6 +246,25 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     if out is not None:
         result.path = Path(save_checkpoint(net, out, model.info))
     return result
+
+
+def _keep_or_blend(kept, val_set, model, start_state, epoch_state, epoch_dice, blend, result):
+    """The weights to keep when training started from trained ones: the best epoch's blended with
+    the start's (``blend`` of the epoch), unless, with validation data, the start scores at least
+    as high (then ``result.best_epoch`` is 0).  Returns (state, its validation score)."""
+    state, dice = epoch_state, epoch_dice
+    if blend < 1:
+        state = {k: start_state[k].lerp(v, blend) if v.is_floating_point() else v for k, v in epoch_state.items()}
+        if val_set is not None:
+            kept.load_state_dict(state)
+            dice = validate(kept, val_set, model)
+        result.blend = blend
+    # The starting weights are a candidate too: a fine-tuning that scores lower on the validation
+    # images gives them back rather than a worse model.  (The shipped polyp and ultrasound models,
+    # three few-shot minutes on ten more images of their own kind: 0.06-0.13 Dice lower on others.)
+    if result.start_val_dice is not None and result.start_val_dice >= dice:
+        state, dice, result.best_epoch, result.blend = start_state, result.start_val_dice, 0, 1.0
+    return state, dice
 
 
 class WeightAverage:
@@ -438,7 +465,8 @@ def _provenance(model, data, split, val_split, cfg, result, command) -> dict:
         "base": model.source,
         "data": str(data) if isinstance(data, (str, os.PathLike)) else f"{len(data)} in-memory pairs",
         "split": split, "val_split": val_split,
-        "epochs": len(result.history), "best_epoch": result.best_epoch, "start_val_dice": result.start_val_dice,
+        "epochs": len(result.history), "best_epoch": result.best_epoch, "blend": result.blend,
+        "start_val_dice": result.start_val_dice,
         "minutes": round(result.minutes, 2), "device": str(model.device),
         "config": {k: v for k, v in cfg.__dict__.items()},
         "history": [r.__dict__ for r in result.history],

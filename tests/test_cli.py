@@ -56,6 +56,16 @@ def test_train_then_evaluate_json(sample_folder, tmp_path):
                                 "--include", "nuclei_bright*"], capture_output=True, text=True)
     scores = json.loads(one.stdout.strip().splitlines()[-1])
     assert scores["n"] == 1 and scores["per_image"][0]["name"] == "nuclei_brightfield"
+    # from those trained weights, a blend of the best epoch with them, or them, and the line says which
+    tuned = tmp_path / "tuned.safetensors"
+    again = subprocess.run(run + ["train", "--model", str(ckpt), "--data", str(sample_folder), "--epochs", "1",
+                                  "--patch-size", "48", "--batch-size", "2", "--samples-per-epoch", "4",
+                                  "--blend", "0.5", "--device", "cpu", "--out", str(tuned)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    training = read_info(tuned).training
+    said = "no epoch beat the starting weights" if training["best_epoch"] == 0 else \
+        "best epoch 1 blended with the starting weights (50% the epoch's)"
+    assert said in again.stdout and training["blend"] == (1.0 if training["best_epoch"] == 0 else 0.5)
 
 
 def test_evaluate_record_stores_scores_and_keeps_weights(sample_folder, tmp_path, capsys):
@@ -93,6 +103,9 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
     assert main(["train", "--model", "ds_vrwkv_t", "--data", str(tmp_path), "--input-scale", "0",
                  "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "input_scale" in capsys.readouterr().err
+    assert main(["train", "--model", "ds_vrwkv_t", "--data", str(tmp_path), "--blend", "1.5",
+                 "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "blend=1.5" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

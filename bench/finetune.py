@@ -7,8 +7,7 @@ For each setting: fine-tune the base model on ``--shots`` images drawn (seeded) 
 the train split, validate on those same shots (or, with ``--hold-out 0.2``, on a fifth of
 them held out of training, as the Fine-tune widget does), and report Dice on the ``val``
 split before and after, the epoch kept (0: the starting weights) and its share of the kept
-weights (blend: the rest is the start's).  Prints one row per
-setting.
+weights (blend: the rest is the start's).  Prints one row per setting.
 """
 import argparse
 import itertools

@@ -614,10 +614,13 @@ class FineTuneWidget(QWidget):
         self._select_model(path)             # the next round starts from this model
         how = "Cancelled" if result.cancelled else "Done"
         best = "the best so far" if result.cancelled else "the best"
-        kept = (f"no epoch beat the starting model on {self._compare_kind or 'the validation images'}, "
-                "so its weights were kept"
-                if result.best_epoch == 0 else f"kept epoch {result.best_epoch} ({best})"
-                + (f", blended with the starting model ({result.blend:.0%} the epoch's)" if result.blend < 1 else ""))
+        if result.best_epoch == 0:
+            kept = (f"no epoch beat the starting model on {self._compare_kind or 'the validation images'}, "
+                    "so its weights were kept")
+        else:
+            kept = f"kept epoch {result.best_epoch} ({best})"
+            if result.blend < 1:
+                kept += f", blended with the starting model ({result.blend:.0%} the epoch's)"
         self.status.setText(f"{how}: {len(result.history)} epoch(s) in {result.minutes:.1f} min; {kept}. "
                             f"Saved {path}; it is in the model lists of this session.")
         if before is not None and after is not None:

@@ -111,16 +111,19 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
             if model.binary else _class_ids(probs)
         if labels is None:
             labels = np.empty((len(planes),) + plane_labels.shape, plane_labels.dtype)
-            if return_probabilities:         # (Z, Y, X) binary, (K, Z, Y, X) multi-class
-                probabilities = np.empty(((len(planes),) if model.binary else (len(probs), len(planes)))
-                                         + plane_labels.shape, np.float32)
+            if return_probabilities:
+                probabilities = np.empty((len(planes),) + probs.shape, np.float32)      # (Z, K, Y, X)
         labels[z] = plane_labels
         if return_probabilities:
-            probabilities[z if model.binary else (slice(None), z)] = probs[0] if model.binary else probs
+            probabilities[z] = probs
     if not stack_axes:
         labels = labels[0]
-        probabilities = None if probabilities is None else probabilities[0] if model.binary else probabilities[:, 0]
-    return (labels, probabilities) if return_probabilities else labels
+    if not return_probabilities:
+        return labels
+    probs = probabilities if stack_axes else probabilities[0]
+    if model.binary:
+        return labels, probs[..., 0, :, :]
+    return labels, np.moveaxis(probs, 1, 0) if stack_axes else probs
 
 
 def _channels(model: SegmentationModel) -> int:

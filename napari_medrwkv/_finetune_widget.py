@@ -573,10 +573,9 @@ class FineTuneWidget(QWidget):
                                progress=relay.progressed.emit, cancel=cancel.is_set,
                                val_data=(held_out or compare) or None, config=few_shot_config(**settings),
                                command=command)
-                after = None
-                if compare:
-                    relay.phase.emit(f"Measuring the fine-tuned model on {len(compare)} pair(s)…")
-                    after = evaluate(result.model, compare)["dice"]
+                # train validated on ``compare`` exactly as evaluate scores it: its score of the
+                # weights it kept is "after", and never below its score of the start.
+                after = result.best_val_dice if compare else None
             except Cancelled:
                 return "cancelled", None
             except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed

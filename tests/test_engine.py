@@ -343,7 +343,6 @@ def test_weight_average_follows_its_definition():
 
 
 def test_train_with_a_weight_average_keeps_the_average_it_validated(sample_arrays):
-    from napari_medrwkv.engine.data import SegmentationDataset
     from napari_medrwkv.engine.train import validate
     cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=8, seed=1, lr=1e-2)
     raw = nm.train("ds_vrwkv_t", sample_arrays, val_data=sample_arrays, epochs=1, device="cpu", config=cfg)
@@ -351,8 +350,8 @@ def test_train_with_a_weight_average_keeps_the_average_it_validated(sample_array
                         config=replace(cfg, ema=0.9))
     a, b = raw.model.net.state_dict(), averaged.model.net.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    val_set = SegmentationDataset(sample_arrays, 3, 1, 48, augment=False)
-    assert validate(averaged.model.net, val_set, averaged.model) == pytest.approx(averaged.best_val_dice, abs=1e-6)
+    assert validate(averaged.model.net, sample_arrays, averaged.model) == pytest.approx(averaged.best_val_dice,
+                                                                                        abs=1e-6)
     with pytest.raises(ValueError, match="ema=1"):
         nm.train("ds_vrwkv_t", sample_arrays, epochs=1, config=replace(cfg, ema=1))
 
@@ -388,10 +387,8 @@ def test_the_best_epoch_is_blended_with_the_start_unless_the_start_scores_higher
     # Real weights, real validation: the shipped nuclei model, and the same weights wrecked by
     # noise.  A good epoch from a wrecked start: its blend is kept, exactly start + 3/4 (epoch -
     # start).  A wrecked epoch from a good start: the start comes back, as best epoch 0.
-    from napari_medrwkv.engine.data import SegmentationDataset
     from napari_medrwkv.engine.train import TrainResult, _keep_or_blend, validate
     model = nm.load_model("rwkv_unet_t-dsb2018", device="cpu")
-    val_set = SegmentationDataset(sample_arrays, 3, 1, 256, augment=False, input_scale=model.info.input_scale)
     net = model.net.eval()
     good = {k: v.clone() for k, v in net.state_dict().items()}
     gen = torch.Generator().manual_seed(0)
@@ -400,18 +397,35 @@ def test_the_best_epoch_is_blended_with_the_start_unless_the_start_scores_higher
 
     def score(state):
         net.load_state_dict(state)
-        return validate(net, val_set, model)
+        return validate(net, sample_arrays, model)
 
     good_dice, wrecked_dice = score(good), score(wrecked)
     assert good_dice > wrecked_dice + 0.3
     result = TrainResult(model=model, best_epoch=3, start_val_dice=wrecked_dice)
-    state, dice = _keep_or_blend(net, val_set, model, wrecked, good, good_dice, 0.75, result)
+    state, dice = _keep_or_blend(net, sample_arrays, model, wrecked, good, good_dice, 0.75, result)
     assert (result.best_epoch, result.blend) == (3, 0.75) and dice > wrecked_dice
     assert all(torch.equal(state[k], wrecked[k].lerp(good[k], 0.75)) for k in state if state[k].is_floating_point())
     assert dice == score(state)
     result = TrainResult(model=model, best_epoch=3, start_val_dice=good_dice)
-    state, dice = _keep_or_blend(net, val_set, model, good, wrecked, wrecked_dice, 0.75, result)
+    state, dice = _keep_or_blend(net, sample_arrays, model, good, wrecked, wrecked_dice, 0.75, result)
     assert (result.best_epoch, result.blend, dice) == (0, 1.0, good_dice) and state is good
+
+
+def test_training_ranks_weights_as_the_model_will_segment_with_its_inference_settings(sample_arrays):
+    # A model calibrated to keep one object per image at threshold 0.3, with flips (as the shipped
+    # ultrasound model is), has its start, epochs and blend scored that way, not by logits > 0:
+    # on the many-nuclei samples the two differ by far.  train's scores are evaluate's.
+    start = nm.load_model("rwkv_unet_t-dsb2018", device="cpu")
+    plain = nm.evaluate(start, sample_arrays)["dice"]
+    start.info.inference = {"flips": True, "threshold": 0.3, "largest_component": True}
+    calibrated = nm.evaluate(start, sample_arrays)["dice"]
+    assert calibrated < plain - 0.3
+    cfg = nm.TrainConfig(patch_size=64, batch_size=2, samples_per_epoch=4, lr=1e-4)
+    result = nm.train(start, sample_arrays, epochs=1, device="cpu", val_data=sample_arrays, config=cfg)
+    assert result.start_val_dice == pytest.approx(calibrated, abs=1e-4)
+    assert result.history[0].val_dice < plain - 0.3
+    assert result.best_val_dice == pytest.approx(nm.evaluate(result.model, sample_arrays)["dice"], abs=1e-4)
+    assert result.model.info.inference == start.info.inference
 
 
 def test_training_from_trained_weights_keeps_the_blend_asked_for(sample_arrays):

@@ -110,6 +110,10 @@ def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, q
     assert widget.model_combo.currentText() == str(out)        # the next round starts from it
     text = widget.result_label.text()
     assert text.startswith("Dice on held-out reviewed pairs: before ") and " → after " in text
+    # "before" and the epochs are scored as "after" is: what is kept never reads worse than the start
+    before, after = (float(t) for t in text.split("before ")[1].split(" → after "))
+    assert after >= before and after == float(f"{widget.result.best_val_dice:.2f}")
+    assert widget.result.start_val_dice == pytest.approx(widget.curve.baseline, abs=1e-3)
     assert len(widget.curve.losses) == 4 and len(widget.curve.val_points) == 2
     assert widget.curve.baseline is not None
     assert widget.progress_bar.value() == widget.progress_bar.maximum()

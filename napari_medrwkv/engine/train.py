@@ -1,6 +1,7 @@
 """Training and fine-tuning: Dice + cross-entropy, AdamW with warm-up and cosine decay,
-validation Dice after epochs (every epoch unless validating costs more than half as much as
-training: see ``validation_due``) with the best weights kept, stop by epochs or minutes.
+validation Dice after epochs (the images segmented as the trained model will segment them;
+every epoch unless validating costs more than half as much as training: see
+``validation_due``) with the best weights kept, stop by epochs or minutes.
 """
 import copy
 import math
@@ -20,9 +21,9 @@ import torch.nn.functional as F
 from .. import __version__
 from ..models import list_models
 from .checkpoint import check_input_scale, save_checkpoint
-from .data import SegmentationDataset, augmentation, find_pairs
+from .data import SegmentationDataset, augmentation, check_pair, find_pairs
 from .defaults import FEW_SHOT
-from .fuse import fuse_for_inference
+from .infer import segment
 from .metrics import dice
 from .model import SegmentationModel, load_model
 
@@ -154,8 +155,9 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
                                     samples_per_epoch=cfg.samples_per_epoch or max(len(train_items), 4 * cfg.batch_size),
                                     seed=cfg.seed, input_scale=info.input_scale, foreground=cfg.foreground,
                                     **augment_ranges)
-    val_set = SegmentationDataset(val_items, info.in_chans, info.num_classes, cfg.patch_size, augment=False,
-                                  input_scale=info.input_scale) if val_items else None
+    # Read once, checked as training pairs are, and segmented whole as the trained model will be.
+    val_pairs = [check_pair(item, info.num_classes) for item in val_items] or None
+    info.tile_size = max(info.tile_size, cfg.patch_size)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True, drop_last=True,
         num_workers=_workers(cfg), generator=torch.Generator().manual_seed(cfg.seed),
@@ -183,8 +185,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     # Trained starting weights are blended into the best epoch's and, given validation data, are
     # a candidate themselves (see _keep_or_blend).
     start_state = {k: v.detach().clone() for k, v in kept.state_dict().items()} if _starts_trained(model) else None
-    if start_state is not None and val_set is not None:
-        result.start_val_dice = validate(kept, val_set, model)
+    if start_state is not None and val_pairs is not None:
+        result.start_val_dice = validate(kept, val_pairs, model)
     last_val_seconds, trained_since_val = None, 0.0
     stop = False
     while not stop:
@@ -212,11 +214,11 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         finishing = stop or bool(cfg.epochs and epoch >= cfg.epochs) or bool(budget and time.monotonic() - start >= budget)
         trained_since_val += time.monotonic() - epoch_start
         val_dice = None
-        if val_set is not None and validation_due(trained_since_val, last_val_seconds, finishing):
+        if val_pairs is not None and validation_due(trained_since_val, last_val_seconds, finishing):
             val_start = time.monotonic()
-            val_dice = validate(kept, val_set, model)
+            val_dice = validate(kept, val_pairs, model)
             last_val_seconds, trained_since_val = time.monotonic() - val_start, 0.0
-        score = -float(np.mean(losses)) if val_set is None else val_dice
+        score = -float(np.mean(losses)) if val_pairs is None else val_dice
         if score is not None and score > best_dice:
             best_dice, result.best_epoch = score, epoch
             best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
@@ -228,19 +230,18 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         # Time spent validating counts too: once the budget is gone, no further epoch (it would
         # train one step and validate again, past the user's limit).  An epoch that was not
         # validated is not the last: the next one, cut short, is validated.
-        if finishing or (budget and time.monotonic() - start >= budget and (val_set is None or val_dice is not None)):
+        if finishing or (budget and time.monotonic() - start >= budget and (val_pairs is None or val_dice is not None)):
             stop = True
 
     if start_state is not None:
-        best_state, best_dice = _keep_or_blend(kept, val_set, model, start_state, best_state, best_dice, cfg.blend,
+        best_state, best_dice = _keep_or_blend(kept, val_pairs, model, start_state, best_state, best_dice, cfg.blend,
                                                result)
     net.load_state_dict(best_state)
     net.eval().requires_grad_(True)
-    result.best_val_dice = best_dice if val_set is not None else None
+    result.best_val_dice = best_dice if val_pairs is not None else None
     result.minutes = (time.monotonic() - start) / 60
     model.info.training = _provenance(model, data, split, val_split, cfg, result, command)
     model.info.metrics = {"val_dice": result.best_val_dice} if result.best_val_dice is not None else {}
-    model.info.tile_size = max(model.info.tile_size, cfg.patch_size)
     model.source = str(out) if out is not None else model.source
     model._fused = None
     if out is not None:
@@ -248,16 +249,16 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     return result
 
 
-def _keep_or_blend(kept, val_set, model, start_state, epoch_state, epoch_dice, blend, result):
+def _keep_or_blend(kept, val_pairs, model, start_state, epoch_state, epoch_dice, blend, result):
     """The weights to keep when training started from trained ones: the best epoch's blended with
     the start's (``blend`` of the epoch), unless, with validation data, the start scores at least
     as high (then ``result.best_epoch`` is 0).  Returns (state, its validation score)."""
     state, dice = epoch_state, epoch_dice
     if blend < 1:
         state = {k: start_state[k].lerp(v, blend) if v.is_floating_point() else v for k, v in epoch_state.items()}
-        if val_set is not None:
+        if val_pairs is not None:
             kept.load_state_dict(state)
-            dice = validate(kept, val_set, model)
+            dice = validate(kept, val_pairs, model)
         result.blend = blend
     # The starting weights are a candidate too: a fine-tuning that scores lower on the validation
     # images gives them back rather than a worse model.  (The shipped polyp and ultrasound models,
@@ -331,20 +332,18 @@ def validation_due(trained_seconds: float, last_validation_seconds: Optional[flo
             or trained_seconds >= VALIDATION_SPACING * last_validation_seconds)
 
 
-def validate(net, val_set, model: SegmentationModel) -> float:
-    """Mean Dice over the validation images, each segmented whole, by an inference copy of
-    ``net`` (BatchNorm folded, fused activations, the training layout): ``net`` in eval mode
-    up to float rounding, in less time.  ``net`` itself is not touched."""
-    fused = fuse_for_inference(net)
-    layout = _memory_format(model.device)
-    scores = []
-    with torch.inference_mode():
-        for i in range(len(val_set)):
-            x, y = val_set.full_item(i)
-            logits = fused(x[None].to(model.device, memory_format=layout))[0].float()
-            pred = _predict_labels(logits, model.info.num_classes).cpu().numpy()
-            scores.append(_dice_score(pred, y.numpy(), model.info.num_classes))
-    return float(np.mean(scores))
+def validate(net, val_pairs, model: SegmentationModel) -> float:
+    """Mean Dice over ``val_pairs`` ((image, mask) arrays, as :func:`.data.check_pair` gives
+    them), each image segmented as the trained model will segment it: :func:`.infer.segment`
+    with ``model.info``'s input scale, tile size and inference settings (flips, threshold,
+    largest object), scored at the image's own size, so the same as :func:`.evaluate.evaluate`
+    scores it.  An inference copy of ``net`` (BatchNorm folded) does the work; ``net`` itself
+    is not touched."""
+    # Epochs, the start and the blend are compared by what the user will get: a calibrated
+    # model (e.g. threshold 0.3 and one object per image) ranks weights differently from logits > 0.
+    judged = SegmentationModel(net, model.info, model.source, model.device)
+    return float(np.mean([_dice_score(segment(image, model=judged), mask, model.info.num_classes)
+                          for image, mask in val_pairs]))
 
 
 def _dice_score(pred, target, num_classes):
@@ -352,10 +351,6 @@ def _dice_score(pred, target, num_classes):
         return dice(pred > 0, target > 0)
     present = [c for c in range(1, num_classes) if (target == c).any() or (pred == c).any()]
     return float(np.mean([dice(pred == c, target == c) for c in present])) if present else 1.0
-
-
-def _predict_labels(logits, num_classes):
-    return (logits[0] > 0).long() if num_classes == 1 else logits.argmax(0)
 
 
 def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5):

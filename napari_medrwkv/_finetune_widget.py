@@ -94,7 +94,10 @@ class _Relay(QObject):
 
 
 class TrainingCurve(QWidget):
-    """Per-step training loss (line, left axis) and per-epoch validation Dice (points, right axis 0..1).
+    """Per-step training loss (line, left axis) and per-epoch validation Dice (points, right axis 0..1),
+    the base model's Dice (dashed) and, when training ends, the Dice of the weights kept (a diamond
+    at the right edge: a blend of the best epoch and the start, or the start itself, is none of
+    the epochs' points).
 
     Drawn with QPainter on its own dark panel so it reads the same in napari's light and dark themes.
     """
@@ -104,12 +107,14 @@ class TrainingCurve(QWidget):
     LOSS = QColor(255, 167, 38)
     DICE = QColor(79, 195, 247)
     BASE = QColor(176, 176, 176)
+    KEPT = QColor(129, 199, 132)
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.losses: List[float] = []
         self.val_points: List[Tuple[int, float]] = []    # (step count at the epoch's end, Dice)
         self.baseline: Optional[float] = None             # the base model's Dice ("before")
+        self.kept: Optional[float] = None                 # the kept weights' Dice ("after")
         self.setMinimumHeight(150)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
 
@@ -117,7 +122,7 @@ class TrainingCurve(QWidget):
         return QSize(320, 190)
 
     def clear(self):
-        self.losses, self.val_points, self.baseline = [], [], None
+        self.losses, self.val_points, self.baseline, self.kept = [], [], None, None
         self.update()
 
     def add_loss(self, loss: float):
@@ -131,6 +136,10 @@ class TrainingCurve(QWidget):
 
     def set_baseline(self, dice: Optional[float]):
         self.baseline = None if dice is None or not math.isfinite(dice) else float(dice)
+        self.update()
+
+    def set_kept(self, dice: Optional[float]):
+        self.kept = None if dice is None or not math.isfinite(dice) else float(dice)
         self.update()
 
     # ------------------------------------------------------------------ drawing
@@ -186,6 +195,8 @@ class TrainingCurve(QWidget):
             painter.setBrush(self.DICE)
             for point in points:
                 painter.drawEllipse(point, 3.5, 3.5)
+        if self.kept is not None:
+            _draw_diamond(painter, QPointF(plot.right(), y_dice(self.kept)), 5.5, self.KEPT)
         painter.setPen(self.TEXT)
         painter.drawText(QRectF(plot.left(), plot.bottom() + 2, plot.width(), text_h),
                          int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignTop),
@@ -216,8 +227,12 @@ class TrainingCurve(QWidget):
         entries = [("loss", self.LOSS, "line"), ("val Dice", self.DICE, "dot")]
         if self.baseline is not None:
             entries.append(("before", self.BASE, "dash"))
+        if self.kept is not None:
+            entries.append(("kept", self.KEPT, "diamond"))
         for label, colour, mark in entries:
-            if mark == "dot":
+            if mark == "diamond":
+                _draw_diamond(painter, QPointF(x + 9, y), 5.0, colour)
+            elif mark == "dot":
                 painter.setPen(QPen(colour, 1.5))
                 painter.setBrush(colour)
                 painter.drawEllipse(QPointF(x + 9, y), 3.5, 3.5)
@@ -229,6 +244,13 @@ class TrainingCurve(QWidget):
             painter.drawText(QRectF(x + 22, y - text_h / 2, width + 4, text_h),
                              int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter), label)
             x += 22 + width + 14
+
+
+def _draw_diamond(painter: QPainter, centre: QPointF, radius: float, colour: QColor):
+    painter.setPen(QPen(QColor(255, 255, 255), 1.2))
+    painter.setBrush(colour)
+    painter.drawPolygon(QPolygonF([centre + QPointF(0, -radius), centre + QPointF(radius, 0),
+                                   centre + QPointF(0, radius), centre + QPointF(-radius, 0)]))
 
 
 def _nice_ceiling(value: float) -> float:
@@ -622,6 +644,7 @@ class FineTuneWidget(QWidget):
                 kept += f", blended with the starting model ({result.blend:.0%} the epoch's)"
         self.status.setText(f"{how}: {len(result.history)} epoch(s) in {result.minutes:.1f} min; {kept}. "
                             f"Saved {path}; it is in the model lists of this session.")
+        self.curve.set_kept(result.best_val_dice)
         if before is not None and after is not None:
             self.result_label.setText(f"Dice on {self._compare_kind}: before {before:.2f} → after {after:.2f}")
         elif result.best_val_dice is not None:

@@ -77,6 +77,38 @@ def test_hold_out_is_deterministic():
     assert split_held_out(10) == split_held_out(10) and len(split_held_out(10)[1]) == 2
 
 
+def _kept_marker_rows(curve):
+    """Rows of the chart's image with pixels of the kept-weights colour, right of the legend."""
+    image = curve.grab().toImage()
+    kept = np.array(curve.KEPT.getRgb()[:3])
+
+    def near(pixel):            # Xvfb may run at 16-bit depth, which rounds colours
+        return np.abs(np.array([(pixel >> 16) & 255, (pixel >> 8) & 255, pixel & 255]) - kept).max() <= 10
+    return sorted({y for y in range(image.height()) for x in range(image.width() // 2, image.width())
+                   if near(image.pixel(x, y))})
+
+
+def test_the_chart_marks_the_dice_of_the_weights_kept(qtbot):
+    # A blend of the best epoch and the start (or the start itself) is none of the epochs'
+    # points: the chart shows its Dice as a diamond at the right edge, higher for a higher Dice.
+    curve = _finetune_widget.TrainingCurve()
+    qtbot.addWidget(curve)
+    curve.resize(400, 200)
+    for loss in np.linspace(1.0, 0.3, 20):
+        curve.add_loss(loss)
+        if len(curve.losses) % 5 == 0:
+            curve.add_val_dice(0.2 + len(curve.losses) / 50)
+    curve.set_baseline(0.1)
+    assert _kept_marker_rows(curve) == []
+    curve.set_kept(0.8)
+    high = _kept_marker_rows(curve)
+    curve.set_kept(0.3)
+    low = _kept_marker_rows(curve)
+    assert high and low and max(low) > max(high) + 0.3 * curve.height()
+    curve.clear()
+    assert curve.kept is None and _kept_marker_rows(curve) == []
+
+
 def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, qtbot, tmp_path, monkeypatch,
                                                                          errors, checkpoint):
     widget, viewer = loop, loop.viewer
@@ -114,6 +146,7 @@ def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, q
     before, after = (float(t) for t in text.split("before ")[1].split(" → after "))
     assert after >= before and after == float(f"{widget.result.best_val_dice:.2f}")
     assert widget.result.start_val_dice == pytest.approx(widget.curve.baseline, abs=1e-3)
+    assert widget.curve.kept == widget.result.best_val_dice
     assert len(widget.curve.losses) == 4 and len(widget.curve.val_points) == 2
     assert widget.curve.baseline is not None
     assert widget.progress_bar.value() == widget.progress_bar.maximum()

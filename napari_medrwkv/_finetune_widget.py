@@ -642,6 +642,8 @@ class FineTuneWidget(QWidget):
             kept = f"kept epoch {result.best_epoch} ({best})"
             if result.blend < 1:
                 kept += f", blended with the starting model ({result.blend:.0%} the epoch's)"
+            elif result.blend_val_dice is not None:
+                kept += f"; its blend with the starting model scored lower ({result.blend_val_dice:.2f})"
         self.status.setText(f"{how}: {len(result.history)} epoch(s) in {result.minutes:.1f} min; {kept}. "
                             f"Saved {path}; it is in the model lists of this session.")
         self.curve.set_kept(result.best_val_dice)

@@ -132,9 +132,16 @@ def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, q
     assert training["config"]["patch_size"] == 64 and training["config"]["lr"] == pytest.approx(FEW_SHOT["lr"])
     # a trained start: the best epoch blended with it, or the start itself, and the status says which
     assert training["config"]["blend"] == FEW_SHOT["blend"] == 0.75
-    said = "no epoch beat the starting model" if training["best_epoch"] == 0 else \
-        f"kept epoch {training['best_epoch']} (the best), blended with the starting model (75% the epoch's)"
-    assert said in widget.status.text() and training["blend"] == (1.0 if training["best_epoch"] == 0 else 0.75)
+    # (or the epoch alone, when the blend scored lower on the held-out pair)
+    if training["best_epoch"] == 0:
+        said, blend = "no epoch beat the starting model", 1.0
+    elif training["blend_val_dice"] < widget.result.best_val_dice:
+        said, blend = f"kept epoch {training['best_epoch']} (the best); its blend with the starting model " \
+                      f"scored lower ({training['blend_val_dice']:.2f})", 1.0
+    else:
+        said, blend = f"kept epoch {training['best_epoch']} (the best), blended with the starting model " \
+                      "(75% the epoch's)", 0.75
+    assert said in widget.status.text() and training["blend"] == blend
     assert _session.registered() == [str(out)]
     items = [segment.model_combo.itemText(i) for i in range(segment.model_combo.count())]
     assert str(out) in items and items[-1] == _finetune_widget.BROWSE

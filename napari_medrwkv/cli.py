@@ -222,9 +222,12 @@ def _train(args) -> int:
               f"wrote them, unchanged, to {result.path}")
     else:
         start = f", starting weights {result.start_val_dice:.4f}" if result.start_val_dice is not None else ""
-        blend = f" blended with the starting weights ({result.blend:.0%} the epoch's)" if result.blend < 1 else \
-            f" alone (its blend with the starting weights: val Dice {result.blend_val_dice:.4f})" \
-            if result.blend_val_dice is not None else ""
+        if result.blend < 1:
+            blend = f" blended with the starting weights ({result.blend:.0%} the epoch's)"
+        elif result.blend_val_dice is not None:
+            blend = f" alone (its blend with the starting weights: val Dice {result.blend_val_dice:.4f})"
+        else:
+            blend = ""
         print(f"best epoch {result.best_epoch}{blend} (val Dice {best}{start}) after {result.minutes:.1f} min; "
               f"wrote {result.path}")
     return 0

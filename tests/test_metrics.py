@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from napari_medrwkv.engine.metrics import boundary, dice, hd95, iou, mean_finite, per_class_scores
+from napari_medrwkv.engine.metrics import boundary, dice, hd95, iou, mean_dice, mean_finite, per_class_scores
 
 
 def brute_boundary(mask):
@@ -138,3 +138,25 @@ def test_per_class_scores_multiclass_means_present_classes():
     assert (nothing["dice"], nothing["iou"], nothing["hd95"]) == (1.0, 1.0, 0.0)
     with pytest.raises(ValueError):
         per_class_scores(np.full((2, 2), 3), np.zeros((2, 2), int), 3)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 4])
+def test_mean_dice_is_the_dice_evaluate_reports(num_classes):
+    # Training ranks its epochs with mean_dice and promises the ranking evaluate would give.
+    rng = np.random.default_rng(num_classes)
+    for shape in [(1, 1), (7, 5), (33, 18)]:
+        for _ in range(10):
+            pred = rng.integers(0, max(num_classes, 2), shape) * rng.integers(0, 2, shape)
+            target = rng.integers(0, max(num_classes, 2), shape) * rng.integers(0, 2, shape)
+            assert mean_dice(pred, target, num_classes) == per_class_scores(pred, target, num_classes)["dice"]
+    empty = np.zeros((4, 6), int)
+    assert mean_dice(empty, empty, num_classes) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        mean_dice(np.zeros((2, 3), int), np.zeros((3, 2), int), num_classes)
+    with pytest.raises(ValueError, match="num_classes"):
+        mean_dice(empty, empty, 0)
+
+
+def test_mean_dice_refuses_labels_outside_the_classes():
+    with pytest.raises(ValueError, match="outside the 3 classes"):
+        mean_dice(np.full((2, 2), 3), np.zeros((2, 2), int), 3)

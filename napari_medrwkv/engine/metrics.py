@@ -94,6 +94,36 @@ def mean_finite(values: Iterable[float]) -> Tuple[float, int]:
     return mean, int((~finite).sum())
 
 
+def _foreground_classes(pred: np.ndarray, target: np.ndarray, num_classes: int) -> list:
+    """The classes 1..n-1 that occur in the target or the prediction (checks shapes and label ranges)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+    for name, labels in (("prediction", pred), ("target", target)):
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{name} has labels {labels.min()}..{labels.max()} outside the {num_classes} "
+                             f"classes 0..{num_classes - 1} (drop ignored/padded pixels first)")
+    return sorted(int(c) for c in np.union1d(np.unique(pred), np.unique(target)) if 0 < c < num_classes)
+
+
+def _check_num_classes(num_classes) -> int:
+    num_classes = int(num_classes)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1 (1 = binary), got {num_classes}")
+    return num_classes
+
+
+def mean_dice(pred, target, num_classes: int) -> float:
+    """The ``dice`` of :func:`per_class_scores` alone, without the distance transforms HD95 needs.
+
+    Training validates with it every epoch, so it must rank weights exactly as ``evaluate`` scores them.
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    if _check_num_classes(num_classes) == 1:
+        return dice(pred, target)
+    present = _foreground_classes(pred, target, num_classes)
+    return float(np.mean([dice(pred == c, target == c) for c in present])) if present else 1.0
+
+
 def per_class_scores(pred, target, num_classes: int, spacing: Spacing = None) -> Dict[str, object]:
     """Dice, IoU and HD95 of one predicted label image against its target.
 
@@ -106,19 +136,12 @@ def per_class_scores(pred, target, num_classes: int, spacing: Spacing = None) ->
     Returns ``{"dice", "iou", "hd95", "per_class": {class_id: {"dice", "iou", "hd95"}}}``.
     """
     pred, target = np.asarray(pred), np.asarray(target)
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
-    num_classes = int(num_classes)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1 (1 = binary), got {num_classes}")
-    if num_classes == 1:
+    if _check_num_classes(num_classes) == 1:
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
         scores = _scores(pred > 0, target > 0, spacing)
         return {**scores, "per_class": {1: dict(scores)}}
-    for name, labels in (("prediction", pred), ("target", target)):
-        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"{name} has labels {labels.min()}..{labels.max()} outside the {num_classes} "
-                             f"classes 0..{num_classes - 1} (drop ignored/padded pixels first)")
-    present = sorted(int(c) for c in np.union1d(np.unique(pred), np.unique(target)) if 0 < c < num_classes)
+    present = _foreground_classes(pred, target, num_classes)
     per_class = {c: _scores(pred == c, target == c, spacing) for c in present}
     if not per_class:
         return {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "per_class": {}}

@@ -24,7 +24,7 @@ from .checkpoint import check_input_scale, save_checkpoint
 from .data import SegmentationDataset, augmentation, check_pair, find_pairs
 from .defaults import FEW_SHOT
 from .infer import segment
-from .metrics import dice
+from .metrics import mean_dice
 from .model import SegmentationModel, load_model
 
 IGNORE = -1     # label of padding pixels (SegmentationDataset)
@@ -343,25 +343,18 @@ def validation_due(trained_seconds: float, last_validation_seconds: Optional[flo
             or trained_seconds >= VALIDATION_SPACING * last_validation_seconds)
 
 
-def validate(net, val_pairs, model: SegmentationModel) -> float:
+def validate(net, val_pairs, model: SegmentationModel, cancel: Optional[Callable[[], bool]] = None) -> float:
     """Mean Dice over ``val_pairs`` ((image, mask) arrays, as :func:`.data.check_pair` gives
     them), each image segmented as the trained model will segment it: :func:`.infer.segment`
     with ``model.info``'s input scale, tile size and inference settings (flips, threshold,
     largest object), scored at the image's own size, so the same as :func:`.evaluate.evaluate`
     scores it.  An inference copy of ``net`` (BatchNorm folded) does the work; ``net`` itself
-    is not touched."""
+    is not touched.  ``cancel()`` returning True raises :class:`.infer.Cancelled`."""
     # Epochs, the start and the blend are compared by what the user will get: a calibrated
     # model (e.g. threshold 0.3 and one object per image) ranks weights differently from logits > 0.
     judged = SegmentationModel(net, model.info, model.source, model.device)
-    return float(np.mean([_dice_score(segment(image, model=judged), mask, model.info.num_classes)
+    return float(np.mean([mean_dice(segment(image, model=judged, cancel=cancel), mask, model.info.num_classes)
                           for image, mask in val_pairs]))
-
-
-def _dice_score(pred, target, num_classes):
-    if num_classes == 1:
-        return dice(pred > 0, target > 0)
-    present = [c for c in range(1, num_classes) if (target == c).any() or (pred == c).any()]
-    return float(np.mean([dice(pred == c, target == c) for c in present])) if present else 1.0
 
 
 def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5):

@@ -89,7 +89,6 @@ class _Relay(QObject):
     """Carries messages from the worker thread to the GUI thread (queued signals)."""
     progressed = Signal(object)        # engine.train.TrainProgress
     phase = Signal(str)
-    baseline = Signal(float)
     tiles = Signal(int, int)
 
 
@@ -371,7 +370,6 @@ class FineTuneWidget(QWidget):
         self._relay = _Relay()
         self._relay.progressed.connect(self._on_progress)
         self._relay.phase.connect(self.status.setText)
-        self._relay.baseline.connect(self.curve.set_baseline)
         self._relay.tiles.connect(self._on_tiles)
         self.refresh_button.clicked.connect(self.refresh_pairs)
         self.folder_button.clicked.connect(self._browse_folder)
@@ -526,7 +524,7 @@ class FineTuneWidget(QWidget):
         self.status.setText(f"Fine-tuning {Path(source).stem if source.endswith('.safetensors') else source} "
                             f"on {len(train_items)} reviewed pair(s){' + ' + folder if folder else ''}…")
         self.worker = self._make_train_worker(
-            source, self.device_combo.currentText(), train_items, folder or None, held_out, compare, str(out),
+            source, self.device_combo.currentText(), train_items, folder or None, compare, str(out),
             self.epochs_spin.value() or None, self.minutes_spin.value(), settings, command)
         self.worker.returned.connect(self._on_trained)
         self.worker.finished.connect(self._on_finished)
@@ -568,7 +566,7 @@ class FineTuneWidget(QWidget):
             text += f" + dataset folder {folder}"
         return text + f"; held out: {names(held_idx)}"
 
-    def _make_train_worker(self, source, device, train_items, folder, held_out, compare, out, epochs, minutes,
+    def _make_train_worker(self, source, device, train_items, folder, compare, out, epochs, minutes,
                            settings, command):
         relay, cancel = self._relay, self._cancel
 
@@ -577,7 +575,6 @@ class FineTuneWidget(QWidget):
             # Outcomes come back as values: an exception leaving a worker would surface as a
             # traceback in the event loop, where users should see a notification.
             from .engine.data import find_pairs
-            from .engine.evaluate import evaluate
             from .engine.infer import Cancelled
             from .engine.model import load_model
             from .engine.train import train
@@ -585,19 +582,16 @@ class FineTuneWidget(QWidget):
                 relay.phase.emit(f"Loading {source}…")
                 model = load_model(source, device=device)
                 items = list(train_items) + (find_pairs(folder) if folder else [])
-                before = None
                 if compare:
-                    relay.phase.emit(f"Measuring the base model on {len(compare)} pair(s)…")
-                    before = evaluate(model, compare, cancel=cancel.is_set)["dice"]
-                    relay.baseline.emit(before)
-                relay.phase.emit("Training…")
+                    relay.phase.emit(f"Measuring the base model on {len(compare)} pair(s), then training…")
+                else:
+                    relay.phase.emit("Training…")
                 result = train(model, items, out=out, epochs=epochs, max_minutes=minutes, device=device,
                                progress=relay.progressed.emit, cancel=cancel.is_set,
-                               val_data=(held_out or compare) or None, config=few_shot_config(**settings),
-                               command=command)
-                # train validated on ``compare`` exactly as evaluate scores it: its score of the
-                # weights it kept is "after", and never below its score of the start.
-                after = result.best_val_dice if compare else None
+                               val_data=compare or None, config=few_shot_config(**settings), command=command)
+                # train scores the start and the epochs on ``compare`` as evaluate would (segment
+                # with the model's settings): "before" is the start, "after" what it kept, never lower.
+                before, after = (result.start_val_dice, result.best_val_dice) if compare else (None, None)
             except Cancelled:
                 return "cancelled", None
             except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed
@@ -607,6 +601,9 @@ class FineTuneWidget(QWidget):
         return work()
 
     def _on_progress(self, progress):
+        if progress.epoch == 0:              # the starting weights' score: the chart's "before" line
+            self.curve.set_baseline(progress.val_dice)
+            return
         self.progress_bar.setValue(int(round(1000 * progress.fraction)))
         key = (progress.epoch, progress.step)
         last = self._last_step

@@ -206,7 +206,9 @@ def _train(args) -> int:
     bar = _LazyBar("train", "step")
 
     def progress(p):
-        if p.val_dice is None:
+        if p.epoch == 0:
+            bar.write(f"starting weights: val Dice {p.val_dice:.4f}")
+        elif p.val_dice is None:
             bar.update_to(p.step, p.steps_per_epoch, epoch=p.epoch, loss=f"{p.loss:.4f}")
         else:
             bar.write(f"epoch {p.epoch}: loss {p.loss:.4f}, val Dice {p.val_dice:.4f}, {p.elapsed / 60:.1f} min")

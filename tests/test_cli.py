@@ -71,6 +71,7 @@ def test_train_then_evaluate_json(sample_folder, tmp_path):
     else:
         said, blend = "best epoch 1 blended with the starting weights (50% the epoch's)", 0.5
     assert said in again.stdout and training["blend"] == blend
+    assert again.stdout.startswith(f"starting weights: val Dice {training['start_val_dice']:.4f}\n")
 
 
 def test_evaluate_record_stores_scores_and_keeps_weights(sample_folder, tmp_path, capsys):

@@ -383,6 +383,29 @@ def test_fine_tuning_that_only_hurts_gives_the_starting_weights_back(sample_arra
     assert saved.info.training["start_val_dice"] == pytest.approx(result.start_val_dice)
 
 
+def test_the_starting_weights_score_is_reported_before_the_first_step(sample_arrays):
+    # The Fine-tune widget draws its "before" line from this report instead of measuring the start again.
+    start = nm.load_model("rwkv_unet_t-dsb2018", device="cpu")
+    cfg = nm.TrainConfig(patch_size=64, batch_size=2, samples_per_epoch=4, lr=1e-4)
+    seen = []
+    result = nm.train(start, sample_arrays, epochs=1, device="cpu", val_data=sample_arrays, config=cfg,
+                      progress=seen.append)
+    first = seen[0]
+    assert (first.epoch, first.step, first.fraction) == (0, 0, 0.0) and np.isnan(first.loss)
+    assert first.val_dice == result.start_val_dice == pytest.approx(nm.evaluate(start, sample_arrays)["dice"])
+    assert [p.epoch for p in seen[1:]] == [1] * len(seen[1:])
+
+
+def test_cancelling_while_the_start_is_measured_saves_nothing(sample_arrays, tmp_path):
+    start = nm.load_model("rwkv_unet_t-dsb2018", device="cpu")
+    out = tmp_path / "never.safetensors"
+    seen = []
+    with pytest.raises(nm.Cancelled):
+        nm.train(start, sample_arrays, out=out, epochs=3, device="cpu", val_data=sample_arrays,
+                 config=nm.TrainConfig(patch_size=64), cancel=lambda: True, progress=seen.append)
+    assert not out.exists() and not seen
+
+
 def test_the_kept_weights_are_the_best_of_the_start_the_blend_and_the_epoch(sample_arrays):
     # Real weights, real validation: the shipped nuclei model and copies of it disturbed by noise.
     from napari_medrwkv.engine.train import TrainResult, _keep_or_blend, validate

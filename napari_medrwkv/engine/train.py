@@ -83,7 +83,9 @@ class EpochRecord:
 @dataclass
 class TrainProgress:
     """Passed to ``progress``: after every step (val_dice None) and after every epoch (with
-    its validation Dice, or None when that epoch was not validated: see ``validation_due``)."""
+    its validation Dice, or None when that epoch was not validated: see ``validation_due``).
+    Before the first step, when the starting weights were trained and there is validation
+    data, once as epoch 0 with their validation Dice (loss NaN: nothing trained yet)."""
     epoch: int
     epochs: Optional[int]
     step: int
@@ -120,7 +122,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     part) or a list of (image, mask) arrays.  Validation data: ``val_data``/``val_split``, else a
     held-out part of ``data``.  Stops after ``epochs`` or ``max_minutes`` (whichever comes first;
     with neither, 20 epochs), or when ``cancel()`` returns True; the best weights are kept either way
-    and saved to ``out`` (a ``.safetensors`` path) when given.  Starting from trained weights, the
+    and saved to ``out`` (a ``.safetensors`` path) when given.  Cancelled while the trained starting
+    weights are validated, before any step, it raises :class:`.infer.Cancelled` and saves nothing.  Starting from trained weights, the
     best epoch's are blended with them as ``config.blend`` says (WiSE-FT: that share of the
     epoch's, the rest the start's); with validation data the start, the blend and the epoch
     alone are all candidates and the highest-scoring is kept (ties to the start, then the
@@ -190,7 +193,10 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     # a candidate themselves (see _keep_or_blend).
     start_state = {k: v.detach().clone() for k, v in kept.state_dict().items()} if _starts_trained(model) else None
     if start_state is not None and val_pairs is not None:
-        result.start_val_dice = validate(kept, val_pairs, model)
+        result.start_val_dice = validate(kept, val_pairs, model, cancel)     # cancelled: nothing trained, nothing saved
+        if progress is not None:
+            progress(TrainProgress(0, cfg.epochs, 0, steps_per_epoch, float("nan"), time.monotonic() - start, 0.0,
+                                   result.start_val_dice))
     last_val_seconds, trained_since_val = None, 0.0
     stop = False
     while not stop:

@@ -122,12 +122,13 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     part) or a list of (image, mask) arrays.  Validation data: ``val_data``/``val_split``, else a
     held-out part of ``data``.  Stops after ``epochs`` or ``max_minutes`` (whichever comes first;
     with neither, 20 epochs), or when ``cancel()`` returns True; the best weights are kept either way
-    and saved to ``out`` (a ``.safetensors`` path) when given.  Cancelled while the trained starting
-    weights are validated, before any step, it raises :class:`.infer.Cancelled` and saves nothing.  Starting from trained weights, the
+    and saved to ``out`` (a ``.safetensors`` path) when given.  Starting from trained weights, the
     best epoch's are blended with them as ``config.blend`` says (WiSE-FT: that share of the
     epoch's, the rest the start's); with validation data the start, the blend and the epoch
     alone are all candidates and the highest-scoring is kept (ties to the start, then the
-    blend; the start kept is ``best_epoch`` 0).
+    blend; the start kept is ``best_epoch`` 0).  The start is validated before the first step
+    and reported to ``progress`` as epoch 0; cancelled then, ``train`` raises
+    :class:`.infer.Cancelled` and saves nothing.
     """
     cfg = copy.deepcopy(config) if config is not None else TrainConfig()
     cfg.epochs = epochs if epochs is not None else cfg.epochs

@@ -21,12 +21,12 @@ from napari_medrwkv.engine.memory import retain_freed_memory
 
 retain_freed_memory()
 import napari  # noqa: E402
-from qtpy.QtWidgets import QApplication, QMessageBox  # noqa: E402
-
 from napari._qt.dialogs.qt_notification import NapariQtNotification  # noqa: E402
+from qtpy.QtWidgets import QApplication, QMessageBox  # noqa: E402
 
 from napari_medrwkv import _review  # noqa: E402
 from napari_medrwkv.engine.data import read_image, read_mask  # noqa: E402
+from napari_medrwkv.engine.metrics import dice  # noqa: E402
 
 DATA = Path("../shared/data/dsb2018")
 BASE = "rwkv_unet_t-kvasir"
@@ -78,9 +78,7 @@ wait(lambda: tune.worker is None)
 print("resegment:", tune.status.text())
 viewer.dims.set_current_step(0, 5)
 labels.opacity = 0.6
-truth5 = truth[5] > 0
-pred5 = np.asarray(labels.data[5]) > 0
-print(f"slide 5 Dice {2 * (truth5 & pred5).sum() / (truth5.sum() + pred5.sum()):.3f}")
+print(f"slide 5 Dice {dice(labels.data[5], truth[5]):.3f}")
 for toast in viewer.window._qt_window.findChildren(NapariQtNotification):   # napari's PyQt5 notice
     toast.close()
 wait(lambda: True)

@@ -137,9 +137,7 @@ def per_class_scores(pred, target, num_classes: int, spacing: Spacing = None) ->
     """
     pred, target = np.asarray(pred), np.asarray(target)
     if _check_num_classes(num_classes) == 1:
-        if pred.shape != target.shape:
-            raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
-        scores = _scores(pred > 0, target > 0, spacing)
+        scores = _scores(pred, target, spacing)       # dice, iou, hd95 check the shapes and binarise
         return {**scores, "per_class": {1: dict(scores)}}
     present = _foreground_classes(pred, target, num_classes)
     per_class = {c: _scores(pred == c, target == c, spacing) for c in present}

@@ -1,8 +1,15 @@
 # Sourced by launch.sh and test.sh: installs what is missing, quickly a second time.
-#   bootstrap EXTRAS   e.g. bootstrap "napari,pyqt5"; bootstrap "" for the headless core only
+#   bootstrap EXTRAS   e.g. bootstrap "napari,$MEDRWKV_QT"; bootstrap "" for the headless core only
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
+# The Qt binding of launch.sh and test.sh: PyQt5 (default, in .venv) or PyQt6 (napari 0.9's own
+# default, in .venv-pyqt6: one binding per environment, or qtpy would pick PyQt5).
+MEDRWKV_QT="${MEDRWKV_QT:-pyqt5}"
+case "$MEDRWKV_QT" in
+pyqt5) VENV="$ROOT/.venv" ;;
+pyqt6) VENV="$ROOT/.venv-pyqt6" ;;
+*) echo "[medrwkv] MEDRWKV_QT=$MEDRWKV_QT: use pyqt5 (default) or pyqt6" >&2; exit 2 ;;
+esac
 # Debian packages a headless or desktop Qt/OpenGL napari needs.
 QT_DEBS="xvfb libgl1 libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0
 libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1"

@@ -24,6 +24,16 @@ def _run_python(code: str, timeout: float = 120, **kwargs) -> subprocess.Complet
                           timeout=timeout, env=dict(os.environ), **kwargs)
 
 
+# --------------------------------------------------------------------------- Qt binding
+@pytest.mark.skipif("MEDRWKV_QT" not in os.environ, reason="MEDRWKV_QT unset: any binding qtpy finds")
+def test_runs_under_the_qt_binding_asked_for():
+    # scripts/test.sh with MEDRWKV_QT=pyqt6 must test PyQt6 (napari 0.9's default), not
+    # silently fall back to PyQt5.
+    import qtpy
+
+    assert qtpy.API_NAME == {"pyqt5": "PyQt5", "pyqt6": "PyQt6"}[os.environ["MEDRWKV_QT"]]
+
+
 # --------------------------------------------------------------------------- manifest
 def test_manifest_validates():
     from npe2 import PluginManifest

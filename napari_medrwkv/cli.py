@@ -48,7 +48,8 @@ def _parser():
 
     seg = sub.add_parser("segment", help="segment image files")
     _model_args(seg)
-    seg.add_argument("inputs", nargs="+", metavar="INPUT", help="image files (PNG, JPEG, TIFF, BMP, GIF)")
+    seg.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="image files (PNG, JPEG, TIFF, BMP, GIF), or folders: every image file directly inside")
     seg.add_argument("--out", required=True, help="folder for the label images (created if missing)")
     seg.add_argument("--tile", type=int, help="tile size for large images (default: the model's)")
     seg.add_argument("--probabilities", action="store_true", help="also write float32 probability TIFFs")
@@ -168,22 +169,52 @@ def _segment(args) -> int:
     from .engine.model import load_model
     from .engine.postprocess import inference_settings
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    targets = [(Path(p), out / f"{Path(p).stem}_labels{'.tif' if _is_stack(p) else '.png'}") for p in args.inputs]
-    existing = [str(t) for _, t in targets if t.exists()]
+    jobs = _segment_jobs(_segment_sources(args.inputs, out), out, args.probabilities)
+    existing = [str(t) for _, labels, probs in jobs for t in (labels, probs) if t is not None and t.exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"{existing[0]} exists ({len(existing)} in all); pass --overwrite to replace them")
     model = load_model(args.model, device=args.device)
     inference_settings(model.info, **_inference_kwargs(args))          # a bad --threshold fails before any work
-    for source, target in tqdm(targets, desc="segment", unit="image", disable=len(targets) < 2):
+    out.mkdir(parents=True, exist_ok=True)
+    for source, labels_file, probs_file in tqdm(jobs, desc="segment", unit="image", disable=len(jobs) < 2):
         image = read_image(source)
         labels, probs = segment(image, model=model, tile=args.tile, return_probabilities=True,
                                 **_inference_kwargs(args))
-        write_labels(target, labels)
-        if args.probabilities:
-            write_labels(target.with_name(f"{source.stem}_probabilities.tif"), probs.astype(np.float32))
-    print(f"wrote {len(targets)} label image(s) to {out}")
+        write_labels(labels_file, labels)
+        if probs_file is not None:
+            write_labels(probs_file, probs.astype(np.float32))
+    print(f"wrote {len(jobs)} label image(s) to {out}")
     return 0
+
+
+def _segment_sources(inputs, out: Path) -> list:
+    """The image files to segment: each input file, and the image files inside each input folder,
+    less this command's own outputs when that folder is the output folder (a second run into the
+    images' folder must not segment the first run's labels)."""
+    from .engine.data import DataError, list_image_files
+    sources = []
+    for given in map(Path, inputs):
+        files = list_image_files([given])
+        if given.is_dir() and given.resolve() == out.resolve():
+            files = [f for f in files if not f.stem.endswith(("_labels", "_probabilities"))]
+            if not files:
+                raise DataError(f"folder {given} holds only label and probability files of earlier runs; "
+                                "name the folder of the images")
+        sources.extend(files)
+    return sources
+
+
+def _segment_jobs(sources, out: Path, probabilities: bool) -> list:
+    """(image, labels file, probabilities file or None) per source.  Two sources with one stem
+    would write the same files, the second over the first: refused, naming both."""
+    seen = {}
+    for source in sources:
+        if source.stem in seen:
+            raise ValueError(f"{seen[source.stem]} and {source} share the name {source.stem!r}, so their label "
+                             f"files in {out} would overwrite each other; segment them into different --out folders")
+        seen[source.stem] = source
+    return [(source, out / f"{source.stem}_labels{'.tif' if _is_stack(source) else '.png'}",
+             out / f"{source.stem}_probabilities.tif" if probabilities else None) for source in sources]
 
 
 def _is_stack(path) -> bool:

@@ -34,6 +34,65 @@ def test_segment_writes_labels_and_never_overwrites_silently(sample_folder, tmp_
     assert main(["segment", "--model", "ds_vrwkv_t", *inputs, "--out", str(out), "--overwrite"]) == 0
 
 
+def test_segment_takes_folders_and_leaves_its_own_outputs_alone(sample_folder, tmp_path, capsys):
+    images = sample_folder / "images"
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "labels"
+    assert main(["segment", "--model", "ds_vrwkv_t", "--device", "cpu", str(images), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["nuclei_brightfield_labels.png", "nuclei_fluorescence_labels.png"]
+    # into the images' own folder, twice: the second run segments the images again, not the first run's labels
+    for extra in ([], ["--overwrite"]):
+        assert main(["segment", "--model", "ds_vrwkv_t", "--probabilities", str(images), "--out", str(images),
+                     *extra]) == 0
+    assert sorted(p.name for p in images.iterdir()) == [
+        "notes.txt", "nuclei_brightfield.png", "nuclei_brightfield_labels.png", "nuclei_brightfield_probabilities.tif",
+        "nuclei_fluorescence.png", "nuclei_fluorescence_labels.png", "nuclei_fluorescence_probabilities.tif"]
+    assert "wrote 2 label image(s)" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["segment", "--model", "ds_vrwkv_t", str(empty), "--out", str(tmp_path / "none")]) == 2
+    assert "has no image files" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_segment_refuses_before_any_work(sample_folder, tmp_path, capsys):
+    image = sample_folder / "images" / "nuclei_brightfield.png"
+    out = tmp_path / "out"
+    # two images with one name would write one label file, the second over the first
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / image.name).write_bytes(image.read_bytes())
+    assert main(["segment", "--model", "ds_vrwkv_t", str(image), str(other / image.name), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(image) in err and str(other / image.name) in err
+    # a missing image among the inputs fails before the first is segmented
+    assert main(["segment", "--model", "ds_vrwkv_t", str(image), str(tmp_path / "gone.png"), "--out", str(out)]) == 2
+    assert "gone.png does not exist" in capsys.readouterr().err
+    assert not out.exists()
+    # an earlier run's probabilities are kept unless --overwrite, like its labels
+    out.mkdir()
+    (out / "nuclei_brightfield_probabilities.tif").write_bytes(b"earlier run")
+    assert main(["segment", "--model", "ds_vrwkv_t", "--probabilities", str(image), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "nuclei_brightfield_probabilities.tif").read_bytes() == b"earlier run"
+    assert sorted(p.name for p in out.iterdir()) == ["nuclei_brightfield_probabilities.tif"]
+
+
+def test_results_get_the_permissions_of_any_new_file(sample_folder, tmp_path):
+    # written through a temporary file (mkstemp: 0600) and renamed; they must end as the umask says
+    import os
+    import stat
+    out = tmp_path / "out"
+    ckpt = tmp_path / "m.safetensors"
+    old = os.umask(0o022)
+    try:
+        assert main(["segment", "--model", "ds_vrwkv_t", str(sample_folder / "images"), "--out", str(out)]) == 0
+        save_checkpoint(create_model("ds_vrwkv_t"), ckpt, ModelInfo(architecture="ds_vrwkv_t", in_chans=3, num_classes=1))
+    finally:
+        os.umask(old)
+    for path in [*out.iterdir(), ckpt]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
 def test_train_then_evaluate_json(sample_folder, tmp_path):
     ckpt = tmp_path / "m.safetensors"
     run = [sys.executable, "-m", "napari_medrwkv.cli"]

@@ -24,6 +24,7 @@ import safetensors
 import safetensors.torch
 
 from .. import __version__
+from .io import flush_to_disk, give_default_permissions
 
 __all__ = [
     "CheckpointError",
@@ -287,9 +288,8 @@ def _write_atomically(tensors: Dict[str, torch.Tensor], info: ModelInfo, path: P
     os.close(fd)
     try:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        _apply_default_permissions(tmp)
+        flush_to_disk(tmp)
+        give_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         try:
@@ -299,16 +299,6 @@ def _write_atomically(tensors: Dict[str, torch.Tensor], info: ModelInfo, path: P
         if isinstance(exc, OSError):
             raise CheckpointError(f"cannot save checkpoint {path}: {exc}; check the folder is writable and has space") from exc
         raise
-
-
-def _apply_default_permissions(filename: str) -> None:
-    # mkstemp creates 0600; give the checkpoint the permissions an ordinary new file would get.
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(filename, 0o666 & ~umask)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------------------- reading

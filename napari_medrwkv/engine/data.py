@@ -163,6 +163,26 @@ def read_image(path: PathLike) -> np.ndarray:
     return array
 
 
+def list_image_files(paths: Sequence[PathLike]) -> List[Path]:
+    """The image files ``paths`` name, in order: a file as it is, a folder as the image files
+    directly inside it (sorted by name; hidden files and other extensions skipped).  Raises
+    :class:`DataError` for a path that does not exist, a file of an unsupported type, or a
+    folder without image files, before any image is read."""
+    files: List[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")
+                      and p.suffix.lower() in SUPPORTED_EXTENSIONS]
+            if not inside:
+                raise DataError(f"folder {path} has no image files ({', '.join(SUPPORTED_EXTENSIONS)}); "
+                                "choose the folder that holds the images")
+            files.extend(inside)
+        else:
+            _check_file(path, "image")
+            files.append(path)
+    return files
+
+
 def read_mask(path: PathLike, num_classes: int) -> np.ndarray:
     """Read a mask as an ``int64 (H, W)`` label image for a model with ``num_classes`` outputs.
 

@@ -8,7 +8,8 @@ import numpy as np
 
 def write_labels(path, array: np.ndarray) -> Path:
     """Write ``array`` to ``path`` (.png for 2D integer images, .tif/.tiff for anything)
-    atomically: a temporary file in the same folder, then a rename."""
+    atomically: a temporary file in the same folder, on disk before a rename puts it in place,
+    with the permissions a new file gets (the umask's)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".png", ".tif", ".tiff"):
@@ -25,8 +26,27 @@ def write_labels(path, array: np.ndarray) -> Path:
         else:
             import tifffile
             tifffile.imwrite(tmp, array, compression="zlib")
+        flush_to_disk(tmp)
+        give_default_permissions(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def flush_to_disk(filename) -> None:
+    """Have the file's bytes on disk, so that a crash after the rename cannot leave it empty."""
+    with open(filename, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def give_default_permissions(filename) -> None:
+    """The permissions an ordinary new file gets (0666 less the umask): ``mkstemp`` makes
+    0600, which would hide results and checkpoints from the rest of a shared group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(filename, 0o666 & ~umask)
+    except OSError:
+        pass

@@ -86,6 +86,7 @@ def _parser():
                     help="from trained weights: keep this share of the best epoch's weights, the rest the "
                          "start's (e.g. 0.75 for a few-shot fine-tuning; default 1, the epoch alone)")
     tr.add_argument("--workers", type=int, help="DataLoader worker processes")
+    tr.add_argument("--overwrite", action="store_true", help="replace --out if it exists (it may be --model itself)")
     tr.add_argument("--in-chans", type=int, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=int, default=1, help="classes for a bare architecture (1 = binary)")
     tr.add_argument("--class-names", help="comma-separated class names for a bare architecture, or new names for a checkpoint's classes")
@@ -224,6 +225,10 @@ def _is_stack(path) -> bool:
 def _train(args) -> int:
     from .engine.model import load_model
     from .engine.train import TrainConfig, train
+    if Path(args.out).exists() and not args.overwrite:
+        # Refused before the first step, not after hours of training: the file may be a model that took as long.
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it when training ends, or choose "
+                              "another --out")
     cfg = TrainConfig()
     for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale", "freeze",
                  "foreground", "augment_strength", "ema", "blend"):

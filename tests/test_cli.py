@@ -103,6 +103,12 @@ def test_train_then_evaluate_json(sample_folder, tmp_path):
                            capture_output=True, text=True)
     assert train.returncode == 0, train.stderr
     assert ckpt.exists() and "best epoch 1" in train.stdout
+    # an existing checkpoint is not replaced by the next run into the same --out, unless asked
+    before = ckpt.read_bytes()
+    again = subprocess.run(run + ["train", "--model", "ds_vrwkv_t", "--data", str(sample_folder), "--epochs", "1",
+                                  "--device", "cpu", "--out", str(ckpt)], capture_output=True, text=True)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "epoch" not in again.stdout
+    assert ckpt.read_bytes() == before
     assert read_info(ckpt).input_scale == 0.5
     assert read_info(ckpt).training["config"]["foreground"] == 0.5
     assert read_info(ckpt).training["config"]["ema"] == 0.9

@@ -163,7 +163,6 @@ def _models(args) -> int:
 
 def _segment(args) -> int:
     import numpy as np
-    from tqdm import tqdm
     from .engine.data import read_image
     from .engine.infer import segment
     from .engine.io import write_labels
@@ -177,13 +176,18 @@ def _segment(args) -> int:
     model = load_model(args.model, device=args.device)
     inference_settings(model.info, **_inference_kwargs(args))          # a bad --threshold fails before any work
     out.mkdir(parents=True, exist_ok=True)
-    for source, labels_file, probs_file in tqdm(jobs, desc="segment", unit="image", disable=len(jobs) < 2):
+    # Counted in images, moving with the tiles inside each, so one large image shows progress too.
+    bar = _LazyBar("segment", "image", "{l_bar}{bar}| {n:.1f}/{total} images [{elapsed}<{remaining}]")
+    for i, (source, labels_file, probs_file) in enumerate(jobs):
         image = read_image(source)
         labels, probs = segment(image, model=model, tile=args.tile, return_probabilities=True,
+                                progress=lambda done, total, i=i: bar.update_to(i + done / total, len(jobs)),
                                 **_inference_kwargs(args))
         write_labels(labels_file, labels)
         if probs_file is not None:
             write_labels(probs_file, probs.astype(np.float32))
+        bar.update_to(i + 1, len(jobs))
+    bar.close()
     print(f"wrote {len(jobs)} label image(s) to {out}")
     return 0
 
@@ -398,13 +402,13 @@ class _LazyBar:
     """A tqdm bar that appears with the first progress report, so that errors in the
     input come out as one clean line."""
 
-    def __init__(self, desc: str, unit: str):
-        self.desc, self.unit, self.bar = desc, unit, None
+    def __init__(self, desc: str, unit: str, bar_format: str = None):
+        self.desc, self.unit, self.bar_format, self.bar = desc, unit, bar_format, None
 
-    def update_to(self, done: int, total: int, **postfix):
+    def update_to(self, done: float, total: int, **postfix):
         from tqdm import tqdm
         if self.bar is None:
-            self.bar = tqdm(desc=self.desc, unit=self.unit, total=total)
+            self.bar = tqdm(desc=self.desc, unit=self.unit, total=total, bar_format=self.bar_format)
         if self.bar.total != total or done < self.bar.n:
             self.bar.reset(total=total)
         self.bar.update(done - self.bar.n)

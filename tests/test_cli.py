@@ -26,7 +26,7 @@ def test_segment_writes_labels_and_never_overwrites_silently(sample_folder, tmp_
     written = sorted(p.name for p in out.iterdir())
     assert written == ["nuclei_brightfield_labels.png", "nuclei_fluorescence_labels.png"]
     before = (out / written[0]).read_bytes()
-    capsys.readouterr()
+    assert "segment: 100%" in capsys.readouterr().err          # the progress bar ran to its end
     assert main(["segment", "--model", "ds_vrwkv_t", *inputs, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--overwrite" in err

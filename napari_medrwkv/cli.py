@@ -62,6 +62,8 @@ def _parser():
     tr.add_argument("--data", required=True, help="folder with images/ and masks/ (and optionally splits.json)")
     tr.add_argument("--split", help="training split in splits.json (default: all pairs)")
     tr.add_argument("--val-split", help="validation split (default: hold out 15%% of the training pairs)")
+    tr.add_argument("--val-include", help="comma-separated stem patterns: validate (rank epochs) on those pairs "
+                                          "only, e.g. 'benign_*,malignant_*'")
     tr.add_argument("--epochs", type=int)
     tr.add_argument("--max-minutes", type=float)
     tr.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
@@ -256,7 +258,7 @@ def _train(args) -> int:
     command = _command_line("train")
     result = train(model, args.data, out=args.out, epochs=args.epochs, max_minutes=args.max_minutes,
                    device=args.device, progress=progress, split=args.split, val_split=args.val_split,
-                   config=cfg, command=command)
+                   val_include=_patterns(args.val_include), config=cfg, command=command)
     bar.close()
     best = f"{result.best_val_dice:.4f}" if result.best_val_dice is not None else "n/a"
     if result.best_epoch == 0:

@@ -99,7 +99,7 @@ def test_train_then_evaluate_json(sample_folder, tmp_path):
     train = subprocess.run(run + ["train", "--model", "ds_vrwkv_t", "--data", str(sample_folder), "--epochs", "1",
                                   "--patch-size", "48", "--batch-size", "2", "--samples-per-epoch", "4",
                                   "--input-scale", "0.5", "--foreground", "0.5", "--ema", "0.9", "--device", "cpu",
-                                  "--out", str(ckpt)],
+                                  "--val-include", "nuclei_*", "--out", str(ckpt)],
                            capture_output=True, text=True)
     assert train.returncode == 0, train.stderr
     assert ckpt.exists() and "best epoch 1" in train.stdout
@@ -112,6 +112,7 @@ def test_train_then_evaluate_json(sample_folder, tmp_path):
     assert read_info(ckpt).input_scale == 0.5
     assert read_info(ckpt).training["config"]["foreground"] == 0.5
     assert read_info(ckpt).training["config"]["ema"] == 0.9
+    assert read_info(ckpt).training["val_include"] == ["nuclei_*"]
     ev = subprocess.run(run + ["evaluate", "--model", str(ckpt), "--data", str(sample_folder), "--json"],
                         capture_output=True, text=True)
     assert ev.returncode == 0, ev.stderr

@@ -312,6 +312,21 @@ def test_evaluate_reports_means_and_per_image(binary_model, sample_folder):
         nm.evaluate(binary_model, str(sample_folder), include=["benign_*"])
 
 
+def test_val_include_ranks_on_the_matching_validation_pairs_only(sample_folder):
+    # The start's val Dice is what evaluate gives on the included pair alone, not on both.
+    start = nm.load_model("rwkv_unet_t-dsb2018", device="cpu")
+    cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=2)
+    result = nm.train(start, str(sample_folder), epochs=1, device="cpu", val_data=str(sample_folder),
+                      val_include=["*bright*"], config=cfg)
+    alone = nm.evaluate(start, str(sample_folder), include=["*bright*"])["dice"]
+    both = nm.evaluate(start, str(sample_folder))["dice"]
+    assert result.start_val_dice == pytest.approx(alone) and abs(alone - both) > 1e-3
+    assert result.model.info.training["val_include"] == ["*bright*"]
+    with pytest.raises(ValueError, match="'benign_\\*' matches no image stem in the validation pairs of"):
+        nm.train(start, str(sample_folder), epochs=1, device="cpu", val_data=str(sample_folder),
+                 val_include=["benign_*"], config=cfg)
+
+
 def test_bad_sampling_settings_are_refused_before_training(sample_arrays):
     cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=4)
     for bad, message in ((dict(augment_strength=-1), "augment_strength"), (dict(augment_strength=4), "augment_strength"),

@@ -16,6 +16,7 @@ Conventions
 * Training patches pad masks with :data:`IGNORE_INDEX` (-1): losses and metrics
   must skip those pixels.
 """
+import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,6 +430,18 @@ def find_pairs(folder: PathLike, split: Optional[str] = None) -> List[Pair]:
                             f"{_some(absent)}; fix splits.json or add the files")
         stems = sorted(wanted)
     return [Pair(stem, images[stem], masks[stem]) for stem in stems]
+
+
+def pairs_matching(items, patterns: Sequence[str], where) -> list:
+    """The pairs among ``items`` whose stem matches one of ``patterns`` (shell-style, e.g.
+    ``benign_*``), in order.  A pattern that matches nothing is an error naming ``where`` (the
+    dataset folder), so a typo does not silently shrink the set."""
+    if not all(hasattr(item, "stem") for item in items):
+        raise ValueError("include= picks pairs of a dataset folder by stem; pass a folder")
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(item.stem, pattern) for item in items):
+            raise DataError(f"include pattern {pattern!r} matches no image stem in {where}")
+    return [item for item in items if any(fnmatch.fnmatchcase(item.stem, p) for p in patterns)]
 
 
 def check_pair(pair, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:

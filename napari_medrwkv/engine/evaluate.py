@@ -1,11 +1,10 @@
 """Dice, IoU and HD95 of a model on a dataset folder (or in-memory pairs)."""
-import fnmatch
 import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .data import find_pairs, mask_classes, read_image, read_mask
+from .data import find_pairs, mask_classes, pairs_matching, read_image, read_mask
 from .infer import Cancelled, segment
 from .metrics import mean_finite, per_class_scores
 from .model import SegmentationModel, load_model
@@ -46,16 +45,7 @@ def scored_pairs(data, split: Optional[str] = None, include: Optional[Sequence[s
     """The pairs to score: a dataset folder's (its ``split``, the stems matching ``include``),
     or a list of (image, mask) arrays as given."""
     items = find_pairs(data, split) if isinstance(data, (str, os.PathLike)) else list(data)
-    return _included(items, include, data) if include else items
-
-
-def _included(items, patterns, data):
-    if not all(hasattr(item, "stem") for item in items):
-        raise ValueError("evaluate: include= picks pairs of a dataset folder by stem; pass a folder")
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(item.stem, pattern) for item in items):
-            raise ValueError(f"evaluate: include pattern {pattern!r} matches no image stem in {data}")
-    return [item for item in items if any(fnmatch.fnmatchcase(item.stem, p) for p in patterns)]
+    return pairs_matching(items, include, data) if include else items
 
 
 def summarize(per_image) -> dict:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..models import list_models
 from .checkpoint import check_input_scale, save_checkpoint
-from .data import SegmentationDataset, augmentation, check_pair, find_pairs
+from .data import SegmentationDataset, augmentation, check_pair, find_pairs, pairs_matching
 from .defaults import FEW_SHOT
 from .infer import segment
 from .metrics import mean_dice
@@ -115,12 +115,15 @@ class TrainResult:
 def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="auto",
           progress: Optional[Callable[[TrainProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
           *, split: Optional[str] = None, val_data=None, val_split: Optional[str] = None,
-          config: Optional[TrainConfig] = None, command: str = "") -> TrainResult:
+          val_include: Optional[Sequence[str]] = None, config: Optional[TrainConfig] = None,
+          command: str = "") -> TrainResult:
     """Train or fine-tune ``model_or_name`` (shipped name, checkpoint path, architecture, or loaded model).
 
     ``data``: a dataset folder (``images/`` + ``masks/``, optional ``splits.json``; ``split`` picks a
     part) or a list of (image, mask) arrays.  Validation data: ``val_data``/``val_split``, else a
-    held-out part of ``data``.  Stops after ``epochs`` or ``max_minutes`` (whichever comes first;
+    held-out part of ``data``; ``val_include`` keeps the validation pairs whose stem matches one
+    of its patterns (e.g. ``["benign_*", "malignant_*"]``: rank epochs on the images a target
+    scores).  Stops after ``epochs`` or ``max_minutes`` (whichever comes first;
     with neither, 20 epochs), or when ``cancel()`` returns True; the best weights are kept either way
     and saved to ``out`` (a ``.safetensors`` path) when given.  Starting from trained weights, the
     best epoch's are blended with them as ``config.blend`` says (WiSE-FT: that share of the
@@ -156,6 +159,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     model = load_model(model_or_name, device=device)
     model = SegmentationModel(copy.deepcopy(model.net), copy.deepcopy(model.info), model.source, model.device)
     train_items, val_items = _split_items(data, split, val_data, val_split, cfg)
+    if val_include:
+        val_items = pairs_matching(val_items, val_include, f"the validation pairs of {val_data or data}")
     info = model.info
     if cfg.input_scale is not None:
         info.input_scale = cfg.input_scale
@@ -251,7 +256,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     net.eval().requires_grad_(True)
     result.best_val_dice = best_dice if val_pairs is not None else None
     result.minutes = (time.monotonic() - start) / 60
-    model.info.training = _provenance(model, data, split, val_split, cfg, result, command)
+    model.info.training = _provenance(model, data, split, val_split, val_include, cfg, result, command)
     model.info.metrics = {"val_dice": result.best_val_dice} if result.best_val_dice is not None else {}
     model.source = str(out) if out is not None else model.source
     model._fused = None
@@ -466,11 +471,11 @@ def _split_items(data, split, val_data, val_split, cfg: TrainConfig):
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
 
 
-def _provenance(model, data, split, val_split, cfg, result, command) -> dict:
+def _provenance(model, data, split, val_split, val_include, cfg, result, command) -> dict:
     return {
         "base": model.source,
         "data": str(data) if isinstance(data, (str, os.PathLike)) else f"{len(data)} in-memory pairs",
-        "split": split, "val_split": val_split,
+        "split": split, "val_split": val_split, "val_include": list(val_include) if val_include else None,
         "epochs": len(result.history), "best_epoch": result.best_epoch, "blend": result.blend,
         "blend_val_dice": result.blend_val_dice,
         "start_val_dice": result.start_val_dice,

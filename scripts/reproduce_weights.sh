@@ -8,7 +8,8 @@
 # Each step continues from the previous step's checkpoint; the steps and the final file go to
 # WORKDIR (default runs/NAME), never over weights/.  Data are read from $MEDRWKV_DATA
 # (default ../shared/data, as for development).  The steps without --device ran on CPU with
-# one thread each (OMP_NUM_THREADS=1, two runs side by side); those with --device cuda ran on
+# one thread each (OMP_NUM_THREADS=1, two runs side by side; BUSI's one step on two threads,
+# alone, on a faster AVX-512 CPU); those with --device cuda ran on
 # one H100 (three runs side by side, --workers 4 each) and need a CUDA build of torch in the
 # environment that runs them.  Steps stop by wall-clock minutes, so a re-run lands near, not
 # exactly on, the shipped scores; on a faster machine it trains more epochs in the same
@@ -37,9 +38,11 @@ WORKDIR="${2:-$ROOT/runs/$NAME}"
 DATA_ROOT="${MEDRWKV_DATA:-$ROOT/../shared/data}"
 
 # Per checkpoint: its folder under the data root, the first step's --model (an architecture
-# name and its class names), and one line of `medrwkv train` arguments per step; every step
-# after the first starts from the checkpoint the step before it wrote.
+# name and its class names) or BASE (another recipe, run first into WORKDIR/BASE, whose
+# checkpoint the first step starts from, renamed to CLASSES), and one line of `medrwkv train`
+# arguments per step; every step after the first starts from the checkpoint the step before it wrote.
 CALIBRATE=""     # `medrwkv calibrate` arguments after the last step, where the recipe has them
+BASE=""
 case "$NAME" in
 rwkv_unet_t-dsb2018)
     DATASET=dsb2018
@@ -67,16 +70,16 @@ rwkv_unet_t-kvasir)
     ;;
 rwkv_unet_t-busi)
     DATASET=busi
-    FIRST="rwkv_unet_t --class-names background,lesion"
+    # From the polyp model (ultrasound lesions and polyps are both one blob on a textured
+    # background): its recipe runs first.  Epochs are ranked on the val images with a lesion,
+    # which the target scores; the normal ones still train.  2 CPU threads, one run.
+    BASE=rwkv_unet_t-kvasir
+    CLASSES=background,lesion
     STEPS=(
-        "--input-scale 0.3125 --patch-size 160 --batch-size 8 --lr 2e-3 --max-minutes 75 --foreground 0"
-        "--patch-size 160 --batch-size 8 --lr 1e-3 --max-minutes 33 --foreground 0"
-        "--patch-size 160 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 115 --foreground 0"
-        "--input-scale 0.4 --patch-size 160 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 99 --foreground 0"
-        "--input-scale 0.5 --patch-size 192 --batch-size 8 --lr 1e-3 --ema 0.995 --max-minutes 118 --foreground 0 --workers 0"
+        "--val-include benign_*,malignant_* --input-scale 0.5 --patch-size 192 --batch-size 8 --lr 1e-3 --ema 0.995 --foreground 0 --workers 0 --max-minutes 95"
     )
     # One lesion per image: the threshold, largest-object filter and flips chosen on the val
-    # images with a lesion, as the steps were (a normal image scores Dice 1 or 0).
+    # images with a lesion, as the epochs were (a normal image scores Dice 1 or 0).
     CALIBRATE="--split val --include benign_*,malignant_* --try-flips"
     ;;
 *)
@@ -106,8 +109,16 @@ if [ "$DRY_RUN" = 0 ]; then
     mkdir -p "$WORKDIR"
 fi
 
-# shellcheck disable=SC2206
-model_args=($FIRST)     # the first step's model and class names: several words, split on purpose
+if [ -n "$BASE" ]; then
+    # The base recipe prints (or runs) its own steps first; this chain starts from its checkpoint.
+    base_args=("$BASE" "$WORKDIR/$BASE")
+    [ "$DRY_RUN" = 0 ] || base_args=(--dry-run "${base_args[@]}")
+    bash "${BASH_SOURCE[0]}" "${base_args[@]}"
+    model_args=("$WORKDIR/$BASE/$BASE.safetensors" --class-names "$CLASSES")
+else
+    # shellcheck disable=SC2206
+    model_args=($FIRST)     # the first step's model and class names: several words, split on purpose
+fi
 last=$(( ${#STEPS[@]} - 1 ))
 for i in "${!STEPS[@]}"; do
     if [ "$i" = "$last" ] && [ -z "$CALIBRATE" ]; then out="$WORKDIR/$NAME.safetensors"; else out="$WORKDIR/step-$((i + 1)).safetensors"; fi

@@ -312,7 +312,7 @@ def test_evaluate_reports_means_and_per_image(binary_model, sample_folder):
         nm.evaluate(binary_model, str(sample_folder), include=["benign_*"])
 
 
-def test_val_include_ranks_on_the_matching_validation_pairs_only(sample_folder):
+def test_val_include_ranks_on_the_matching_validation_pairs_only(sample_folder, sample_arrays):
     # The start's val Dice is what evaluate gives on the included pair alone, not on both.
     start = nm.load_model("rwkv_unet_t-dsb2018", device="cpu")
     cfg = nm.TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=2)
@@ -325,6 +325,8 @@ def test_val_include_ranks_on_the_matching_validation_pairs_only(sample_folder):
     with pytest.raises(ValueError, match="'benign_\\*' matches no image stem in the validation pairs of"):
         nm.train(start, str(sample_folder), epochs=1, device="cpu", val_data=str(sample_folder),
                  val_include=["benign_*"], config=cfg)
+    with pytest.raises(ValueError, match="val_include= picks pairs of a dataset folder by stem"):
+        nm.train(start, sample_arrays, epochs=1, device="cpu", val_include=["*"], config=cfg)   # no stems
 
 
 def test_bad_sampling_settings_are_refused_before_training(sample_arrays):

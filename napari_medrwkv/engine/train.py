@@ -160,7 +160,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     model = SegmentationModel(copy.deepcopy(model.net), copy.deepcopy(model.info), model.source, model.device)
     train_items, val_items = _split_items(data, split, val_data, val_split, cfg)
     if val_include:
-        val_items = pairs_matching(val_items, val_include, f"the validation pairs of {val_data or data}")
+        val_items = pairs_matching(val_items, val_include, f"the validation pairs of {val_data or data}",
+                                   "val_include")
     info = model.info
     if cfg.input_scale is not None:
         info.input_scale = cfg.input_scale

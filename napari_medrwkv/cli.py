@@ -5,6 +5,7 @@
     medrwkv train --model M --data DIR [--split train] [--val-split val] [--epochs N] [--max-minutes X] --out FILE
     medrwkv evaluate --model M --data DIR [--split test] [--device D] [--flips] [--json] [--record]
     medrwkv calibrate --model M --data DIR [--split val] [--try-flips] --out FILE
+    medrwkv average CHECKPOINT CHECKPOINT... [--shares 0.5,0.5] --out FILE
 
 ``--flips``, ``--threshold`` and ``--largest-component`` (and their ``--no-`` forms) override
 the checkpoint's own inference settings, which ``calibrate`` chooses.
@@ -126,6 +127,14 @@ def _parser():
                                                   "chosen settings in its metadata")
     cal.add_argument("--overwrite", action="store_true", help="replace --out if it exists (it may be --model itself)")
     cal.set_defaults(run=_calibrate)
+
+    avg = sub.add_parser("average", help="average the weights of checkpoints trained from one start (e.g. two "
+                                         "seeds of one recipe) into one checkpoint")
+    avg.add_argument("inputs", nargs="+", metavar="CHECKPOINT", help="shipped names or .safetensors files, at least two")
+    avg.add_argument("--shares", help="comma-separated weights, one per checkpoint (default: equal)")
+    avg.add_argument("--out", required=True, help="checkpoint to write (.safetensors); calibrate it afterwards")
+    avg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    avg.set_defaults(run=_average)
     return parser
 
 
@@ -388,6 +397,26 @@ def _calibrate(args) -> int:
           f"on {where}; wrote {out}")
     if stale:
         print(f"dropped scores recorded with the old settings ({', '.join(stale)}); run evaluate --record again")
+    return 0
+
+
+def _average(args) -> int:
+    from .engine.average import average_models
+    from .engine.checkpoint import save_checkpoint
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: give a file name ending in .safetensors")
+    try:
+        shares = [float(s) for s in args.shares.split(",")] if args.shares else None
+    except ValueError:
+        raise ValueError(f"--shares {args.shares!r}: give one number per checkpoint, e.g. 0.5,0.5") from None
+    model = average_models(args.inputs, shares, command=_command_line("average"))
+    save_checkpoint(model.net, out, model.info)
+    weights = ", ".join(f"{Path(a['source']).stem} {a['share']:.0%}" for a in model.info.training["averaged"])
+    print(f"wrote {out}: the weights of {weights}, with default inference settings (run calibrate on validation "
+          "images to choose them)")
     return 0
 
 

@@ -1,0 +1,74 @@
+"""Average the weights of several checkpoints of one network (a "model soup", Wortsman et al.
+2022): e.g. two training runs from the same start that differ only in their seed.  Runs from
+one start stay in one basin of the loss, so their average is a model of its own, often better
+than either; runs from different starts (or a bare architecture) give noise, so this is for
+siblings.  Imports neither Qt nor napari.
+"""
+import copy
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoint import INFERENCE_DEFAULTS
+from .model import SegmentationModel, load_model
+
+#: What must agree for two checkpoints to be one network, used the same way.
+_SAME = ("architecture", "arch_kwargs", "in_chans", "num_classes", "class_names", "normalization", "input_scale")
+
+
+def average_models(sources: Sequence, shares: Optional[Sequence[float]] = None, device="cpu",
+                   command: str = "") -> SegmentationModel:
+    """The weighted mean of the weights of ``sources`` (shipped names, checkpoint paths or loaded
+    models; at least two), every floating tensor averaged in float64 (BatchNorm statistics
+    included; integer buffers from the first).  ``shares`` weigh them (default equal; positive,
+    scaled to sum to 1).
+
+    The result keeps the first model's metadata, with default inference settings (thresholds
+    and filters chosen for one model are not chosen for the mean: calibrate it again), no
+    recorded scores, and the sources' provenance under ``training["averaged"]`` (``command``,
+    how the average was asked for, beside it).
+    """
+    if len(sources) < 2:
+        raise ValueError(f"average: give at least two checkpoints to average, got {len(sources)}")
+    shares = _checked_shares(shares, len(sources))
+    models = [load_model(source, device=device) for source in sources]
+    _check_siblings(models)
+    states = [model.net.state_dict() for model in models]
+    mean = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            total = sum(share * state[key].double() for share, state in zip(shares, states))
+            mean[key] = total.to(first.dtype)
+        else:
+            mean[key] = first.clone()
+    net = copy.deepcopy(models[0].net)
+    net.load_state_dict(mean)
+    info = copy.deepcopy(models[0].info)
+    info.inference = dict(INFERENCE_DEFAULTS)
+    info.metrics = {}
+    info.training = {"command": command, "averaged": [{"source": model.source, "share": share, "training": model.info.training,
+                                   "metrics": model.info.metrics} for model, share in zip(models, shares)]}
+    return SegmentationModel(net.eval(), info, f"average of {', '.join(m.name for m in models)}", models[0].device)
+
+
+def _checked_shares(shares, n: int) -> list:
+    if shares is None:
+        return [1.0 / n] * n
+    shares = [float(s) for s in shares]
+    if len(shares) != n:
+        raise ValueError(f"average: {len(shares)} shares for {n} checkpoints; give one share per checkpoint")
+    if not all(s > 0 for s in shares):
+        raise ValueError(f"average: shares {shares} must all be positive (leave a checkpoint out instead of a 0)")
+    total = sum(shares)
+    return [s / total for s in shares]
+
+
+def _check_siblings(models) -> None:
+    first = models[0]
+    for other in models[1:]:
+        for name in _SAME:
+            mine, theirs = getattr(first.info, name), getattr(other.info, name)
+            if mine != theirs:
+                raise ValueError(f"average: {first.name} and {other.name} differ in {name} ({mine!r} against "
+                                 f"{theirs!r}); only checkpoints of one network, trained from one start, can be "
+                                 "averaged")

@@ -361,16 +361,22 @@ def describe_inference(settings: dict) -> list:
     return parts
 
 
+def _new_checkpoint_path(out: str, overwrite: bool, note: str = "") -> Path:
+    """--out as a path, refused before any work if it exists (without --overwrite) or is no .safetensors name."""
+    path = Path(out).expanduser()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it{note}")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"--out {path}: give a file name ending in .safetensors")
+    return path
+
+
 def _calibrate(args) -> int:
     from .engine.calibrate import calibrate
     from .engine.checkpoint import write_info
     from .engine.model import load_model
     source = _checkpoint_file(args.model, "calibrate writes the chosen settings into a copy of a checkpoint file")
-    out = Path(args.out).expanduser()
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it (it may be --model itself)")
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: give a file name ending in .safetensors")
+    out = _new_checkpoint_path(args.out, args.overwrite, " (it may be --model itself)")
     try:
         thresholds = [float(t) for t in args.thresholds.split(",") if t.strip()]
     except ValueError:
@@ -403,11 +409,7 @@ def _calibrate(args) -> int:
 def _average(args) -> int:
     from .engine.average import average_models
     from .engine.checkpoint import save_checkpoint
-    out = Path(args.out).expanduser()
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    if out.suffix != ".safetensors":
-        raise ValueError(f"--out {out}: give a file name ending in .safetensors")
+    out = _new_checkpoint_path(args.out, args.overwrite)
     try:
         shares = [float(s) for s in args.shares.split(",")] if args.shares else None
     except ValueError:

@@ -72,11 +72,12 @@ rwkv_unet_t-busi)
     DATASET=busi
     # From the polyp model (ultrasound lesions and polyps are both one blob on a textured
     # background): its recipe runs first.  Epochs are ranked on the val images with a lesion,
-    # which the target scores; the normal ones still train.  2 CPU threads, one run.
+    # which the target scores; the normal ones still train.  2 CPU threads, one run.  Seed 1:
+    # of the two seeds run (0 and 1), it scored higher on those val images once calibrated.
     BASE=rwkv_unet_t-kvasir
     CLASSES=background,lesion
     STEPS=(
-        "--val-include benign_*,malignant_* --input-scale 0.5 --patch-size 192 --batch-size 8 --lr 1e-3 --ema 0.995 --foreground 0 --workers 0 --max-minutes 95"
+        "--val-include benign_*,malignant_* --input-scale 0.5 --patch-size 192 --batch-size 8 --lr 1e-3 --ema 0.995 --foreground 0 --workers 0 --max-minutes 95 --seed 1"
     )
     # One lesion per image: the threshold, largest-object filter and flips chosen on the val
     # images with a lesion, as the epochs were (a normal image scores Dice 1 or 0).

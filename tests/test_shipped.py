@@ -48,11 +48,11 @@ def test_dsb2018_model_on_unseen_test_images(shared_data):
 # The polyp and ultrasound models: trained on data that may not be bundled, so their
 # score checks need ../shared/data; provenance and metadata are checked everywhere.
 OTHERS = {
-    # recorded: the least test Dice the file may carry (Kvasir-SEG: the target; BUSI is
-    # still short of its 0.75: 0.745 with its calibrated settings); floor: a third of the test
+    # recorded: the least test Dice the file may carry (the targets; BUSI's on its
+    # benign + malignant images, with its calibrated settings); floor: a third of the test
     # images, scored here with the file's own settings.
     "rwkv_unet_t-kvasir": dict(folder="kvasir-seg", foreground="polyp", include=None, recorded=0.85, floor=0.80),
-    "rwkv_unet_t-busi": dict(folder="busi", foreground="lesion", include=["benign_*", "malignant_*"], recorded=0.74,
+    "rwkv_unet_t-busi": dict(folder="busi", foreground="lesion", include=["benign_*", "malignant_*"], recorded=0.75,
                              floor=0.65),
 }
 

@@ -1,8 +1,9 @@
 """Average the weights of several checkpoints of one network (a "model soup", Wortsman et al.
-2022): e.g. two training runs from the same start that differ only in their seed.  Runs from
-one start stay in one basin of the loss, so their average is a model of its own, often better
-than either; runs from different starts (or a bare architecture) give noise, so this is for
-siblings.  Imports neither Qt nor napari.
+2022; or a fine-tuned model blended with its start, WiSE-FT).  Runs that stayed near their
+common start can average to a model better than either; runs that moved far apart need not
+(BUSI's two 95-minute seeds averaged 0.01-0.03 Dice below either, bench/RESULTS.md session 23),
+and runs from different starts give noise: score the mean on validation data before using it.
+Imports neither Qt nor napari.
 """
 import copy
 from typing import Optional, Sequence
@@ -46,8 +47,9 @@ def average_models(sources: Sequence, shares: Optional[Sequence[float]] = None, 
     info = copy.deepcopy(models[0].info)
     info.inference = dict(INFERENCE_DEFAULTS)
     info.metrics = {}
-    info.training = {"command": command, "averaged": [{"source": model.source, "share": share, "training": model.info.training,
-                                   "metrics": model.info.metrics} for model, share in zip(models, shares)]}
+    sources = [{"source": model.source, "share": share, "training": model.info.training, "metrics": model.info.metrics}
+               for model, share in zip(models, shares)]
+    info.training = {"command": command, "averaged": sources}
     return SegmentationModel(net.eval(), info, f"average of {', '.join(m.name for m in models)}", models[0].device)
 
 

@@ -322,7 +322,7 @@ def test_val_include_ranks_on_the_matching_validation_pairs_only(sample_folder, 
     both = nm.evaluate(start, str(sample_folder))["dice"]
     assert result.start_val_dice == pytest.approx(alone) and abs(alone - both) > 1e-3
     assert result.model.info.training["val_include"] == ["*bright*"]
-    with pytest.raises(ValueError, match="'benign_\\*' matches no image stem in the validation pairs of"):
+    with pytest.raises(ValueError, match="val_include pattern 'benign_\\*' matches no image stem in the validation pairs of"):
         nm.train(start, str(sample_folder), epochs=1, device="cpu", val_data=str(sample_folder),
                  val_include=["benign_*"], config=cfg)
     with pytest.raises(ValueError, match="val_include= picks pairs of a dataset folder by stem"):

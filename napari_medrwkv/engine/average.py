@@ -41,7 +41,7 @@ def average_models(sources: Sequence, shares: Optional[Sequence[float]] = None, 
             total = sum(share * state[key].double() for share, state in zip(shares, states))
             mean[key] = total.to(first.dtype)
         else:
-            mean[key] = first.clone()
+            mean[key] = first          # copied by load_state_dict below
     net = copy.deepcopy(models[0].net)
     net.load_state_dict(mean)
     info = copy.deepcopy(models[0].info)

@@ -436,12 +436,12 @@ def pairs_matching(items, patterns: Sequence[str], where, argument: str = "inclu
     """The pairs among ``items`` whose stem matches one of ``patterns`` (shell-style, e.g.
     ``benign_*``), in order.  A pattern that matches nothing is an error naming ``where`` (the
     dataset folder), so a typo does not silently shrink the set; ``argument`` is the caller's
-    name for ``patterns``, for the error on in-memory pairs (which have no stem)."""
+    name for ``patterns``, for the errors."""
     if not all(hasattr(item, "stem") for item in items):
         raise ValueError(f"{argument}= picks pairs of a dataset folder by stem; pass a folder")
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(item.stem, pattern) for item in items):
-            raise DataError(f"include pattern {pattern!r} matches no image stem in {where}")
+            raise DataError(f"{argument} pattern {pattern!r} matches no image stem in {where}")
     return [item for item in items if any(fnmatch.fnmatchcase(item.stem, p) for p in patterns)]
 
 

@@ -9,6 +9,7 @@ without importing torch)::
     labels = nm.segment(image, model=model)
     result = nm.train(model, "path/to/dataset", out="tuned.safetensors", max_minutes=5)
     scores = nm.evaluate(model, "path/to/dataset", split="test")
+    nm.suggest_model(image)          # the shipped model trained on images like this one
 """
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ _API = {
     "train": "engine.train",
     "TrainConfig": "engine.train",
     "evaluate": "engine.evaluate",
+    "suggest_model": "engine.appearance",
 }
 
 __all__ = sorted(_API) + ["__version__"]

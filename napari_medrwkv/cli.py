@@ -6,6 +6,7 @@
     medrwkv evaluate --model M --data DIR [--split test] [--device D] [--flips] [--json] [--record]
     medrwkv calibrate --model M --data DIR [--split val] [--try-flips] --out FILE
     medrwkv average CHECKPOINT CHECKPOINT... [--shares 0.5,0.5] --out FILE
+    medrwkv appearance --model M --data DIR [--split train]
 
 ``--flips``, ``--threshold`` and ``--largest-component`` (and their ``--no-`` forms) override
 the checkpoint's own inference settings, which ``calibrate`` chooses.
@@ -135,6 +136,14 @@ def _parser():
     avg.add_argument("--out", required=True, help="checkpoint to write (.safetensors); calibrate it afterwards")
     avg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     avg.set_defaults(run=_average)
+
+    app = sub.add_parser("appearance", help="record in a checkpoint what its training images look like, so that "
+                                            "the app suggests it for images like them (train records this itself)")
+    app.add_argument("--model", required=True, help="shipped name or .safetensors checkpoint")
+    app.add_argument("--data", required=True, help="the dataset folder the model was trained on")
+    app.add_argument("--split", help="the split it was trained on (default: all pairs)")
+    app.add_argument("--include", help="comma-separated stem patterns it was trained on (default: every pair)")
+    app.set_defaults(run=_appearance)
     return parser
 
 
@@ -419,6 +428,26 @@ def _average(args) -> int:
     weights = ", ".join(f"{Path(a['source']).stem} {a['share']:.0%}" for a in model.info.training["averaged"])
     print(f"wrote {out}: the weights of {weights}, with default inference settings (run calibrate on validation "
           "images to choose them)")
+    return 0
+
+
+def _appearance(args) -> int:
+    from .engine.appearance import appearance_profile, evenly_spaced
+    from .engine.checkpoint import read_info, write_info
+    from .engine.data import find_pairs, pairs_matching, read_image
+    path = _checkpoint_file(args.model, "appearance stores the profile in a checkpoint file")
+    info = read_info(path)            # a damaged file fails before the images are read
+    include = _patterns(args.include)
+    pairs = find_pairs(args.data, args.split)
+    if include:
+        pairs = pairs_matching(pairs, include, f"{args.data} {args.split or ''}".strip())
+    chosen = evenly_spaced(pairs)
+    profile = appearance_profile(read_image(pair.image) for pair in chosen)
+    measured = (f"{len(chosen)} of them measured, evenly spaced",) if len(chosen) < len(pairs) else ()
+    measured_on = _described_data(args.data, args.split, len(pairs), include, measured)
+    info.training["appearance"] = {**profile, "measured_on": measured_on, "command": _command_line("appearance")}
+    write_info(path, info)
+    print(f"recorded the appearance of {measured_on} in {path}")
     return 0
 
 

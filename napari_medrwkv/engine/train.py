@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..models import list_models
+from .appearance import appearance_profile, evenly_spaced
 from .checkpoint import check_input_scale, save_checkpoint
 from .data import SegmentationDataset, augmentation, check_pair, find_pairs, pairs_matching
 from .defaults import FEW_SHOT
@@ -162,6 +163,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     if val_include:
         val_items = pairs_matching(val_items, val_include, f"the validation pairs of {val_data or data}",
                                    "val_include")
+    # What the training images look like, so that the app can suggest this model for images like them.
+    profile = appearance_profile(_images(evenly_spaced(train_items), model.info.num_classes))
     info = model.info
     if cfg.input_scale is not None:
         info.input_scale = cfg.input_scale
@@ -258,6 +261,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     result.best_val_dice = best_dice if val_pairs is not None else None
     result.minutes = (time.monotonic() - start) / 60
     model.info.training = _provenance(model, data, split, val_split, val_include, cfg, result, command)
+    model.info.training["appearance"] = profile
     model.info.metrics = {"val_dice": result.best_val_dice} if result.best_val_dice is not None else {}
     model.source = str(out) if out is not None else model.source
     model._fused = None
@@ -470,6 +474,12 @@ def _split_items(data, split, val_data, val_split, cfg: TrainConfig):
     order = np.random.default_rng(cfg.seed).permutation(len(items))
     n_val = max(1, int(round(cfg.val_fraction * len(items))))
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+def _images(items, num_classes: int):
+    """The images of training items, read and checked as training reads them (errors name the file)."""
+    for item in items:
+        yield check_pair(item, num_classes)[0]
 
 
 def _provenance(model, data, split, val_split, val_include, cfg, result, command) -> dict:

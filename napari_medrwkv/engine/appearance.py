@@ -1,0 +1,118 @@
+"""Which model was trained on images that look like this one.
+
+A model segments the kind of image it learnt from (a polyp model colonoscopy frames,
+a nuclei model microscopy) and little else, so before segmenting the app suggests the
+shipped model whose training images look most like the user's.  A checkpoint carries an
+*appearance profile* of its training images in ``training["appearance"]``: six numbers
+measured on each of up to :data:`PROFILE_IMAGES` of them, as the network sees them (after
+the per-image percentile normalisation, so dtype and exposure do not matter).  ``train``
+records it; ``medrwkv appearance`` adds it to a checkpoint trained before it existed.
+
+An image's distance to a profile is its distance to the nearest training image, feature by
+feature in units of :data:`SCALE` (root mean square).  A nearest neighbour rather than a
+mean and spread, because one data set may hold several kinds of image (DSB2018: dark
+fluorescence and bright stained slides).  The model at the smallest distance is suggested,
+if that is at most :data:`MAX_DISTANCE`.  On the three shipped models' val splits this picks
+the model trained on that set for every image; on the test splits for 100% of Kvasir-SEG and
+BUSI and 66 of 67 DSB2018 images (tests/test_appearance.py; bench/RESULTS.md, session 24).
+"""
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .data import NORMALIZATION, image_to_channels
+
+FEATURES = ("colourfulness", "red_minus_blue", "brightness", "contrast", "dark_fraction", "fine_texture")
+CROP = 512                 # features come from the central CROP x CROP pixels, at the image's own resolution
+# One unit of difference per feature: about its spread within one training set (the median over
+# the three shipped models' sets), fixed so that distances to different models compare.
+SCALE = (0.06, 0.06, 0.06, 0.03, 0.1, 0.03)
+MAX_DISTANCE = 3.0         # farther than this from every training image: no model is suggested
+                           # (the farthest val image from its own set's nearest: 1.4)
+PROFILE_IMAGES = 256       # training images a profile keeps (evenly spaced through the set)
+
+
+@dataclass
+class Suggestion:
+    source: str            # the shipped name (or checkpoint) suggested
+    distance: float        # to the nearest of the model's training images (see SCALE; under 1.4 in val)
+
+
+def central_crop(image, size: int = CROP):
+    """The central ``size`` x ``size`` pixels of a 2-D image (H, W) or (H, W, C), sliced before
+    it is read, so that a lazy (dask, zarr) array only loads that part."""
+    h, w = image.shape[0], image.shape[1]
+    top, left = max((h - size) // 2, 0), max((w - size) // 2, 0)
+    return image[top:top + size, left:left + size]
+
+
+def appearance(image) -> np.ndarray:
+    """Six numbers describing one 2-D image (grey or RGB, any dtype), in the order of :data:`FEATURES`.
+
+    Measured on the central :data:`CROP` pixels as the network sees them, mapped to [0, 1]:
+    colourfulness (mean max - min over R, G, B), mean red minus blue, brightness (mean grey),
+    contrast (its standard deviation), the fraction of dark pixels (grey < 0.1), and fine texture
+    (ten times the mean absolute difference of grey from its 3 x 3 mean: speckle, grain).
+    """
+    x = image_to_channels(np.asarray(central_crop(image)), 3).astype(np.float64)
+    rgb = np.clip(x * NORMALIZATION["scale"] + NORMALIZATION["center"], 0.0, 1.0)
+    grey = rgb.mean(0)
+    return np.array([
+        (rgb.max(0) - rgb.min(0)).mean(),
+        (rgb[0] - rgb[2]).mean(),
+        grey.mean(),
+        grey.std(),
+        (grey < 0.1).mean(),
+        10 * np.abs(grey - ndimage.uniform_filter(grey, 3, mode="reflect")).mean(),
+    ])
+
+
+def appearance_profile(images: Iterable) -> dict:
+    """The profile of a set of images (arrays) as a checkpoint stores it: each image's features."""
+    samples = [[round(float(v), 5) for v in appearance(image)] for image in images]
+    if not samples:
+        raise ValueError("an appearance profile needs at least one image")
+    return {"features": list(FEATURES), "samples": samples}
+
+
+def evenly_spaced(items: Sequence, limit: int = PROFILE_IMAGES) -> list:
+    """At most ``limit`` of ``items``, spread evenly over them (all when there are fewer)."""
+    if len(items) <= limit:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, limit).round().astype(int)]
+
+
+def profile_of(info) -> Optional[dict]:
+    """A checkpoint's appearance profile (from its :class:`.checkpoint.ModelInfo`), or None when it
+    has none or one measured with other features (an older or newer version of this module)."""
+    profile = (info.training or {}).get("appearance") if info is not None else None
+    if not isinstance(profile, dict) or profile.get("features") != list(FEATURES) or not profile.get("samples"):
+        return None
+    return profile
+
+
+def distance(profile: dict, features: np.ndarray) -> float:
+    """Distance of an image's ``features`` to the nearest image of the profile, in units of :data:`SCALE`."""
+    differences = (np.asarray(profile["samples"], dtype=np.float64) - np.asarray(features)) / np.asarray(SCALE)
+    return float(np.sqrt((differences ** 2).mean(1)).min())
+
+
+def suggest_model(image, sources: Optional[List[str]] = None) -> Optional[Suggestion]:
+    """The model among ``sources`` (default: the shipped ones) whose training images look most
+    like ``image``, or None when none has a profile within :data:`MAX_DISTANCE` of it."""
+    from .model import list_shipped, read_model_info
+    features = appearance(image)
+    best = None
+    for source in list_shipped() if sources is None else sources:
+        try:
+            profile = profile_of(read_model_info(source))
+        except ValueError:           # a damaged file is not a candidate; loading it says what is wrong
+            continue
+        if profile is None:
+            continue
+        d = distance(profile, features)
+        if d <= MAX_DISTANCE and (best is None or d < best.distance):
+            best = Suggestion(source, d)
+    return best

@@ -107,10 +107,14 @@ class SegmentWidget(QWidget):
         self.progress_bar = QProgressBar()
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.suggestion = QLabel("")
+        self.suggestion.setWordWrap(True)
+        self._model_by_hand = False       # until the user picks a model, the suggested one is selected
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
         form.addRow("Model", self.model_combo)
+        form.addRow("", self.suggestion)
         form.addRow("Device", self.device_combo)
         form.addRow("Stack", self.scope_combo)
         form.addRow("Tile", self.tile_spin)
@@ -134,9 +138,10 @@ class SegmentWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.model_combo.activated.connect(self._on_model_chosen)
         self.model_combo.currentTextChanged.connect(self._on_model_changed)
+        self.image_combo.currentTextChanged.connect(self._suggest_model)
         follow_layer_list(self, self.viewer.layers, self._refresh_images)
-        self._refresh_images()
         self._fill_models_and_devices()
+        self._refresh_images()
         connect_while_alive(self, _session.changed, self._on_session_changed)
 
     # ------------------------------------------------------------------ choices
@@ -167,18 +172,53 @@ class SegmentWidget(QWidget):
         self.device_combo.setCurrentText(device)
 
     def add_model_source(self, source: str):
-        """Offer a checkpoint path (or a model registered by fine-tuning) and select it."""
+        """Offer a checkpoint path (or a model registered by fine-tuning) and select it: a deliberate
+        choice, which suggestions for later images leave as it is."""
+        self._model_by_hand = True
         if source not in self._extra_sources:
             self._extra_sources.append(source)
         self._fill_models_and_devices()
         self.model_combo.setCurrentText(source)
 
     def _on_model_chosen(self, index: int):
+        self._model_by_hand = True
         if self.model_combo.itemText(index) != BROWSE:
             return
         path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "", "Checkpoints (*.safetensors)")
         if path:
             self.add_model_source(path)
+
+    def _suggest_model(self, name: str):
+        """Say which shipped model was trained on images like this one, and select it until the
+        user has picked a model by hand."""
+        from .engine.appearance import suggest_model
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if not isinstance(layer, Image):
+            self.suggestion.setText("")
+            return
+        try:
+            suggestion = suggest_model(self._plane(layer))
+        except ValueError:              # not one 2-D image or stack; Segment says what to do
+            self.suggestion.setText("")
+            return
+        if suggestion is None:
+            self.suggestion.setText("None of the shipped models was trained on images like this one: expect to "
+                                    "correct more, and fine-tune on a few corrected slices.")
+            return
+        self.suggestion.setText(f"Suggested for this image: {suggestion.source} (trained on images like it).")
+        if not self._model_by_hand and self.model_combo.findText(suggestion.source) >= 0:
+            self.model_combo.setCurrentText(suggestion.source)
+
+    def _plane(self, layer: Image):
+        """The image, or the current slice of a stack, left lazy (dask, zarr) for the caller to crop."""
+        data = layer.data[0] if layer.multiscale else layer.data
+        spatial = data.ndim - (1 if layer.rgb else 0)
+        if spatial == 3:
+            z = min(max(int(self.viewer.dims.current_step[0]), 0), data.shape[0] - 1)
+            return data[z]
+        if spatial != 2:
+            raise ValueError(f"{layer.name}: {spatial} spatial dimensions")
+        return data
 
     def _on_model_changed(self, source: str):
         """Show the chosen model's own inference settings (those ``medrwkv calibrate`` chose)."""

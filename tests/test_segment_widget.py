@@ -180,3 +180,52 @@ def test_inference_controls_show_the_chosen_models_settings_and_reach_segment(wi
     widget.add_model_source(untrained_checkpoint(tmp_path / "three.safetensors", num_classes=3))
     assert not widget.threshold_spin.isEnabled() and not widget.largest_check.isEnabled()
     assert widget.inference_choices() == {"flips": False}
+
+
+def _alien_image():
+    """Saturated blue with a little noise: like none of the shipped models' training images."""
+    rng = np.random.default_rng(0)
+    blue = np.stack([np.full((200, 240), 20.0), np.tile(np.linspace(0, 120, 240), (200, 1)),
+                     np.full((200, 240), 230.0)], -1)
+    return np.clip(blue + rng.normal(0, 10, blue.shape), 0, 255).astype(np.uint8)
+
+
+def test_the_model_trained_on_images_like_the_opened_one_is_suggested_and_selected(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.suggestion.text() == ""
+    viewer.open_sample("napari-medrwkv", "fluorescence")
+    assert widget.model_combo.currentText() == "rwkv_unet_t-dsb2018"      # not the first in the list (busi)
+    assert "Suggested for this image: rwkv_unet_t-dsb2018" in widget.suggestion.text()
+    # An image unlike any training set: said so, and the model stays as it was.
+    viewer.add_image(_alien_image(), name="alien")
+    widget.image_combo.setCurrentText("alien")
+    assert "None of the shipped models" in widget.suggestion.text()
+    assert widget.model_combo.currentText() == "rwkv_unet_t-dsb2018"
+    # Once the user picks a model, later images only get the suggestion in words.
+    index = widget.model_combo.findText("rwkv_unet_t-busi")
+    widget.model_combo.setCurrentIndex(index)
+    widget.model_combo.activated.emit(index)
+    viewer.open_sample("napari-medrwkv", "brightfield")
+    widget.image_combo.setCurrentText("nuclei brightfield")
+    assert widget.model_combo.currentText() == "rwkv_unet_t-busi"
+    assert "Suggested for this image: rwkv_unet_t-dsb2018" in widget.suggestion.text()
+
+
+def test_suggestion_uses_the_current_slice_of_a_stack(make_napari_viewer, shared_data):
+    from napari_medrwkv.engine.data import find_pairs, read_image
+    polyp = read_image(find_pairs(shared_data / "kvasir-seg", "test")[0].image)
+    ultrasound = read_image(find_pairs(shared_data / "busi", "test")[0].image)
+    grey_polyp = polyp.mean(-1).astype(np.uint8)[:200, :200]
+    stack = np.stack([ultrasound[:200, :200], grey_polyp])
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    viewer.add_image(polyp, name="polyp")
+    assert widget.model_combo.currentText() == "rwkv_unet_t-kvasir"
+    viewer.dims.set_current_step(0, 0)
+    viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 0)
+    widget.image_combo.setCurrentText("polyp")
+    widget.image_combo.setCurrentText("stack")
+    assert widget.model_combo.currentText() == "rwkv_unet_t-busi"

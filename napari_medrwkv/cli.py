@@ -1,7 +1,7 @@
 """``medrwkv``: the engine on the command line.
 
     medrwkv models
-    medrwkv segment --model M [--device D] [--tile N] [--flips] [--threshold P] [--largest-component] INPUT... --out DIR
+    medrwkv segment --model M|auto [--device D] [--tile N] [--flips] [--threshold P] [--largest-component] INPUT... --out DIR
     medrwkv train --model M --data DIR [--split train] [--val-split val] [--epochs N] [--max-minutes X] --out FILE
     medrwkv evaluate --model M --data DIR [--split test] [--device D] [--flips] [--json] [--record]
     medrwkv calibrate --model M --data DIR [--split val] [--try-flips] --out FILE
@@ -16,11 +16,13 @@ import json
 import math
 import shlex
 import sys
+from collections import Counter
 from pathlib import Path
 
 from .engine.defaults import CALIBRATION_THRESHOLDS
 from .engine.memory import retain_freed_memory
 
+AUTO = "auto"                # segment --model auto: each image gets the model suggested for it
 FLIPS_HELP = ("test-time augmentation: average the probabilities over the image and its left-right, "
               "up-down and double flips (4x the time); default: the checkpoint's setting")
 THRESHOLD_HELP = "binary models: foreground where its probability is above this (default: the checkpoint's, 0.5 unless calibrated)"
@@ -49,7 +51,8 @@ def _parser():
     models.set_defaults(run=_models)
 
     seg = sub.add_parser("segment", help="segment image files")
-    _model_args(seg)
+    _model_args(seg, "shipped name, checkpoint path, or architecture name; auto: per image, the shipped model "
+                     "trained on images like it")
     seg.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="image files (PNG, JPEG, TIFF, BMP, GIF), or folders: every image file directly inside")
     seg.add_argument("--out", required=True, help="folder for the label images (created if missing)")
@@ -157,8 +160,8 @@ def _inference_kwargs(args) -> dict:
     return {"flips": args.flips, "threshold": args.threshold, "largest_component": args.largest_component}
 
 
-def _model_args(p):
-    p.add_argument("--model", required=True, help="shipped name, checkpoint path, or architecture name")
+def _model_args(p, help="shipped name, checkpoint path, or architecture name"):
+    p.add_argument("--model", required=True, help=help)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
 
 
@@ -193,14 +196,16 @@ def _segment(args) -> int:
     existing = [str(t) for _, labels, probs in jobs for t in (labels, probs) if t is not None and t.exists()]
     if existing and not args.overwrite:
         raise FileExistsError(f"{existing[0]} exists ({len(existing)} in all); pass --overwrite to replace them")
-    model = load_model(args.model, device=args.device)
-    inference_settings(model.info, **_inference_kwargs(args))          # a bad --threshold fails before any work
+    chosen = [_suggested_model(source) for source, _, _ in jobs] if args.model == AUTO else [args.model] * len(jobs)
+    models = {name: load_model(name, device=args.device) for name in dict.fromkeys(chosen)}
+    for model in models.values():
+        inference_settings(model.info, **_inference_kwargs(args))      # a bad --threshold fails before any work
     out.mkdir(parents=True, exist_ok=True)
     # Counted in images, moving with the tiles inside each, so one large image shows progress too.
     bar = _LazyBar("segment", "image", "{l_bar}{bar}| {n:.1f}/{total} images [{elapsed}<{remaining}]")
-    for i, (source, labels_file, probs_file) in enumerate(jobs):
+    for i, ((source, labels_file, probs_file), name) in enumerate(zip(jobs, chosen)):
         image = read_image(source)
-        labels, probs = segment(image, model=model, tile=args.tile, return_probabilities=True,
+        labels, probs = segment(image, model=models[name], tile=args.tile, return_probabilities=True,
                                 progress=lambda done, total, i=i: bar.update_to(i + done / total, len(jobs)),
                                 **_inference_kwargs(args))
         write_labels(labels_file, labels)
@@ -208,8 +213,23 @@ def _segment(args) -> int:
             write_labels(probs_file, probs.astype(np.float32))
         bar.update_to(i + 1, len(jobs))
     bar.close()
-    print(f"wrote {len(jobs)} label image(s) to {out}")
+    used = f" ({', '.join(f'{name}: {n}' for name, n in Counter(chosen).items())})" if args.model == AUTO else ""
+    print(f"wrote {len(jobs)} label image(s) to {out}{used}")
     return 0
+
+
+def _suggested_model(path: Path) -> str:
+    """The shipped model trained on images like the one in ``path`` (a stack: its middle slice)."""
+    from .engine.appearance import suggest_model
+    from .engine.data import read_image
+    from .engine.infer import plane_layout
+    image = read_image(path)
+    stack_axes, _ = plane_layout(image.shape)        # segment would take the file the same way
+    suggestion = suggest_model(image[len(image) // 2] if stack_axes else image)
+    if suggestion is None:
+        raise ValueError(f"--model auto: none of the shipped models was trained on images like {path}; "
+                         "name a model with --model (see medrwkv models)")
+    return suggestion.source
 
 
 def _segment_sources(inputs, out: Path) -> list:

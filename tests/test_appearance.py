@@ -146,3 +146,40 @@ def test_unseen_test_images_get_the_model_trained_on_their_kind(folder, model, s
     picked = [suggest_model(read_image(pair.image)) for pair in pairs]
     right = sum(s is not None and s.source == model for s in picked)
     assert right >= 0.98 * len(pairs), (right, len(pairs))     # measured: 100, 78 and 66 of 100, 78 and 67
+
+
+def _blue():
+    """Saturated blue: like no shipped model's training images."""
+    blue = np.stack([np.full((64, 80), 20), np.tile(np.linspace(0, 120, 80), (64, 1)), np.full((64, 80), 230)], -1)
+    return blue.astype(np.uint8)
+
+
+def test_cli_segment_auto_uses_the_model_suggested_for_each_image(sample_folder, tmp_path, capsys):
+    import tifffile
+
+    from napari_medrwkv.cli import main
+    images = sample_folder / "images"
+    nuclei = read_image(images / "nuclei_fluorescence.png")[:64, :80]            # RGB, (64, 80, 3)
+    # A stack is judged by its middle slice: here the nuclei, between two blue slices.
+    stack = np.stack([_blue(), nuclei, _blue()])
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    assert main(["segment", "--model", "auto", "--out", str(tmp_path / "auto"), str(images),
+                 str(tmp_path / "stack.tif")]) == 0
+    assert "rwkv_unet_t-dsb2018: 3" in capsys.readouterr().out
+    assert main(["segment", "--model", "rwkv_unet_t-dsb2018", "--out", str(tmp_path / "named"), str(images)]) == 0
+    for name in ("nuclei_fluorescence", "nuclei_brightfield"):
+        auto, named = (read_image(tmp_path / out / f"{name}_labels.png") for out in ("auto", "named"))
+        assert np.array_equal(auto, named) and auto.any()
+
+
+def test_cli_segment_auto_names_an_image_no_model_fits_and_writes_nothing(sample_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from napari_medrwkv.cli import main
+    Image.fromarray(_blue()).save(tmp_path / "blue.png")
+    out = tmp_path / "out"
+    assert main(["segment", "--model", "auto", "--out", str(out), str(sample_folder / "images"),
+                 str(tmp_path / "blue.png")]) != 0
+    err = capsys.readouterr().err
+    assert "blue.png" in err and "none of the shipped models" in err and "--model" in err
+    assert not out.exists()

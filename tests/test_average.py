@@ -55,7 +55,25 @@ def test_a_model_averaged_with_itself_segments_as_it_does(sample_arrays):
     np.testing.assert_array_equal(nm.segment(image, model=same, **settings), nm.segment(image, model=shipped, **settings))
     assert same.info.inference == INFERENCE_DEFAULTS and same.info.metrics == {}
     assert [a["source"] for a in same.info.training["averaged"]] == ["rwkv_unet_t-dsb2018"] * 2
-    assert same.info.training["averaged"][0]["training"] == shipped.info.training
+    kept = same.info.training["averaged"][0]["training"]
+    assert kept["command"] == shipped.info.training["command"] and "history" not in kept and "appearance" not in kept
+    # The same training images twice: the average is suggested for them as its source is.
+    assert same.info.training["appearance"]["samples"] == shipped.info.training["appearance"]["samples"]
+
+
+def test_the_average_of_models_of_two_data_sets_keeps_the_images_of_both(sample_arrays, tmp_path):
+    from conftest import untrained_checkpoint
+    from napari_medrwkv.engine.appearance import appearance, appearance_profile, distance, merged_profile
+    from napari_medrwkv.engine.checkpoint import save_checkpoint
+    paths = []
+    for i, (image, _) in enumerate(sample_arrays):
+        model = nm.load_model(untrained_checkpoint(tmp_path / f"{i}.safetensors"), device="cpu")
+        model.info.training["appearance"] = appearance_profile([image])
+        paths.append(save_checkpoint(model.net, tmp_path / f"{i}.safetensors", model.info))
+    merged = average_models(paths).info.training["appearance"]
+    assert len(merged["samples"]) == 2
+    assert all(distance(merged, appearance(image)) < 1e-3 for image, _ in sample_arrays)
+    assert merged_profile([None, None]) is None
 
 
 def test_only_siblings_are_averaged():

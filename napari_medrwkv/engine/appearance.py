@@ -93,6 +93,16 @@ def profile_of(info) -> Optional[dict]:
     return profile
 
 
+def merged_profile(profiles: Iterable[Optional[dict]]) -> Optional[dict]:
+    """One profile holding the images of several (a model trained on all their data), each image
+    once; None when none of them is a profile."""
+    samples = {}
+    for profile in profiles:
+        if profile is not None:
+            samples.update((tuple(sample), None) for sample in profile["samples"])
+    return {"features": list(FEATURES), "samples": [list(s) for s in samples]} if samples else None
+
+
 def distance(profile: dict, features: np.ndarray) -> float:
     """Distance of an image's ``features`` to the nearest image of the profile, in units of :data:`SCALE`."""
     differences = (np.asarray(profile["samples"], dtype=np.float64) - np.asarray(features)) / np.asarray(SCALE)

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .appearance import merged_profile, profile_of
 from .checkpoint import INFERENCE_DEFAULTS
 from .model import SegmentationModel, load_model
 
@@ -26,8 +27,9 @@ def average_models(sources: Sequence, shares: Optional[Sequence[float]] = None, 
 
     The result keeps the first model's metadata, with default inference settings (thresholds
     and filters chosen for one model are not chosen for the mean: calibrate it again), no
-    recorded scores, and the sources' provenance under ``training["averaged"]`` (``command``,
-    how the average was asked for, beside it).
+    recorded scores, the sources' provenance under ``training["averaged"]`` (less their per-epoch
+    history; ``command``, how the average was asked for, beside it), and the union of their
+    appearance profiles (see :mod:`.appearance`).
     """
     if len(sources) < 2:
         raise ValueError(f"average: give at least two checkpoints to average, got {len(sources)}")
@@ -47,10 +49,19 @@ def average_models(sources: Sequence, shares: Optional[Sequence[float]] = None, 
     info = copy.deepcopy(models[0].info)
     info.inference = dict(INFERENCE_DEFAULTS)
     info.metrics = {}
-    sources = [{"source": model.source, "share": share, "training": model.info.training, "metrics": model.info.metrics}
-               for model, share in zip(models, shares)]
+    sources = [{"source": model.source, "share": share, "training": _provenance(model.info.training),
+                "metrics": model.info.metrics} for model, share in zip(models, shares)]
     info.training = {"command": command, "averaged": sources}
+    profile = merged_profile(profile_of(model.info) for model in models)
+    if profile is not None:
+        info.training["appearance"] = profile
     return SegmentationModel(net.eval(), info, f"average of {', '.join(m.name for m in models)}", models[0].device)
+
+
+def _provenance(training: dict) -> dict:
+    """A source's training record without its bulk: the per-epoch history and the appearance
+    profile (merged into the average's own)."""
+    return {key: value for key, value in training.items() if key not in ("history", "appearance")}
 
 
 def _checked_shares(shares, n: int) -> list:

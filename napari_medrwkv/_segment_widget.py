@@ -11,7 +11,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                             QMessageBox, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
@@ -64,6 +64,16 @@ def user_edited(layer: Labels) -> bool:
     """True when a Labels layer differs from what this plugin last wrote into it."""
     written = layer.metadata.get(METADATA_KEY, {}).get("digest")
     return written is None or written != data_digest(layer.data)
+
+
+def _description(source: str) -> str:
+    """What a model in the menu segments, learnt from and scored (its tooltip)."""
+    from .engine.model import describe_model, read_model_info
+    try:
+        info = read_model_info(source)
+    except ValueError as err:
+        return str(err)
+    return describe_model(info) if info is not None else "an untrained architecture"
 
 
 class SegmentWidget(QWidget):
@@ -158,8 +168,10 @@ class SegmentWidget(QWidget):
     def _fill_models_and_devices(self):
         from .engine.model import available_devices, list_shipped
         self.model_combo.clear()
-        sources = list_shipped() + _session.registered() + self._extra_sources
-        self.model_combo.addItems(list(dict.fromkeys(sources)) + [BROWSE])
+        sources = list(dict.fromkeys(list_shipped() + _session.registered() + self._extra_sources))
+        self.model_combo.addItems(sources + [BROWSE])
+        for index, source in enumerate(sources):
+            self.model_combo.setItemData(index, _description(source), Qt.ItemDataRole.ToolTipRole)
         self.device_combo.clear()
         self.device_combo.addItems(available_devices())
 

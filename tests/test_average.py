@@ -59,6 +59,8 @@ def test_a_model_averaged_with_itself_segments_as_it_does(sample_arrays):
     assert kept["command"] == shipped.info.training["command"] and "history" not in kept and "appearance" not in kept
     # The same training images twice: the average is suggested for them as its source is.
     assert same.info.training["appearance"]["samples"] == shipped.info.training["appearance"]["samples"]
+    from napari_medrwkv.engine.model import describe_model
+    assert describe_model(same.info) == "finds nucleus; the average of 2 checkpoints"     # no test score yet
 
 
 def test_the_average_of_models_of_two_data_sets_keeps_the_images_of_both(sample_arrays, tmp_path):

@@ -229,3 +229,13 @@ def test_suggestion_uses_the_current_slice_of_a_stack(make_napari_viewer, shared
     widget.image_combo.setCurrentText("polyp")
     widget.image_combo.setCurrentText("stack")
     assert widget.model_combo.currentText() == "rwkv_unet_t-busi"
+
+
+def test_each_model_in_the_menu_says_what_it_finds_learnt_from_and_scored(make_napari_viewer):
+    from qtpy.QtCore import Qt
+    widget = SegmentWidget(make_napari_viewer())
+    tips = {widget.model_combo.itemText(i): widget.model_combo.itemData(i, Qt.ItemDataRole.ToolTipRole)
+            for i in range(widget.model_combo.count())}
+    assert tips["rwkv_unet_t-busi"].startswith("finds lesion; trained on busi (train split); test Dice 0.765")
+    assert "finds polyp; trained on kvasir-seg" in tips["rwkv_unet_t-kvasir"]
+    assert "finds nucleus" in tips["rwkv_unet_t-dsb2018"]

@@ -111,6 +111,21 @@ def read_model_info(source: str) -> Optional[ModelInfo]:
     return None
 
 
+def describe_model(info: ModelInfo) -> str:
+    """One line on what a checkpoint segments, what it learnt from and how it scored, for menus."""
+    parts = [f"finds {', '.join(info.class_names[1:]) or 'foreground'}"]
+    data = info.training.get("data")
+    if data:
+        split = info.training.get("split")
+        parts.append(f"trained on {Path(str(data)).name}" + (f" ({split} split)" if split else ""))
+    elif info.training.get("averaged"):
+        parts.append(f"the average of {len(info.training['averaged'])} checkpoints")
+    dice = info.metrics.get("test_dice")
+    if isinstance(dice, (int, float)):
+        parts.append(f"test Dice {dice:.3f} on {info.metrics.get('test_split', 'its test split')}")
+    return "; ".join(parts)
+
+
 def load_model(name_or_path, device="auto", *, in_chans: int = 3, num_classes: int = 1,
                class_names: Optional[List[str]] = None) -> SegmentationModel:
     """A shipped name, a ``.safetensors`` checkpoint path, or an architecture name.

@@ -5,6 +5,7 @@ A thin shell over ``napari_medrwkv.segment``; torch is imported on first use.
 import hashlib
 import threading
 import weakref
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -201,23 +202,26 @@ class SegmentWidget(QWidget):
             self.add_model_source(path)
 
     def _suggest_model(self, name: str):
-        """Say which shipped model was trained on images like this one, and select it until the
-        user has picked a model by hand."""
+        """Say which model in the menu (shipped, fine-tuned this session, or chosen from a file) was
+        trained on images like this one, and select it until the user has picked a model by hand."""
         from .engine.appearance import suggest_model
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
         if not isinstance(layer, Image):
             self.suggestion.setText("")
             return
+        sources = [self.model_combo.itemText(i) for i in range(self.model_combo.count())
+                   if self.model_combo.itemText(i) != BROWSE]
         try:
-            suggestion = suggest_model(self._plane(layer))
+            suggestion = suggest_model(self._plane(layer), sources)
         except ValueError:              # not one 2-D image or stack; Segment says what to do
             self.suggestion.setText("")
             return
         if suggestion is None:
-            self.suggestion.setText("None of the shipped models was trained on images like this one: expect to "
+            self.suggestion.setText("None of these models was trained on images like this one: expect to "
                                     "correct more, and fine-tune on a few corrected slices.")
             return
-        self.suggestion.setText(f"Suggested for this image: {suggestion.source} (trained on images like it).")
+        shown = Path(suggestion.source).name if suggestion.source.endswith(".safetensors") else suggestion.source
+        self.suggestion.setText(f"Suggested for this image: {shown} (trained on images like it).")
         if not self._model_by_hand and self.model_combo.findText(suggestion.source) >= 0:
             self.model_combo.setCurrentText(suggestion.source)
 

@@ -201,7 +201,7 @@ def test_the_model_trained_on_images_like_the_opened_one_is_suggested_and_select
     # An image unlike any training set: said so, and the model stays as it was.
     viewer.add_image(_alien_image(), name="alien")
     widget.image_combo.setCurrentText("alien")
-    assert "None of the shipped models" in widget.suggestion.text()
+    assert "None of these models" in widget.suggestion.text()
     assert widget.model_combo.currentText() == "rwkv_unet_t-dsb2018"
     # Once the user picks a model, later images only get the suggestion in words.
     index = widget.model_combo.findText("rwkv_unet_t-busi")
@@ -239,3 +239,26 @@ def test_each_model_in_the_menu_says_what_it_finds_learnt_from_and_scored(make_n
     assert tips["rwkv_unet_t-busi"].startswith("finds lesion; trained on busi (train split); test Dice 0.765")
     assert "finds polyp; trained on kvasir-seg" in tips["rwkv_unet_t-kvasir"]
     assert "finds nucleus" in tips["rwkv_unet_t-dsb2018"]
+
+
+def test_a_model_fine_tuned_on_images_like_this_one_is_suggested_over_the_shipped_ones(make_napari_viewer, tmp_path):
+    from napari_medrwkv import _session
+    from napari_medrwkv.engine.appearance import appearance_profile
+    from napari_medrwkv.engine.checkpoint import read_info, write_info
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    viewer.add_image(_alien_image(), name="alien")
+    assert "None of these models" in widget.suggestion.text()
+    # As the Fine-tune widget leaves it: a checkpoint trained on slices like this one, registered.
+    tuned = untrained_checkpoint(tmp_path / "tuned on blue.safetensors")
+    info = read_info(tuned)
+    info.training["appearance"] = appearance_profile([_alien_image()[10:150, 20:200]])
+    write_info(tuned, info)
+    try:
+        _session.register(tuned)
+        viewer.add_image(_alien_image()[::-1], name="alien 2")
+        widget.image_combo.setCurrentText("alien 2")
+        assert widget.suggestion.text() == "Suggested for this image: tuned on blue.safetensors (trained on images like it)."
+        assert widget.model_combo.currentText() == tuned
+    finally:
+        _session.clear()

@@ -4,9 +4,10 @@
 
 With ``--screenshot PATH`` it does not enter the event loop: it waits (at most
 ``--timeout`` seconds) until the Models widget has counted every model, segments
-the sample with the shipped nuclei model (the samples are nuclei), saves a
-screenshot of the whole window to PATH and exits -- the smoke test of the
-plugin.  Exit status 0 on success, 1 if a widget did not finish in time.
+the sample with the model the Segment widget suggests for it (the shipped nuclei
+model: the samples are nuclei), prints the widget's status line, saves a screenshot
+of the whole window to PATH and exits -- the smoke test of the plugin.  Exit status
+0 on success, 1 if a widget did not finish in time.
 """
 import argparse
 import sys
@@ -14,7 +15,6 @@ import time
 
 PLUGIN = "napari-medrwkv"
 SAMPLES = ("fluorescence", "brightfield")
-SAMPLE_MODEL = "rwkv_unet_t-dsb2018"     # trained on the kind of image the samples are
 
 
 def _parse(argv):
@@ -50,10 +50,7 @@ def main(argv=None) -> int:
     viewer.open_sample(PLUGIN, args.sample)
     _, models = viewer.window.add_plugin_dock_widget(PLUGIN, "Models")
     _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment", tabify=True)
-    image = viewer.layers[0].name
-    segment.image_combo.setCurrentText(image)
-    if segment.model_combo.findText(SAMPLE_MODEL) >= 0:
-        segment.model_combo.setCurrentText(SAMPLE_MODEL)
+    segment.image_combo.setCurrentText(viewer.layers[0].name)    # which selects the model suggested for it
     segment.probability_check.setChecked(True)
     viewer.layers[-1].visible = False      # the ground truth: there to compare, hidden to see the result
 
@@ -64,8 +61,9 @@ def main(argv=None) -> int:
     viewer.window.resize(1400, 850)
     finished = _wait_for(models, args.timeout)
     if segment.model_combo.currentText() and not segment.model_combo.currentText().endswith("…"):
-        segment.run()              # the main job, with the shipped nuclei model
+        segment.run()              # the main job, with the model suggested for the sample (the nuclei one)
         finished = _wait_for(_Done(lambda: segment.worker is None), args.timeout) and finished
+        print(segment.status.text())
     viewer.reset_view()
     _close_toasts(viewer)
     _wait_for(models, 0)  # repaint after the reset

@@ -147,6 +147,7 @@ def test_launch_screenshot_smoke(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "napari_medrwkv.launch", "--screenshot", str(shot)],
                           capture_output=True, text=True, timeout=240, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Done: nuclei fluorescence [rwkv_unet_t-dsb2018]" in proc.stdout    # the model suggested for nuclei
     assert shot.is_file()
 
     from skimage.io import imread

@@ -157,14 +157,20 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------------ choices
     def _refresh_images(self, event=None):
+        # Refilled silently: the passing first item must not trigger a suggestion (which could
+        # switch the model, and reset its settings, and back); only a new choice does.
         current = self.image_combo.currentText()
-        self.image_combo.clear()
         names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
         self.image_combo.addItems(names)
         if current in names:
             self.image_combo.setCurrentText(current)
         elif self.viewer.layers.selection.active is not None and self.viewer.layers.selection.active.name in names:
             self.image_combo.setCurrentText(self.viewer.layers.selection.active.name)
+        self.image_combo.blockSignals(False)
+        if self.image_combo.currentText() != current:
+            self._suggest_model(self.image_combo.currentText())
 
     def _fill_models_and_devices(self):
         from .engine.model import available_devices, list_shipped

@@ -262,3 +262,22 @@ def test_a_model_fine_tuned_on_images_like_this_one_is_suggested_over_the_shippe
         assert widget.model_combo.currentText() == tuned
     finally:
         _session.clear()
+
+
+def test_new_layers_leave_the_chosen_image_model_and_settings_alone(make_napari_viewer, qtbot, shared_data):
+    from napari_medrwkv.engine.data import find_pairs, read_image
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    viewer.add_image(read_image(find_pairs(shared_data / "kvasir-seg", "test")[0].image), name="polyp")
+    viewer.open_sample("napari-medrwkv", "fluorescence")
+    widget.image_combo.setCurrentText("nuclei fluorescence")
+    assert widget.model_combo.currentText() == "rwkv_unet_t-dsb2018"
+    widget.threshold_spin.setValue(0.4)
+    seen = []
+    widget.model_combo.currentTextChanged.connect(seen.append)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60000)
+    # The labels layer it added refreshed the image list; nothing the user set moved meanwhile.
+    assert "nuclei fluorescence [rwkv_unet_t-dsb2018]" in viewer.layers
+    assert widget.image_combo.currentText() == "nuclei fluorescence"
+    assert seen == [] and widget.threshold_spin.value() == 0.4

@@ -173,21 +173,28 @@ class SegmentWidget(QWidget):
             self._suggest_model(self.image_combo.currentText())
 
     def _fill_models_and_devices(self):
+        """(Re)list the models, keeping the current one, and the devices.  Refilled silently: a model
+        passing through the list would reset the inference settings the user set for the current one."""
         from .engine.model import available_devices, list_shipped
-        self.model_combo.clear()
+        current = self.model_combo.currentText()
         sources = list(dict.fromkeys(list_shipped() + _session.registered() + self._extra_sources))
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
         self.model_combo.addItems(sources + [BROWSE])
         for index, source in enumerate(sources):
             self.model_combo.setItemData(index, _description(source), Qt.ItemDataRole.ToolTipRole)
+        if current in sources:
+            self.model_combo.setCurrentText(current)
+        self.model_combo.blockSignals(False)
+        if self.model_combo.currentText() != current:
+            self._on_model_changed(self.model_combo.currentText())
         self.device_combo.clear()
         self.device_combo.addItems(available_devices())
 
     def _on_session_changed(self, source=None):
         """A model was fine-tuned: list it, keeping the current model and device."""
-        model, device = self.model_combo.currentText(), self.device_combo.currentText()
+        device = self.device_combo.currentText()
         self._fill_models_and_devices()
-        if model:
-            self.model_combo.setCurrentText(model)
         self.device_combo.setCurrentText(device)
 
     def add_model_source(self, source: str):

@@ -281,3 +281,19 @@ def test_new_layers_leave_the_chosen_image_model_and_settings_alone(make_napari_
     assert "nuclei fluorescence [rwkv_unet_t-dsb2018]" in viewer.layers
     assert widget.image_combo.currentText() == "nuclei fluorescence"
     assert seen == [] and widget.threshold_spin.value() == 0.4
+
+
+def test_a_model_fine_tuned_elsewhere_leaves_the_chosen_model_and_settings_alone(make_napari_viewer, tmp_path):
+    from napari_medrwkv import _session
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    viewer.open_sample("napari-medrwkv", "fluorescence")
+    widget.threshold_spin.setValue(0.4)
+    widget.flips_check.setChecked(True)
+    try:
+        _session.register(untrained_checkpoint(tmp_path / "tuned.safetensors"))     # as the Fine-tune widget does
+        assert widget.model_combo.findText(str(tmp_path / "tuned.safetensors")) >= 0
+        assert widget.model_combo.currentText() == "rwkv_unet_t-dsb2018"
+        assert widget.threshold_spin.value() == 0.4 and widget.flips_check.isChecked()
+    finally:
+        _session.clear()

@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (QComboBox, QFormLayout, QGridLayout, QGroupBox, QHBo
                             QSpinBox, QVBoxLayout, QWidget)
 
 from . import _review
+from ._segment_widget import refill
 from .engine import edit
 
 DELETE, KEEP = "delete", "keep"
@@ -141,17 +142,9 @@ class CorrectWidget(QWidget):
         self._refresh_layers()
 
     def _refresh_layers(self, event=None):
-        current = self.labels_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Labels)]
-        self.labels_combo.blockSignals(True)
-        self.labels_combo.clear()
-        self.labels_combo.addItems(names)
         active = self.viewer.layers.selection.active
-        if current in names:
-            self.labels_combo.setCurrentText(current)
-        elif isinstance(active, Labels) and active.name in names:
-            self.labels_combo.setCurrentText(active.name)
-        self.labels_combo.blockSignals(False)
+        refill(self.labels_combo, [layer.name for layer in self.viewer.layers if isinstance(layer, Labels)],
+               [self.labels_combo.currentText(), active.name if isinstance(active, Labels) else None])
         self._on_layer_chosen()
 
     def _on_active(self, event=None):

@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 
 from . import _review, _session
 from ._review import KEY as METADATA_KEY
-from ._segment_widget import BROWSE, connect_while_alive, data_digest, follow_layer_list, unwrap_outcome
+from ._segment_widget import BROWSE, connect_while_alive, data_digest, follow_layer_list, refill, unwrap_outcome
 from .engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
 from .engine.memory import retain_freed_memory
 
@@ -427,12 +427,7 @@ class FineTuneWidget(QWidget):
         from .engine.model import available_devices, list_shipped
         model, device = self.model_combo.currentText(), self.device_combo.currentText()
         sources = list(dict.fromkeys(list_shipped() + _session.registered() + self._extra_sources))
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        self.model_combo.addItems(sources + [BROWSE])
-        if model in sources:
-            self.model_combo.setCurrentText(model)
-        self.model_combo.blockSignals(False)
+        refill(self.model_combo, sources + [BROWSE], [model] if model in sources else [])
         self.device_combo.clear()
         self.device_combo.addItems(available_devices())
         if device:

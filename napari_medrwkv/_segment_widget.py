@@ -57,6 +57,23 @@ def follow_layer_list(widget: QWidget, layers, method) -> None:
         connect_while_alive(widget, event, method)
 
 
+def refill(combo: QComboBox, items, choices, tooltips=None) -> None:
+    """Replace a combo box's items (with ``tooltips``: item -> text) and select the first of
+    ``choices`` that is among them, without emitting its signals: an entry passing by on the way
+    (or a tooltip set on the current one, which Qt reports as a change of its text) must not act
+    as if the user chose it."""
+    combo.blockSignals(True)
+    combo.clear()
+    combo.addItems(items)
+    for index, item in enumerate(items):
+        if tooltips and item in tooltips:
+            combo.setItemData(index, tooltips[item], Qt.ItemDataRole.ToolTipRole)
+    chosen = next((choice for choice in choices if choice in items), None)
+    if chosen is not None:
+        combo.setCurrentText(chosen)
+    combo.blockSignals(False)
+
+
 def data_digest(data: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(data).view(np.uint8)).hexdigest()
 
@@ -157,35 +174,22 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------------ choices
     def _refresh_images(self, event=None):
-        # Refilled silently: the passing first item must not trigger a suggestion (which could
-        # switch the model, and reset its settings, and back); only a new choice does.
+        # Only a new choice of image brings a suggestion (which may switch the model and reset its settings).
         current = self.image_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
-        self.image_combo.blockSignals(True)
-        self.image_combo.clear()
-        self.image_combo.addItems(names)
-        if current in names:
-            self.image_combo.setCurrentText(current)
-        elif self.viewer.layers.selection.active is not None and self.viewer.layers.selection.active.name in names:
-            self.image_combo.setCurrentText(self.viewer.layers.selection.active.name)
-        self.image_combo.blockSignals(False)
+        active = self.viewer.layers.selection.active
+        refill(self.image_combo, [layer.name for layer in self.viewer.layers if isinstance(layer, Image)],
+               [current, active.name if active is not None else None])
         if self.image_combo.currentText() != current:
             self._suggest_model(self.image_combo.currentText())
 
     def _fill_models_and_devices(self):
-        """(Re)list the models, keeping the current one, and the devices.  Refilled silently: a model
-        passing through the list would reset the inference settings the user set for the current one."""
+        """(Re)list the models, keeping the current one (a change resets the inference settings the
+        user set for it), and the devices."""
         from .engine.model import available_devices, list_shipped
         current = self.model_combo.currentText()
         sources = list(dict.fromkeys(list_shipped() + _session.registered() + self._extra_sources))
-        self.model_combo.blockSignals(True)
-        self.model_combo.clear()
-        self.model_combo.addItems(sources + [BROWSE])
-        for index, source in enumerate(sources):
-            self.model_combo.setItemData(index, _description(source), Qt.ItemDataRole.ToolTipRole)
-        if current in sources:
-            self.model_combo.setCurrentText(current)
-        self.model_combo.blockSignals(False)
+        refill(self.model_combo, sources + [BROWSE], [current] if current in sources else [],
+               {source: _description(source) for source in sources})
         if self.model_combo.currentText() != current:
             self._on_model_changed(self.model_combo.currentText())
         self.device_combo.clear()

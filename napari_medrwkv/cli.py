@@ -160,8 +160,8 @@ def _inference_kwargs(args) -> dict:
     return {"flips": args.flips, "threshold": args.threshold, "largest_component": args.largest_component}
 
 
-def _model_args(p, help="shipped name, checkpoint path, or architecture name"):
-    p.add_argument("--model", required=True, help=help)
+def _model_args(p, model_help="shipped name, checkpoint path, or architecture name"):
+    p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
 
 
@@ -452,18 +452,18 @@ def _average(args) -> int:
 
 
 def _appearance(args) -> int:
-    from .engine.appearance import appearance_profile, evenly_spaced
+    from .engine.appearance import pairs_profile
     from .engine.checkpoint import read_info, write_info
-    from .engine.data import find_pairs, pairs_matching, read_image
+    from .engine.data import find_pairs, pairs_matching
     path = _checkpoint_file(args.model, "appearance stores the profile in a checkpoint file")
     info = read_info(path)            # a damaged file fails before the images are read
     include = _patterns(args.include)
     pairs = find_pairs(args.data, args.split)
     if include:
         pairs = pairs_matching(pairs, include, f"{args.data} {args.split or ''}".strip())
-    chosen = evenly_spaced(pairs)
-    profile = appearance_profile(read_image(pair.image) for pair in chosen)
-    measured = (f"{len(chosen)} of them measured, evenly spaced",) if len(chosen) < len(pairs) else ()
+    profile = pairs_profile(pairs, info.num_classes)
+    n = len(profile["samples"])
+    measured = (f"{n} of them measured, evenly spaced",) if n < len(pairs) else ()
     measured_on = _described_data(args.data, args.split, len(pairs), include, measured)
     info.training["appearance"] = {**profile, "measured_on": measured_on, "command": _command_line("appearance")}
     write_info(path, info)

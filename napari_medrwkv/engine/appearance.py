@@ -22,7 +22,7 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .data import NORMALIZATION, image_to_channels
+from .data import NORMALIZATION, check_pair, image_to_channels
 
 FEATURES = ("colourfulness", "red_minus_blue", "brightness", "contrast", "dark_fraction", "fine_texture")
 CROP = 512                 # features come from the central CROP x CROP pixels, at the image's own resolution
@@ -75,6 +75,13 @@ def appearance_profile(images: Iterable) -> dict:
     if not samples:
         raise ValueError("an appearance profile needs at least one image")
     return {"features": list(FEATURES), "samples": samples}
+
+
+def pairs_profile(items: Sequence, num_classes: int) -> dict:
+    """The profile of training pairs (:class:`.data.Pair` files or ``(image, mask)`` arrays): up to
+    :data:`PROFILE_IMAGES` of them, evenly spaced, read and checked as training reads them (so an
+    error names the file)."""
+    return appearance_profile(check_pair(item, num_classes)[0] for item in evenly_spaced(items))
 
 
 def evenly_spaced(items: Sequence, limit: int = PROFILE_IMAGES) -> list:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..models import list_models
-from .appearance import appearance_profile, evenly_spaced
+from .appearance import pairs_profile
 from .checkpoint import check_input_scale, save_checkpoint
 from .data import SegmentationDataset, augmentation, check_pair, find_pairs, pairs_matching
 from .defaults import FEW_SHOT
@@ -164,7 +164,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         val_items = pairs_matching(val_items, val_include, f"the validation pairs of {val_data or data}",
                                    "val_include")
     # What the training images look like, so that the app can suggest this model for images like them.
-    profile = appearance_profile(_images(evenly_spaced(train_items), model.info.num_classes))
+    profile = pairs_profile(train_items, model.info.num_classes)
     info = model.info
     if cfg.input_scale is not None:
         info.input_scale = cfg.input_scale
@@ -474,12 +474,6 @@ def _split_items(data, split, val_data, val_split, cfg: TrainConfig):
     order = np.random.default_rng(cfg.seed).permutation(len(items))
     n_val = max(1, int(round(cfg.val_fraction * len(items))))
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
-
-
-def _images(items, num_classes: int):
-    """The images of training items, read and checked as training reads them (errors name the file)."""
-    for item in items:
-        yield check_pair(item, num_classes)[0]
 
 
 def _provenance(model, data, split, val_split, val_include, cfg, result, command) -> dict:

@@ -81,7 +81,7 @@ def test_polyp_and_ultrasound_models_on_unseen_test_images(name, shared_data):
     assert nm.evaluate(model, pairs)["dice"] > spec["floor"]
 
 
-# The README's one command per checkpoint: scripts/reproduce_weights.sh NAME runs the chain of
+# One command per checkpoint (docs/shipped-weights.md): scripts/reproduce_weights.sh NAME runs the chain of
 # `medrwkv train` steps.  Its last step must be the command recorded in the shipped file, so
 # the script cannot drift from the weights it claims to reproduce.
 SHIPPED = ["rwkv_unet_t-dsb2018", "rwkv_unet_t-kvasir", "rwkv_unet_t-busi"]
@@ -179,7 +179,11 @@ def test_reproduce_script_refuses_gpu_steps_up_front_without_a_gpu(tmp_path):
     assert not (tmp_path / "w").exists()             # nothing trained, nothing written
 
 
-def test_readme_gives_one_reproduce_command_per_shipped_checkpoint():
-    readme = (ROOT / "README.md").read_text()
-    names = re.findall(r"^scripts/reproduce_weights\.sh (\S+)$", readme, re.M)
+def test_docs_give_one_reproduce_command_per_shipped_checkpoint():
+    doc = (ROOT / "docs" / "shipped-weights.md").read_text()
+    names = re.findall(r"^scripts/reproduce_weights\.sh (\S+)$", doc, re.M)
     assert sorted(names) == sorted(nm.list_shipped()) == sorted(SHIPPED)
+    # Each one alone on its line inside a code block, where a reader copies it from.
+    in_code = [line for block in re.findall(r"^```[^\n]*\n(.*?)^```", doc, re.M | re.S)
+               for line in block.splitlines() if line.startswith("scripts/reproduce_weights.sh ")]
+    assert sorted(in_code) == sorted(f"scripts/reproduce_weights.sh {name}" for name in SHIPPED)

@@ -17,7 +17,7 @@ import time
 import torch
 
 import napari_medrwkv as nm
-from napari_medrwkv.engine.data import find_pairs
+from napari_medrwkv.engine.datasets import find_pairs
 from napari_medrwkv.engine.defaults import FEW_SHOT
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from skimage.transform import rescale
 
 from napari_medrwkv.engine.appearance import suggest_model
-from napari_medrwkv.engine.data import find_pairs, read_image
+from napari_medrwkv.engine.datasets import find_pairs
+from napari_medrwkv.engine.imageio import read_image
 
 TRAINED_ON = {"kvasir-seg": "rwkv_unet_t-kvasir", "busi": "rwkv_unet_t-busi", "dsb2018": "rwkv_unet_t-dsb2018"}
 

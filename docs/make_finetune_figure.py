@@ -24,8 +24,8 @@ import napari  # noqa: E402
 from napari._qt.dialogs.qt_notification import NapariQtNotification  # noqa: E402
 from qtpy.QtWidgets import QApplication, QMessageBox  # noqa: E402
 
-from napari_medrwkv import _review  # noqa: E402
-from napari_medrwkv.engine.data import read_image, read_mask  # noqa: E402
+from napari_medrwkv.plugin import review  # noqa: E402
+from napari_medrwkv.engine.imageio import read_image, read_mask  # noqa: E402
 from napari_medrwkv.engine.metrics import dice  # noqa: E402
 
 DATA = Path("../shared/data/dsb2018")
@@ -60,7 +60,7 @@ print("segment:", seg.status.text())
 labels = viewer.layers[f"bright-field slides [{BASE}]"]
 for i in range(5):                 # the user's corrections of slides 0-4
     labels.data[i] = truth[i]
-    _review.set_reviewed(labels, i)
+    review.set_reviewed(labels, i)
 labels.refresh()
 _, tune = viewer.window.add_plugin_dock_widget("napari-medrwkv", "Fine-tune", tabify=True)
 tune.refresh_pairs()

@@ -186,9 +186,9 @@ def _models(args) -> int:
 
 def _segment(args) -> int:
     import numpy as np
-    from .engine.data import read_image
+    from .engine.imageio import read_image
     from .engine.infer import segment
-    from .engine.io import write_labels
+    from .engine.imageio import write_labels
     from .engine.model import load_model
     from .engine.postprocess import inference_settings
     out = Path(args.out)
@@ -221,8 +221,8 @@ def _segment(args) -> int:
 def _suggested_model(path: Path) -> str:
     """The shipped model trained on images like the one in ``path`` (a stack: its middle slice)."""
     from .engine.appearance import suggest_model
-    from .engine.data import read_image
-    from .engine.infer import plane_layout
+    from .engine.imageio import read_image
+    from .engine.preprocess import plane_layout
     image = read_image(path)
     stack_axes, _ = plane_layout(image.shape)        # segment would take the file the same way
     suggestion = suggest_model(image[len(image) // 2] if stack_axes else image)
@@ -236,7 +236,7 @@ def _segment_sources(inputs, out: Path) -> list:
     """The image files to segment: each input file, and the image files inside each input folder,
     less this command's own outputs when that folder is the output folder (a second run into the
     images' folder must not segment the first run's labels)."""
-    from .engine.data import DataError, list_image_files
+    from .engine.imageio import DataError, list_image_files
     sources = []
     for given in map(Path, inputs):
         files = list_image_files([given])
@@ -454,7 +454,7 @@ def _average(args) -> int:
 def _appearance(args) -> int:
     from .engine.appearance import pairs_profile
     from .engine.checkpoint import read_info, write_info
-    from .engine.data import find_pairs, pairs_matching
+    from .engine.datasets import find_pairs, pairs_matching
     path = _checkpoint_file(args.model, "appearance stores the profile in a checkpoint file")
     info = read_info(path)            # a damaged file fails before the images are read
     include = _patterns(args.include)

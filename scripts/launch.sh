@@ -4,4 +4,4 @@
 source "$(dirname "$0")/_bootstrap.sh"
 bootstrap "napari,$MEDRWKV_QT"
 cd "$ROOT"
-exec "$VENV/bin/python" -m napari_medrwkv.launch "$@"
+exec "$VENV/bin/python" -m napari_medrwkv.plugin.launch "$@"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "napari_medrwkv" / "samples"
+SAMPLES = ROOT / "napari_medrwkv" / "plugin" / "samples"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -29,7 +29,7 @@ def shared_data():
 
 @pytest.fixture
 def sample_arrays():
-    from napari_medrwkv.engine.data import read_image, read_mask
+    from napari_medrwkv.engine.imageio import read_image, read_mask
     return [(read_image(SAMPLES / f"{n}.png"), read_mask(SAMPLES / f"{n}_mask.png", 1))
             for n in ("nuclei_fluorescence", "nuclei_brightfield")]
 
@@ -45,7 +45,7 @@ def untrained_checkpoint(path, num_classes=1):
     """A real checkpoint file of the fastest architecture, untrained (seeded), for widget tests."""
     import torch
     from napari_medrwkv.engine.checkpoint import ModelInfo, save_checkpoint
-    from napari_medrwkv.engine.data import NORMALIZATION
+    from napari_medrwkv.engine.preprocess import NORMALIZATION
     from napari_medrwkv.models import create_model
     torch.manual_seed(0)
     info = ModelInfo("ds_vrwkv_t", 3, num_classes, normalization=dict(NORMALIZATION), tile_size=256)

@@ -9,7 +9,8 @@ from conftest import SAMPLES, untrained_checkpoint
 from napari_medrwkv.engine.appearance import (FEATURES, MAX_DISTANCE, PROFILE_IMAGES, appearance, appearance_profile,
                                               central_crop, distance, evenly_spaced, profile_of, suggest_model)
 from napari_medrwkv.engine.checkpoint import read_info, write_info
-from napari_medrwkv.engine.data import find_pairs, read_image
+from napari_medrwkv.engine.datasets import find_pairs
+from napari_medrwkv.engine.imageio import read_image
 from napari_medrwkv.engine.model import list_shipped, shipped_path
 
 

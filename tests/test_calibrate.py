@@ -12,7 +12,8 @@ import napari_medrwkv as nm
 from napari_medrwkv.cli import main
 from napari_medrwkv.engine.calibrate import calibrate
 from napari_medrwkv.engine.checkpoint import INFERENCE_DEFAULTS, ModelInfo, read_info, save_checkpoint, write_info
-from napari_medrwkv.engine.data import find_pairs, read_image
+from napari_medrwkv.engine.datasets import find_pairs
+from napari_medrwkv.engine.imageio import read_image
 from napari_medrwkv.engine.postprocess import binary_labels, keep_largest_object
 from napari_medrwkv.models import create_model
 from scipy import ndimage

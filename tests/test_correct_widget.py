@@ -8,8 +8,8 @@ pytest.importorskip("napari")
 
 from napari.utils.interactions import mouse_press_callbacks  # noqa: E402
 
-from napari_medrwkv import _correct_widget, _review  # noqa: E402
-from napari_medrwkv._correct_widget import CorrectWidget  # noqa: E402
+from napari_medrwkv.plugin import correct_widget, review  # noqa: E402
+from napari_medrwkv.plugin.correct_widget import CorrectWidget  # noqa: E402
 from napari_medrwkv.engine import edit  # noqa: E402
 
 GT = "nuclei fluorescence ground truth"
@@ -18,7 +18,7 @@ GT = "nuclei fluorescence ground truth"
 @pytest.fixture
 def errors(monkeypatch):
     seen = []
-    monkeypatch.setattr(_correct_widget, "show_error", seen.append)
+    monkeypatch.setattr(correct_widget, "show_error", seen.append)
     return seen
 
 
@@ -214,36 +214,36 @@ def test_mark_and_unmark_reviewed(widget):
     layer = viewer.layers[GT]
     assert widget.review_label.text() == "Reviewed: this layer 0 of 1 slice; all layers 0"
     widget.mark_button.click()
-    assert _review.reviewed(layer) == [0]
-    assert _review.linked_image(layer) == "nuclei fluorescence"     # so fine-tuning can pair it
+    assert review.reviewed(layer) == [0]
+    assert review.linked_image(layer) == "nuclei fluorescence"     # so fine-tuning can pair it
     assert widget.review_label.text() == "Reviewed: this layer 1 of 1 slice; all layers 1"
     assert not widget.mark_button.isEnabled() and widget.unmark_button.isEnabled()
 
     stack = viewer.add_labels(np.zeros((5, 256, 256), np.uint16), name="stack")
-    _review.link(stack, "nuclei fluorescence")
+    review.link(stack, "nuclei fluorescence")
     for z in (1, 3):
         viewer.dims.set_current_step(0, z)
         widget.mark_reviewed(True)
-    assert _review.reviewed(stack) == [1, 3]
+    assert review.reviewed(stack) == [1, 3]
     assert widget.review_label.text() == "Reviewed: this layer 2 of 5 slices; all layers 3"
     assert not widget.mark_button.isEnabled()
     viewer.dims.set_current_step(0, 2)
     assert widget.mark_button.isEnabled() and not widget.unmark_button.isEnabled()
     viewer.dims.set_current_step(0, 1)
     widget.unmark_button.click()
-    assert _review.reviewed(stack) == [3]
+    assert review.reviewed(stack) == [3]
     assert widget.review_label.text() == "Reviewed: this layer 1 of 5 slices; all layers 2"
 
     viewer.layers.selection.active = layer
     widget.unmark_button.click()
-    assert _review.reviewed(layer) == []
+    assert review.reviewed(layer) == []
     assert widget.review_label.text() == "Reviewed: this layer 0 of 1 slice; all layers 1"
 
 
 def test_unlinked_reviewed_layer_is_flagged(widget):
     lonely = widget.viewer.add_labels(np.zeros((9, 9), np.uint8), name="lonely")   # no image of that shape
     widget.mark_reviewed(True)
-    assert _review.reviewed(lonely) == [0]
+    assert review.reviewed(lonely) == [0]
     assert "all layers 0" in widget.review_label.text()
     assert "Not linked to an image layer" in widget.review_label.text()
 

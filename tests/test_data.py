@@ -1,4 +1,4 @@
-"""Reading, normalising, pairing and patching data (napari_medrwkv.engine.data)."""
+"""Reading, normalising, pairing and patching data (napari_medrwkv.engine: imageio, preprocess, datasets)."""
 import json
 from pathlib import Path
 
@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 from skimage import io as skio
 
-from napari_medrwkv.engine.data import (IGNORE_INDEX, NORMALIZATION, DataError, Pair, SegmentationDataset, augmentation,
-                                        check_pair, find_pairs, image_to_channels, normalize, normalize_reference,
-                                        read_image, read_mask)
+from napari_medrwkv.engine.datasets import IGNORE_INDEX, Pair, SegmentationDataset, augmentation, check_pair, find_pairs
+from napari_medrwkv.engine.imageio import DataError, read_image, read_mask
+from napari_medrwkv.engine.preprocess import NORMALIZATION, image_to_channels, normalize, normalize_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-SAMPLES = ROOT / "napari_medrwkv" / "samples"
+SAMPLES = ROOT / "napari_medrwkv" / "plugin" / "samples"
 needs_shared = pytest.mark.skipif(not (SHARED / "dsb2018").is_dir(),
                                   reason=f"shared data {SHARED} is absent (only CI and dev machines have it)")
 

@@ -213,7 +213,7 @@ def test_input_scale_runs_the_network_on_the_resized_image(binary_model):
     """A model with input_scale 0.5 sees the image at half size and answers at full size."""
     import copy
     import torch.nn.functional as F
-    from napari_medrwkv.engine.data import image_to_channels
+    from napari_medrwkv.engine.preprocess import image_to_channels
     half = copy.copy(binary_model)
     half.info = copy.deepcopy(binary_model.info)
     half.info.input_scale = 0.5
@@ -233,7 +233,7 @@ def test_input_scale_runs_the_network_on_the_resized_image(binary_model):
 
 
 def test_training_with_input_scale_is_stored_and_kept_when_fine_tuning(sample_arrays, tmp_path):
-    from napari_medrwkv.engine.data import SegmentationDataset
+    from napari_medrwkv.engine.datasets import SegmentationDataset
     data = SegmentationDataset(sample_arrays, 3, 1, patch_size=64, augment=False, input_scale=0.5)
     x, y = data.full_item(0)
     assert x.shape[1:] == y.shape == tuple(s // 2 for s in sample_arrays[0][1].shape)

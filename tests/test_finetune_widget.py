@@ -9,11 +9,11 @@ from conftest import untrained_checkpoint
 
 pytest.importorskip("napari")
 
-from napari_medrwkv import _finetune_widget, _review, _session  # noqa: E402
-from napari_medrwkv._finetune_widget import FineTuneWidget, split_held_out, unreviewed_slices  # noqa: E402
-from napari_medrwkv._segment_widget import SegmentWidget, user_edited  # noqa: E402
+from napari_medrwkv.plugin import finetune_widget, review, session, training_curve  # noqa: E402
+from napari_medrwkv.plugin.finetune_widget import FineTuneWidget, split_held_out, unreviewed_slices  # noqa: E402
+from napari_medrwkv.plugin.segment_widget import SegmentWidget, user_edited  # noqa: E402
 from napari_medrwkv.engine.checkpoint import read_info  # noqa: E402
-from napari_medrwkv.engine.data import find_pairs  # noqa: E402
+from napari_medrwkv.engine.datasets import find_pairs  # noqa: E402
 
 TIMEOUT = 120000
 
@@ -25,15 +25,15 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fresh_session():
-    _session.clear()
+    session.clear()
     yield
-    _session.clear()
+    session.clear()
 
 
 @pytest.fixture
 def errors(monkeypatch):
     seen = []
-    monkeypatch.setattr(_finetune_widget, "show_error", seen.append)
+    monkeypatch.setattr(finetune_widget, "show_error", seen.append)
     return seen
 
 
@@ -52,14 +52,14 @@ def loop(make_napari_viewer, checkpoint):
     slice 2 an unreviewed stale prediction (all 7)."""
     viewer = make_napari_viewer()
     image, truth = viewer.open_sample("napari-medrwkv", "fluorescence")
-    _review.link(truth, image.name)
-    _review.set_reviewed(truth, 0)
+    review.link(truth, image.name)
+    review.set_reviewed(truth, 0)
     img, gt = image.data, truth.data
     viewer.add_image(np.stack([img, img[:, ::-1], img[::-1]]), name="stack")
     stack_labels = viewer.add_labels(np.stack([gt, gt[:, ::-1], np.full_like(gt, 7)]), name="stack labels")
-    _review.link(stack_labels, "stack")
-    _review.set_reviewed(stack_labels, 0)
-    _review.set_reviewed(stack_labels, 1)
+    review.link(stack_labels, "stack")
+    review.set_reviewed(stack_labels, 0)
+    review.set_reviewed(stack_labels, 1)
     widget = FineTuneWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.add_model_source(checkpoint)
@@ -91,7 +91,7 @@ def _kept_marker_rows(curve):
 def test_the_chart_marks_the_dice_of_the_weights_kept(qtbot):
     # A blend of the best epoch and the start (or the start itself) is none of the epochs'
     # points: the chart shows its Dice as a diamond at the right edge, higher for a higher Dice.
-    curve = _finetune_widget.TrainingCurve()
+    curve = training_curve.TrainingCurve()
     qtbot.addWidget(curve)
     curve.resize(400, 200)
     for loss in np.linspace(1.0, 0.3, 20):
@@ -142,9 +142,9 @@ def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, q
         said, blend = f"kept epoch {training['best_epoch']} (the best), blended with the starting model " \
                       "(75% the epoch's)", 0.75
     assert said in widget.status.text() and training["blend"] == blend
-    assert _session.registered() == [str(out)]
+    assert session.registered() == [str(out)]
     items = [segment.model_combo.itemText(i) for i in range(segment.model_combo.count())]
-    assert str(out) in items and items[-1] == _finetune_widget.BROWSE
+    assert str(out) in items and items[-1] == finetune_widget.BROWSE
     assert segment.model_combo.currentText() == checkpoint     # the user's choice is kept
     assert widget.model_combo.currentText() == str(out)        # the next round starts from it
     text = widget.result_label.text()
@@ -167,8 +167,8 @@ def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, q
     assert [(layer.name, indices) for layer, _, indices in unreviewed_slices(viewer.layers)] == \
         [("stack labels", [2])]
     asked = []
-    monkeypatch.setattr(_finetune_widget.QMessageBox, "question",
-                        lambda *a, **k: asked.append(a) or _finetune_widget.QMessageBox.StandardButton.Yes)
+    monkeypatch.setattr(finetune_widget.QMessageBox, "question",
+                        lambda *a, **k: asked.append(a) or finetune_widget.QMessageBox.StandardButton.Yes)
     widget.resegment()
     _wait(widget, qtbot)
     assert len(asked) == 1 and "1 unreviewed slice" in asked[0][2]
@@ -215,14 +215,14 @@ def test_cancel_keeps_and_saves_the_best_model_so_far(loop, qtbot, tmp_path, err
     training = read_info(out).training
     assert training["cancelled"] and len(training["history"]) >= 1
     assert "Cancelled" in widget.status.text()
-    assert _session.registered() == [str(out)]
+    assert session.registered() == [str(out)]
     assert widget.run_button.isEnabled()
 
 
 def test_save_reviewed_pairs_as_training_folder(loop, tmp_path, monkeypatch, errors):
     widget = loop
     folder = tmp_path / "reviewed"
-    monkeypatch.setattr(_finetune_widget.QFileDialog, "getExistingDirectory", lambda *a, **k: str(folder))
+    monkeypatch.setattr(finetune_widget.QFileDialog, "getExistingDirectory", lambda *a, **k: str(folder))
     widget.save_pairs()
     assert not errors, errors
     assert sorted(p.stem for p in find_pairs(folder)) == \
@@ -244,8 +244,8 @@ def test_failures_are_notifications(make_napari_viewer, errors, qtbot, tmp_path)
     assert "No reviewed pairs" in errors[-1]
 
     truth = viewer.layers["nuclei fluorescence ground truth"]
-    _review.link(truth, "nuclei fluorescence")
-    _review.set_reviewed(truth, 0)
+    review.link(truth, "nuclei fluorescence")
+    review.set_reviewed(truth, 0)
     widget.refresh_button.click()
     assert widget.pairs_label.text() == "Reviewed pairs: 1 (from 1 layer)"
     widget.add_model_source(str(tmp_path / "no-such-model.safetensors"))
@@ -253,7 +253,7 @@ def test_failures_are_notifications(make_napari_viewer, errors, qtbot, tmp_path)
     widget.run()
     _wait(widget, qtbot)
     assert "no-such-model.safetensors" in errors[-1] and "Failed" in widget.status.text()
-    assert not (tmp_path / "out.safetensors").exists() and _session.registered() == []
+    assert not (tmp_path / "out.safetensors").exists() and session.registered() == []
 
     widget.output_edit.setText(str(tmp_path / "out.pt"))
     widget.run()

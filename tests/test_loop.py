@@ -7,10 +7,10 @@ from conftest import untrained_checkpoint
 
 pytest.importorskip("napari")
 
-from napari_medrwkv import _finetune_widget, _review, _session  # noqa: E402
-from napari_medrwkv._correct_widget import CorrectWidget  # noqa: E402
-from napari_medrwkv._finetune_widget import FineTuneWidget  # noqa: E402
-from napari_medrwkv._segment_widget import SegmentWidget  # noqa: E402
+from napari_medrwkv.plugin import finetune_widget, review, session  # noqa: E402
+from napari_medrwkv.plugin.correct_widget import CorrectWidget  # noqa: E402
+from napari_medrwkv.plugin.finetune_widget import FineTuneWidget  # noqa: E402
+from napari_medrwkv.plugin.segment_widget import SegmentWidget  # noqa: E402
 from napari_medrwkv.engine.checkpoint import read_info  # noqa: E402
 
 TIMEOUT = 180000
@@ -18,9 +18,9 @@ TIMEOUT = 180000
 
 @pytest.fixture(autouse=True)
 def fresh_session():
-    _session.clear()
+    session.clear()
     yield
-    _session.clear()
+    session.clear()
 
 
 def test_segment_correct_review_finetune_resegment(make_napari_viewer, qtbot, tmp_path, monkeypatch):
@@ -53,7 +53,7 @@ def test_segment_correct_review_finetune_resegment(make_napari_viewer, qtbot, tm
         labels.data_setitem((np.full(diff[0].shape, z),) + diff, (target > 0)[diff].astype(labels.data.dtype))
         correct.remove_small()
         correct.mark_button.click()
-    assert _review.reviewed(labels) == [0, 1]
+    assert review.reviewed(labels) == [0, 1]
     corrected = labels.data[:2].copy()
     labels.data[2:] = 7          # stale slices: a value the binary model never writes
 
@@ -73,13 +73,13 @@ def test_segment_correct_review_finetune_resegment(make_napari_viewer, qtbot, tm
     finetune.run()
     qtbot.waitUntil(lambda: finetune.worker is None, timeout=TIMEOUT)
     assert tuned.exists() and read_info(tuned).training["base"].endswith("base.safetensors")
-    assert str(tuned) in _session.registered()
+    assert str(tuned) in session.registered()
     assert str(tuned) in [segment.model_combo.itemText(i) for i in range(segment.model_combo.count())]
     assert "before" in finetune.result_label.text() and "after" in finetune.result_label.text()
 
     # 4. Re-segment the unreviewed slices with the tuned model; reviewed ones stay as corrected.
-    monkeypatch.setattr(_finetune_widget.QMessageBox, "question",
-                        lambda *a, **k: _finetune_widget.QMessageBox.StandardButton.Yes)
+    monkeypatch.setattr(finetune_widget.QMessageBox, "question",
+                        lambda *a, **k: finetune_widget.QMessageBox.StandardButton.Yes)
     finetune.resegment_button.click()
     qtbot.waitUntil(lambda: finetune.worker is None, timeout=TIMEOUT)
     assert np.array_equal(labels.data[:2], corrected)
@@ -88,11 +88,11 @@ def test_segment_correct_review_finetune_resegment(make_napari_viewer, qtbot, tm
 
 def test_checkpoint_with_other_classes_is_a_notification(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     errors = []
-    monkeypatch.setattr(_finetune_widget, "show_error", errors.append)
+    monkeypatch.setattr(finetune_widget, "show_error", errors.append)
     viewer = make_napari_viewer()
     image, truth = viewer.open_sample("napari-medrwkv", "fluorescence")   # instance ids up to ~99
-    _review.link(truth, image.name)
-    _review.set_reviewed(truth, 0)
+    review.link(truth, image.name)
+    review.set_reviewed(truth, 0)
     finetune = FineTuneWidget(viewer)
     viewer.window.add_dock_widget(finetune)
     finetune.add_model_source(untrained_checkpoint(tmp_path / "three.safetensors", num_classes=3))

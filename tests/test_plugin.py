@@ -16,7 +16,7 @@ pytest.importorskip("napari")
 pytest.importorskip("npe2")
 
 PLUGIN = "napari-medrwkv"
-MANIFEST = Path(__file__).resolve().parents[1] / "napari_medrwkv" / "napari.yaml"
+MANIFEST = Path(__file__).resolve().parents[1] / "napari_medrwkv" / "plugin" / "napari.yaml"
 
 
 def _run_python(code: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
@@ -67,9 +67,9 @@ def test_plugin_modules_and_manifest_do_not_import_torch():
         pm = PluginManager()
         pm.discover()
         assert pm.get_manifest({PLUGIN!r}).display_name == "MedRWKV"
-        import napari_medrwkv._widgets, napari_medrwkv._segment_widget, napari_medrwkv._sample_data
-        import napari_medrwkv._correct_widget, napari_medrwkv._finetune_widget, napari_medrwkv._writers
-        import napari_medrwkv.launch, napari_medrwkv
+        import napari_medrwkv.plugin.models_widget, napari_medrwkv.plugin.segment_widget, napari_medrwkv.plugin.sample_data
+        import napari_medrwkv.plugin.correct_widget, napari_medrwkv.plugin.finetune_widget, napari_medrwkv.plugin.writers
+        import napari_medrwkv.plugin.launch, napari_medrwkv
         print("torch imported:", "torch" in sys.modules)
     """)
     assert proc.returncode == 0, proc.stderr
@@ -98,9 +98,9 @@ def test_open_sample(make_napari_viewer, key, shape, rgb):
 
 
 def test_sample_functions_are_plain_layer_data():
-    from napari_medrwkv import _sample_data
+    from napari_medrwkv.plugin import sample_data
 
-    for fn in (_sample_data.nuclei_fluorescence, _sample_data.nuclei_brightfield):
+    for fn in (sample_data.nuclei_fluorescence, sample_data.nuclei_brightfield):
         (image, image_kwargs, image_type), (labels, labels_kwargs, labels_type) = fn()
         assert (image_type, labels_type) == ("image", "labels")
         assert labels_kwargs["name"] == image_kwargs["name"] + " ground truth"
@@ -114,7 +114,7 @@ def test_sample_functions_are_plain_layer_data():
 
 # --------------------------------------------------------------------------- Models widget
 def test_models_widget_lists_every_model(make_napari_viewer, qtbot):
-    from napari_medrwkv._widgets import ModelsWidget
+    from napari_medrwkv.plugin.models_widget import ModelsWidget
     from napari_medrwkv.models import list_models
 
     viewer = make_napari_viewer(show=True)
@@ -144,7 +144,7 @@ def test_models_widget_lists_every_model(make_napari_viewer, qtbot):
 @pytest.mark.slow
 def test_launch_screenshot_smoke(tmp_path):
     shot = tmp_path / "shot.png"
-    proc = subprocess.run([sys.executable, "-m", "napari_medrwkv.launch", "--screenshot", str(shot)],
+    proc = subprocess.run([sys.executable, "-m", "napari_medrwkv.plugin.launch", "--screenshot", str(shot)],
                           capture_output=True, text=True, timeout=240, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Done: nuclei fluorescence [rwkv_unet_t-dsb2018]" in proc.stdout    # the model suggested for nuclei

@@ -6,8 +6,8 @@ from conftest import untrained_checkpoint
 
 pytest.importorskip("napari")
 
-from napari_medrwkv import _segment_widget  # noqa: E402
-from napari_medrwkv._segment_widget import SegmentWidget, user_edited  # noqa: E402
+from napari_medrwkv.plugin import segment_widget  # noqa: E402
+from napari_medrwkv.plugin.segment_widget import SegmentWidget, user_edited  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _wait(widget, qtbot, timeout=60000):
 @pytest.fixture
 def errors(monkeypatch):
     seen = []
-    monkeypatch.setattr(_segment_widget, "show_error", seen.append)
+    monkeypatch.setattr(segment_widget, "show_error", seen.append)
     return seen
 
 
@@ -74,8 +74,8 @@ def test_edited_labels_are_never_replaced_without_asking(widget, qtbot, monkeypa
     labels.data[:5, :5] = 7                               # the user's correction
     edited = labels.data.copy()
     asked = []
-    monkeypatch.setattr(_segment_widget.QMessageBox, "question",
-                        lambda *a, **k: asked.append(a) or _segment_widget.QMessageBox.StandardButton.No)
+    monkeypatch.setattr(segment_widget.QMessageBox, "question",
+                        lambda *a, **k: asked.append(a) or segment_widget.QMessageBox.StandardButton.No)
     widget.run()
     _wait(widget, qtbot)
     assert len(asked) == 1
@@ -101,7 +101,7 @@ def test_stack_current_slice_only(widget, qtbot):
     assert prob[1].min() > 0 and not prob[0].any() and not prob[2].any()
     widget.scope_combo.setCurrentText("all slices")
     formats = []
-    widget._relay.progressed.connect(lambda d, t: formats.append(widget.progress_bar.format()))
+    widget._relay.tiles.connect(lambda d, t: formats.append(widget.progress_bar.format()))
     widget.run()
     _wait(widget, qtbot)
     assert viewer.layers["stack [nuclei-test] probability"].data.min() > 0
@@ -214,7 +214,8 @@ def test_the_model_trained_on_images_like_the_opened_one_is_suggested_and_select
 
 
 def test_suggestion_uses_the_current_slice_of_a_stack(make_napari_viewer, shared_data):
-    from napari_medrwkv.engine.data import find_pairs, read_image
+    from napari_medrwkv.engine.datasets import find_pairs
+    from napari_medrwkv.engine.imageio import read_image
     polyp = read_image(find_pairs(shared_data / "kvasir-seg", "test")[0].image)
     ultrasound = read_image(find_pairs(shared_data / "busi", "test")[0].image)
     grey_polyp = polyp.mean(-1).astype(np.uint8)[:200, :200]
@@ -242,7 +243,7 @@ def test_each_model_in_the_menu_says_what_it_finds_learnt_from_and_scored(make_n
 
 
 def test_a_model_fine_tuned_on_images_like_this_one_is_suggested_over_the_shipped_ones(make_napari_viewer, tmp_path):
-    from napari_medrwkv import _session
+    from napari_medrwkv.plugin import session
     from napari_medrwkv.engine.appearance import appearance_profile
     from napari_medrwkv.engine.checkpoint import read_info, write_info
     viewer = make_napari_viewer()
@@ -255,17 +256,18 @@ def test_a_model_fine_tuned_on_images_like_this_one_is_suggested_over_the_shippe
     info.training["appearance"] = appearance_profile([_alien_image()[10:150, 20:200]])
     write_info(tuned, info)
     try:
-        _session.register(tuned)
+        session.register(tuned)
         viewer.add_image(_alien_image()[::-1], name="alien 2")
         widget.image_combo.setCurrentText("alien 2")
         assert widget.suggestion.text() == "Suggested for this image: tuned on blue.safetensors (trained on images like it)."
         assert widget.model_combo.currentText() == tuned
     finally:
-        _session.clear()
+        session.clear()
 
 
 def test_new_layers_leave_the_chosen_image_model_and_settings_alone(make_napari_viewer, qtbot, shared_data):
-    from napari_medrwkv.engine.data import find_pairs, read_image
+    from napari_medrwkv.engine.datasets import find_pairs
+    from napari_medrwkv.engine.imageio import read_image
     viewer = make_napari_viewer()
     widget = SegmentWidget(viewer)
     viewer.add_image(read_image(find_pairs(shared_data / "kvasir-seg", "test")[0].image), name="polyp")
@@ -284,16 +286,16 @@ def test_new_layers_leave_the_chosen_image_model_and_settings_alone(make_napari_
 
 
 def test_a_model_fine_tuned_elsewhere_leaves_the_chosen_model_and_settings_alone(make_napari_viewer, tmp_path):
-    from napari_medrwkv import _session
+    from napari_medrwkv.plugin import session
     viewer = make_napari_viewer()
     widget = SegmentWidget(viewer)
     viewer.open_sample("napari-medrwkv", "fluorescence")
     widget.threshold_spin.setValue(0.4)
     widget.flips_check.setChecked(True)
     try:
-        _session.register(untrained_checkpoint(tmp_path / "tuned.safetensors"))     # as the Fine-tune widget does
+        session.register(untrained_checkpoint(tmp_path / "tuned.safetensors"))     # as the Fine-tune widget does
         assert widget.model_combo.findText(str(tmp_path / "tuned.safetensors")) >= 0
         assert widget.model_combo.currentText() == "rwkv_unet_t-dsb2018"
         assert widget.threshold_spin.value() == 0.4 and widget.flips_check.isChecked()
     finally:
-        _session.clear()
+        session.clear()

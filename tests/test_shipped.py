@@ -11,7 +11,8 @@ import torch
 
 import napari_medrwkv as nm
 from napari_medrwkv.engine.checkpoint import read_info
-from napari_medrwkv.engine.data import find_pairs, read_image, read_mask
+from napari_medrwkv.engine.datasets import find_pairs
+from napari_medrwkv.engine.imageio import read_image, read_mask
 from napari_medrwkv.engine.metrics import dice
 from napari_medrwkv._resources import weights_dir
 from napari_medrwkv.cli import _parser

@@ -4,7 +4,8 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_medrwkv.engine.data import find_pairs, read_image, read_mask  # noqa: E402
+from napari_medrwkv.engine.datasets import find_pairs  # noqa: E402
+from napari_medrwkv.engine.imageio import read_image, read_mask  # noqa: E402
 
 PLUGIN = "napari-medrwkv"
 
@@ -23,7 +24,7 @@ def test_labels_png_round_trip_and_no_overwrite(make_napari_viewer, tmp_path):
 
 
 def test_stack_cannot_be_a_png(tmp_path):
-    from napari_medrwkv._writers import write_labels_png
+    from napari_medrwkv.plugin.writers import write_labels_png
     with pytest.raises(ValueError, match="Save stacks as .tif"):
         write_labels_png(str(tmp_path / "s.png"), np.zeros((2, 8, 8), dtype=np.uint8), {})
     assert not (tmp_path / "s.png").exists()

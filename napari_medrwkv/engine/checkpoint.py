@@ -24,7 +24,7 @@ import safetensors
 import safetensors.torch
 
 from .. import __version__
-from .io import flush_to_disk, give_default_permissions
+from .imageio import flush_to_disk, give_default_permissions
 
 __all__ = [
     "CheckpointError",

@@ -4,7 +4,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .data import find_pairs, mask_classes, pairs_matching, read_image, read_mask
+from .datasets import find_pairs, pairs_matching
+from .imageio import mask_classes, read_image, read_mask
 from .infer import Cancelled, segment
 from .metrics import mean_finite, per_class_scores
 from .model import SegmentationModel, load_model

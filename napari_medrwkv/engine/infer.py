@@ -10,7 +10,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .data import image_to_channels, resize_channels, scaled_size
+from .preprocess import image_to_channels, plane_layout, resize_channels, scaled_size
 from .model import SegmentationModel, load_model
 from .postprocess import binary_labels, inference_settings
 
@@ -20,18 +20,6 @@ Cancel = Optional[Callable[[], bool]]
 
 class Cancelled(RuntimeError):
     """Raised when the caller's ``cancel()`` returned True."""
-
-
-def plane_layout(shape: Tuple[int, ...], rgb: Optional[bool] = None) -> Tuple[int, bool]:
-    """(number of leading stack axes, whether the last axis is colour) for an image shape."""
-    colour = rgb if rgb is not None else (len(shape) >= 3 and shape[-1] in (3, 4))
-    spatial = len(shape) - (1 if colour else 0)
-    if spatial == 2:
-        return 0, colour
-    if spatial == 3:
-        return 1, colour
-    raise ValueError(f"segment: expected a 2D image (Y, X), (Y, X, 3|4), or a stack (Z, Y, X[, 3|4]); "
-                     f"got an array of shape {tuple(shape)}. Select one channel or time point first.")
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> List[int]:

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .._resources import weights_dir
 from ..models import create_model, list_models
 from .checkpoint import ModelInfo, load_checkpoint, read_info
-from .data import NORMALIZATION
+from .preprocess import NORMALIZATION
 from .fuse import fuse_for_inference
 from .memory import retain_freed_memory
 

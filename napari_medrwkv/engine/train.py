@@ -22,13 +22,11 @@ from .. import __version__
 from ..models import list_models
 from .appearance import pairs_profile
 from .checkpoint import check_input_scale, save_checkpoint
-from .data import SegmentationDataset, augmentation, check_pair, find_pairs, pairs_matching
+from .datasets import IGNORE_INDEX, SegmentationDataset, augmentation, check_pair, find_pairs, pairs_matching
 from .defaults import FEW_SHOT
 from .infer import segment
 from .metrics import mean_dice
 from .model import SegmentationModel, load_model
-
-IGNORE = -1     # label of padding pixels (SegmentationDataset)
 
 
 @dataclass
@@ -285,7 +283,8 @@ def _keep_or_blend(kept, val_pairs, model, start_state, epoch_state, epoch_dice,
             result.blend_val_dice = validate(kept, val_pairs, model)
             # The blend is the better bet on average, not always: where the start knows nothing of
             # the images (the polyp model on bright-field nuclei) it lost 0.04-0.12 against the
-            # epoch alone, and one held-out slide showed it every time (bench/RESULTS.md, session 20).
+            # epoch alone, and one held-out slide showed it every time (bench/RESULTS.md,
+            # "Few-shot fine-tuning", 2026-11-25).
             if result.blend_val_dice >= epoch_dice:
                 state, dice, result.blend = blended, result.blend_val_dice, blend
     # The starting weights are a candidate too: a fine-tuning that scores lower on the validation
@@ -376,7 +375,7 @@ def validate(net, val_pairs, model: SegmentationModel, cancel: Optional[Callable
 
 def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5):
     """(1 - dice_weight) * cross-entropy + dice_weight * soft Dice; pixels labelled -1 are ignored."""
-    valid = target != IGNORE
+    valid = target != IGNORE_INDEX
     if num_classes == 1:
         logit = logits[:, 0]
         truth = (target > 0).float()
@@ -384,7 +383,8 @@ def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5
         probs = torch.sigmoid(logit) * valid
         soft_dice = _soft_dice(probs[:, None], (truth * valid)[:, None])
     else:
-        ce = F.cross_entropy(logits, target.clamp(min=0).masked_fill(~valid, IGNORE), ignore_index=IGNORE)
+        ce = F.cross_entropy(logits, target.clamp(min=0).masked_fill(~valid, IGNORE_INDEX),
+                             ignore_index=IGNORE_INDEX)
         probs = torch.softmax(logits, 1) * valid[:, None]
         onehot = F.one_hot(target.clamp(min=0), num_classes).permute(0, 3, 1, 2).float() * valid[:, None]
         soft_dice = _soft_dice(probs[:, 1:], onehot[:, 1:])

@@ -2,9 +2,7 @@
 
 A thin shell over ``napari_medrwkv.segment``; torch is imported on first use.
 """
-import hashlib
 import threading
-import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -12,70 +10,15 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
                             QMessageBox, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from . import _session
-from ._review import KEY as METADATA_KEY
-from ._review import link
-from .engine.memory import retain_freed_memory
-
-BROWSE = "Checkpoint file…"
-
-
-class _Relay(QObject):
-    """Carries progress from the worker thread to the GUI thread (queued signal)."""
-    progressed = Signal(int, int)
-
-
-def unwrap_outcome(outcome, status, action: str, cancelled_text: str, notify):
-    """The value of a worker's ("done", value) outcome, or None after telling the user
-    about ("cancelled", _) or ("error", message)."""
-    kind, value = outcome
-    if kind == "cancelled":
-        status.setText(cancelled_text)
-        return None
-    if kind == "error":
-        status.setText(f"Failed: {value}")
-        notify(f"{action} failed: {value}")
-        return None
-    return value
-
-
-def connect_while_alive(widget: QWidget, signal, method) -> None:
-    """``signal.connect(method)`` until the Qt widget is destroyed, without keeping it alive
-    meanwhile (the Python object can outlive its Qt widget)."""
-    signal.connect(method)
-    ref = weakref.WeakMethod(method)
-    widget.destroyed.connect(lambda *_: ref() is not None and signal.disconnect(ref()))
-
-
-def follow_layer_list(widget: QWidget, layers, method) -> None:
-    """Call ``method`` whenever layers are added to, removed from or reordered in ``layers``."""
-    for event in (layers.events.inserted, layers.events.removed, layers.events.moved):
-        connect_while_alive(widget, event, method)
-
-
-def refill(combo: QComboBox, items, choices, tooltips=None) -> None:
-    """Replace a combo box's items (with ``tooltips``: item -> text) and select the first of
-    ``choices`` that is among them, without emitting its signals: an entry passing by on the way
-    (or a tooltip set on the current one, which Qt reports as a change of its text) must not act
-    as if the user chose it."""
-    combo.blockSignals(True)
-    combo.clear()
-    combo.addItems(items)
-    for index, item in enumerate(items):
-        if tooltips and item in tooltips:
-            combo.setItemData(index, tooltips[item], Qt.ItemDataRole.ToolTipRole)
-    chosen = next((choice for choice in choices if choice in items), None)
-    if chosen is not None:
-        combo.setCurrentText(chosen)
-    combo.blockSignals(False)
-
-
-def data_digest(data: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(data).view(np.uint8)).hexdigest()
+from ..engine.memory import retain_freed_memory
+from . import session
+from .qt_helpers import (BROWSE, WorkerRelay, connect_while_alive, data_digest, follow_layer_list, refill,
+                         unwrap_outcome)
+from .review import KEY as METADATA_KEY
+from .review import link
 
 
 def user_edited(layer: Labels) -> bool:
@@ -86,7 +29,7 @@ def user_edited(layer: Labels) -> bool:
 
 def _description(source: str) -> str:
     """What a model in the menu segments, learnt from and scored (its tooltip)."""
-    from .engine.model import describe_model, read_model_info
+    from ..engine.model import describe_model, read_model_info
     try:
         info = read_model_info(source)
     except ValueError as err:
@@ -160,8 +103,8 @@ class SegmentWidget(QWidget):
         layout.addWidget(self.status)
         layout.addStretch()
 
-        self._relay = _Relay()
-        self._relay.progressed.connect(self._on_progress)
+        self._relay = WorkerRelay()
+        self._relay.tiles.connect(self._on_progress)
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self.model_combo.activated.connect(self._on_model_chosen)
@@ -170,7 +113,7 @@ class SegmentWidget(QWidget):
         follow_layer_list(self, self.viewer.layers, self._refresh_images)
         self._fill_models_and_devices()
         self._refresh_images()
-        connect_while_alive(self, _session.changed, self._on_session_changed)
+        connect_while_alive(self, session.changed, self._on_session_changed)
 
     # ------------------------------------------------------------------ choices
     def _refresh_images(self, event=None):
@@ -185,9 +128,9 @@ class SegmentWidget(QWidget):
     def _fill_models_and_devices(self):
         """(Re)list the models, keeping the current one (a change resets the inference settings the
         user set for it), and the devices."""
-        from .engine.model import available_devices, list_shipped
+        from ..engine.model import available_devices, list_shipped
         current = self.model_combo.currentText()
-        sources = list(dict.fromkeys(list_shipped() + _session.registered() + self._extra_sources))
+        sources = list(dict.fromkeys(list_shipped() + session.registered() + self._extra_sources))
         refill(self.model_combo, sources + [BROWSE], [current] if current in sources else [],
                {source: _description(source) for source in sources})
         if self.model_combo.currentText() != current:
@@ -221,7 +164,7 @@ class SegmentWidget(QWidget):
     def _suggest_model(self, name: str):
         """Say which model in the menu (shipped, fine-tuned this session, or chosen from a file) was
         trained on images like this one, and select it until the user has picked a model by hand."""
-        from .engine.appearance import suggest_model
+        from ..engine.appearance import suggest_model
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
         if not isinstance(layer, Image):
             self.suggestion.setText("")
@@ -257,7 +200,7 @@ class SegmentWidget(QWidget):
         """Show the chosen model's own inference settings (those ``medrwkv calibrate`` chose)."""
         if not source or source == BROWSE:
             return
-        from .engine.model import read_model_info
+        from ..engine.model import read_model_info
         try:
             info = read_model_info(source)
         except ValueError:
@@ -265,7 +208,7 @@ class SegmentWidget(QWidget):
         self._set_inference_controls(info)
 
     def _set_inference_controls(self, info):
-        from .engine.checkpoint import INFERENCE_DEFAULTS
+        from ..engine.checkpoint import INFERENCE_DEFAULTS
         settings = info.inference if info is not None else INFERENCE_DEFAULTS
         binary = info is None or info.binary
         self.flips_check.setChecked(settings["flips"])
@@ -318,15 +261,15 @@ class SegmentWidget(QWidget):
         def work():
             # Outcomes come back as values: an exception leaving a worker would surface as a
             # traceback in the event loop, where users should see a notification.
-            from .engine.infer import Cancelled, segment
-            from .engine.model import load_model
+            from ..engine.infer import Cancelled, segment
+            from ..engine.model import load_model
             try:
                 key = (source, device)
                 if key not in models:
                     models[key] = load_model(source, device=device)
                 model = models[key]
                 labels, probs = segment(data, model=model, tile=tile, rgb=rgb, return_probabilities=True,
-                                        progress=relay.progressed.emit, cancel=cancel.is_set, **choices)
+                                        progress=relay.tiles.emit, cancel=cancel.is_set, **choices)
             except Cancelled:
                 return "cancelled", None
             except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed

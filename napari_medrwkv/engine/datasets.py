@@ -1,341 +1,25 @@
-"""Reading images and masks, normalising them, and serving training patches.
+"""Training data: dataset folders and their splits, image/mask pairs, and the torch Dataset
+that serves augmented patches from them.
 
-Headless: numpy, scikit-image, tifffile and Pillow; torch only for
-:class:`SegmentationDataset`.  Never imports Qt or napari.
-
-Conventions
------------
-* An image is read as it is stored: grey ``(H, W)``, RGB ``(H, W, 3)``, RGBA
-  ``(H, W, 4)``, or for a multi-page TIFF a stack ``(Z, H, W[, C])``; any dtype.
-* A mask is a 2-D ``int64`` label image.  For a binary model (``num_classes == 1``)
-  every value > 0 is foreground (so 0/255, 0/1 and instance labels all work);
-  otherwise the values are class ids ``0 .. num_classes - 1``.
-* The network sees ``float32 (in_chans, H, W)`` arrays made by
-  :func:`image_to_channels`, which applies :func:`normalize` (described by
-  :data:`NORMALIZATION`, stored in checkpoints).
-* Training patches pad masks with :data:`IGNORE_INDEX` (-1): losses and metrics
-  must skip those pixels.
+A dataset folder holds ``images/`` and ``masks/`` whose files pair by stem, and optionally
+``splits.json`` (``{"train": [stems], "val": [...], "test": [...]}``).  Training patches pad
+masks with :data:`IGNORE_INDEX` (-1): losses and metrics must skip those pixels.
 """
 import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset
 
-PathLike = Union[str, Path]
-
-#: File extensions :func:`read_image` and :func:`find_pairs` understand (lower case).
-SUPPORTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
-
-#: How :func:`normalize` scales an image; stored in checkpoints so inference matches training.
-NORMALIZATION = {"mode": "percentile", "low": 0.5, "high": 99.5, "center": 0.5, "scale": 0.25}
+from .imageio import SUPPORTED_EXTENSIONS, DataError, PathLike, mask_classes, read_image, read_mask
+from .preprocess import image_to_channels, is_grey, resize_channels, resize_labels, scaled_size
 
 #: Mask value of padded pixels in training patches; losses must ignore it.
 IGNORE_INDEX = -1
-
-#: ITU-R BT.709 luma weights (as in ``skimage.color.rgb2gray``) for RGB -> grey.
-LUMA_WEIGHTS = (0.2125, 0.7154, 0.0721)
-
-_TIFF = (".tif", ".tiff")
-_HINT_REEXPORT = "the file may be corrupt or truncated; re-export it as PNG or TIFF"
-
-
-class DataError(ValueError):
-    """A problem with the user's images, masks or dataset folder.
-
-    Every message names the file or folder at fault and says what to do.
-    """
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _check_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise DataError(f"{what} {path} does not exist; check the path")
-    if path.is_dir():
-        raise DataError(f"{what} {path} is a folder, not a file; choose an image file inside it")
-    if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
-        raise DataError(f"{what} {path} has an unsupported extension {path.suffix!r}; "
-                        f"supported: {', '.join(SUPPORTED_EXTENSIONS)}. Convert it to PNG or TIFF")
-
-
-def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
-
-    with tifffile.TiffFile(str(path)) as tif:
-        if not tif.series:
-            raise ValueError("no image data in the file")
-        series = tif.series[0]
-        array = series.asarray()
-        axes = str(series.axes)
-    if len(axes) != array.ndim:                    # unusual metadata: trust the shape only
-        axes = "Q" * (array.ndim - 2) + "YX"
-        if array.ndim >= 3 and array.shape[-1] in (3, 4):
-            axes = "Q" * (array.ndim - 3) + "YXS"
-    if "S" in axes and axes.index("S") != array.ndim - 1:   # planar RGB: samples last
-        array = np.moveaxis(array, axes.index("S"), -1)
-        axes = axes.replace("S", "") + "S"
-    samples = array.ndim - 1 if axes.endswith("S") else None
-    # Every axis other than Y, X and samples: drop the singletons, merge the rest into Z.
-    lead = axes.index("Y") if "Y" in axes else array.ndim - (3 if samples is not None else 2)
-    lead_shape = [n for n in array.shape[:lead] if n != 1]
-    rest = array.shape[lead:]
-    array = array.reshape((int(np.prod(lead_shape)),) + rest if lead_shape else rest)
-    if array.ndim >= 3 and array.shape[-1] == 1 and samples is not None:
-        array = array[..., 0]
-    return array
-
-
-def _grey_palette(im) -> bool:
-    palette = im.getpalette() or []
-    rgb = np.asarray(palette[: 3 * 256], dtype=np.int64).reshape(-1, 3) if palette else np.zeros((0, 3))
-    used = np.unique(np.asarray(im))
-    used = used[used < len(rgb)]
-    return bool(len(rgb)) and bool(np.all(rgb[used, 0] == rgb[used, 1]) and np.all(rgb[used, 0] == rgb[used, 2]))
-
-
-def _pil_to_array(im, palette_index: bool) -> np.ndarray:
-    mode = im.mode
-    if mode in ("P", "PA"):
-        if palette_index and mode == "P" and not _grey_palette(im):
-            return np.asarray(im)                  # indexed-colour label image: indices are the labels
-        im = im.convert("RGBA" if (mode == "PA" or "transparency" in im.info) else "RGB")
-        array = np.asarray(im)
-        if array.shape[-1] == 4 and np.all(array[..., 3] == 255):
-            array = array[..., :3]
-        if array.shape[-1] == 3 and _channels_equal(array):
-            array = array[..., 0]
-        return np.ascontiguousarray(array)
-    if mode == "1":
-        return np.asarray(im, dtype=np.uint8) * (1 if palette_index else 255)
-    if mode in ("L", "I", "F", "RGB", "RGBA") or mode.startswith("I;16"):
-        return np.asarray(im)
-    if mode in ("LA", "La"):
-        return np.asarray(im.convert("L"))
-    if mode == "RGBa":
-        return np.asarray(im.convert("RGBA"))
-    return np.asarray(im.convert("RGB"))          # CMYK, YCbCr, LAB, HSV, RGBX ...
-
-
-def _read_array(path: Path, what: str, palette_index: bool = False) -> np.ndarray:
-    _check_file(path, what)
-    try:
-        if path.suffix.lower() in _TIFF:
-            array = _read_tiff(path)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                im.seek(0)                         # GIF / multi-frame: the first frame
-                im.load()
-                array = _pil_to_array(im, palette_index)
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
-        raise DataError(f"cannot read {what} {path} ({type(exc).__name__}: {exc}); {_HINT_REEXPORT}") from None
-    if array.ndim < 2 or min(array.shape[:2]) == 0 or array.size == 0:
-        raise DataError(f"{what} {path} holds no 2-D image (shape {array.shape}); {_HINT_REEXPORT}")
-    if array.dtype.kind not in "biuf":
-        raise DataError(f"{what} {path} has unsupported pixel type {array.dtype}; save it as 8/16-bit or float")
-    return array
-
-
-def _channels_equal(array: np.ndarray) -> bool:
-    return bool(np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]))
-
-
-def read_image(path: PathLike) -> np.ndarray:
-    """Read an image file as stored.
-
-    PNG, JPEG, BMP, GIF (first frame) and TIFF.  Returns grey ``(H, W)``, RGB
-    ``(H, W, 3)`` or RGBA ``(H, W, 4)``; a multi-page TIFF gives a stack
-    ``(Z, H, W[, C])`` (all non-spatial axes merged into Z).  The dtype is kept
-    (uint8, uint16, float ...).  Palette images become grey when their palette is
-    grey, RGB(A) otherwise.  Raises :class:`DataError` naming the file when it is
-    missing, unsupported, unreadable or corrupt.
-    """
-    path = Path(path)
-    array = _read_array(path, "image")
-    if array.dtype == bool:
-        array = array.astype(np.uint8) * 255
-    return array
-
-
-def list_image_files(paths: Sequence[PathLike]) -> List[Path]:
-    """The image files ``paths`` name, in order: a file as it is, a folder as the image files
-    directly inside it (sorted by name; hidden files and other extensions skipped).  Raises
-    :class:`DataError` for a path that does not exist, a file of an unsupported type, or a
-    folder without image files, before any image is read."""
-    files: List[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            inside = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")
-                      and p.suffix.lower() in SUPPORTED_EXTENSIONS]
-            if not inside:
-                raise DataError(f"folder {path} has no image files ({', '.join(SUPPORTED_EXTENSIONS)}); "
-                                "choose the folder that holds the images")
-            files.extend(inside)
-        else:
-            _check_file(path, "image")
-            files.append(path)
-    return files
-
-
-def read_mask(path: PathLike, num_classes: int) -> np.ndarray:
-    """Read a mask as an ``int64 (H, W)`` label image for a model with ``num_classes`` outputs.
-
-    ``num_classes == 1`` (binary model): foreground is every value > 0, returned
-    as 0/1 (so 0/255, 0/1 and uint16 instance labels all work).
-    ``num_classes >= 2``: values are class ids and must be integers in
-    ``0 .. num_classes - 1``.  An RGB(A) mask whose colour channels are equal is
-    reduced to one channel; a truly colour mask, a stack, negative or fractional
-    class ids raise :class:`DataError` naming the file.  Indexed-colour (palette)
-    PNG/GIF masks use their palette indices as class ids.
-    """
-    num_classes = int(num_classes)
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1 (1 = binary), got {num_classes}")
-    path = Path(path)
-    return mask_classes(_read_array(path, "mask", palette_index=True), num_classes, f"mask {path}")
-
-
-def mask_classes(array: np.ndarray, num_classes: int, name: str) -> np.ndarray:
-    """The checks and conversion of :func:`read_mask` for an array; ``name`` starts every error message."""
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        if not _channels_equal(array):
-            raise DataError(f"{name} is a colour image (its R, G, B channels differ); save it as a "
-                            f"single-channel label image (0 = background, 1, 2, ... = classes)")
-        array = array[..., 0]
-    elif array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim != 2:
-        raise DataError(f"{name} has shape {array.shape}; expected one 2-D label image (H, W), "
-                        f"not a stack; save each slice as its own mask")
-    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-        raise DataError(f"{name} contains NaN or infinite values; save it as an integer label image")
-    if num_classes == 1:
-        return (array > 0).astype(np.int64)
-    if array.dtype.kind == "f" and not np.all(array == np.round(array)):
-        raise DataError(f"{name} has fractional values; class ids must be whole numbers "
-                        f"0..{num_classes - 1}; save it as an integer label image")
-    low, high = array.min(), array.max()
-    if low < 0:
-        raise DataError(f"{name} has negative value {low:g}; class ids must be 0..{num_classes - 1}")
-    if high >= num_classes:
-        hint = ("a 0/255 binary mask needs a binary (1-class) model" if high == 255 and num_classes == 2
-                else "relabel the mask or choose a model with more classes")
-        raise DataError(f"{name} has class id {high:g} but the model has {num_classes} classes "
-                        f"(0..{num_classes - 1}); {hint}")
-    return array.astype(np.int64)
-
-
-# --------------------------------------------------------------------------- normalisation
-
-
-def normalize(x) -> np.ndarray:
-    """Robust per-image scaling to ``float32``, as described by :data:`NORMALIZATION`.
-
-    The 0.5th and 99.5th percentiles over the whole array (all channels) map to 0
-    and 1; the result is clipped to [-0.5, 1.5] and returned as ``(x - 0.5) / 0.25``
-    (so values lie in [-4, 4], the percentile range in [-2, 2]).  Works for any
-    numeric dtype.  A constant image gives zeros; if the two percentiles coincide
-    but the image is not constant (a few bright pixels on a flat background) the
-    minimum and maximum are used instead.  NaN/inf pixels become the low value.
-    """
-    x = np.asarray(x)
-    if x.dtype in (np.uint8, np.uint16) and x.size:
-        return _normalize_by_histogram(x)
-    return normalize_reference(x)
-
-
-def normalize_reference(x) -> np.ndarray:
-    """:func:`normalize` computed directly in float64 (``np.percentile`` sorts the image):
-    the definition, and the path for every dtype but uint8/uint16."""
-    x = np.asarray(x)
-    values = x.astype(np.float64, copy=False)
-    finite = np.isfinite(values)
-    if not finite.all():
-        if not finite.any():
-            return np.zeros(x.shape, dtype=np.float32)
-        fill = values[finite].min()
-        values = np.where(finite, values, fill)
-    if values.size == 0:
-        return np.zeros(x.shape, dtype=np.float32)
-    low, high = np.percentile(values, [NORMALIZATION["low"], NORMALIZATION["high"]])
-    if not high > low:
-        low, high = values.min(), values.max()
-        if not high > low:
-            return np.zeros(x.shape, dtype=np.float32)
-    return _scale(values, low, high)
-
-
-def _scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    scaled = np.clip((values - low) / (high - low), -0.5, 1.5)
-    return ((scaled - NORMALIZATION["center"]) / NORMALIZATION["scale"]).astype(np.float32)
-
-
-def _normalize_by_histogram(x: np.ndarray) -> np.ndarray:
-    # uint8/uint16: the percentiles are read off a histogram and every value is mapped through
-    # a lookup table, O(n) instead of a sort and float64 arithmetic per pixel: 26 -> 6 ms for
-    # a 512x512 RGB image, and a 4000x4000 slide no longer waits seconds before its first tile.
-    counts = np.bincount(x.ravel())                 # up to the largest value present
-    cumulative = np.cumsum(counts)
-    low, high = (_order_statistic_percentile(cumulative, q) for q in (NORMALIZATION["low"], NORMALIZATION["high"]))
-    if not high > low:
-        present = np.flatnonzero(counts)
-        low, high = float(present[0]), float(present[-1])
-        if not high > low:
-            return np.zeros(x.shape, dtype=np.float32)
-    table = _scale(np.arange(len(counts), dtype=np.float64), low, high)
-    return np.take(table, x)
-
-
-def _order_statistic_percentile(cumulative: np.ndarray, q: float) -> float:
-    """``np.percentile(values, q)`` (linear interpolation between order statistics) from the
-    cumulative histogram of the non-negative integers ``values``."""
-    n = int(cumulative[-1])
-    position = q / 100 * (n - 1)
-    below = int(np.floor(position))
-    above = min(below + 1, n - 1)
-    v_below, v_above = np.searchsorted(cumulative, [below, above], side="right")
-    return float(v_below + (v_above - v_below) * (position - below))
-
-
-def image_to_channels(image, in_chans: int) -> np.ndarray:
-    """One 2-D image -> the network input ``float32 (in_chans, H, W)``, normalised.
-
-    ``image``: grey ``(H, W)`` / ``(H, W, 1)``, RGB ``(H, W, 3)`` or RGBA
-    ``(H, W, 4)`` (alpha dropped), any dtype.  Grey (also RGB with R = G = B) is
-    normalised once and repeated to ``in_chans`` channels; RGB with ``in_chans == 1`` becomes
-    luminance (BT.709 weights).  Raises ``ValueError`` for stacks or a channel
-    count that cannot be matched.
-    """
-    in_chans = int(in_chans)
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] in (1, 2, 3, 4):
-        channels = image.shape[-1]
-        if channels in (2, 4):                     # grey + alpha, RGB + alpha
-            image = image[..., : channels - 1]
-        if image.shape[-1] == 1 or (image.shape[-1] == 3 and _channels_equal(image)):
-            image = image[..., 0]                  # grey, possibly stored as R = G = B
-    if image.ndim == 2:
-        return np.repeat(normalize(image)[None], in_chans, axis=0) if in_chans > 1 else normalize(image)[None]
-    if image.ndim != 3:
-        raise ValueError(f"expected one 2-D image (H, W) or (H, W, 3|4), got an array of shape {image.shape}; "
-                         f"select one slice of a stack first")
-    if image.shape[-1] == in_chans:
-        return np.ascontiguousarray(np.moveaxis(normalize(image), -1, 0))
-    if in_chans == 1 and image.shape[-1] == 3:
-        weights = np.asarray(LUMA_WEIGHTS, dtype=np.float64)
-        return normalize(image.astype(np.float64) @ weights)[None]
-    raise ValueError(f"cannot turn an image with {image.shape[-1]} channels into the {in_chans} channels "
-                     f"the model expects; use a grey or RGB image")
-
-
-# --------------------------------------------------------------------------- dataset folders
 
 
 @dataclass
@@ -468,45 +152,7 @@ def check_pair(pair, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-# --------------------------------------------------------------------------- training dataset
-
-try:  # torch is needed only for the dataset; the functions above work without it
-    import torch
-    from torch.utils.data import Dataset as _TorchDataset
-except ImportError:  # pragma: no cover
-    torch = None
-    _TorchDataset = object
-
-
-def scaled_size(shape, factor: float) -> Tuple[int, int]:
-    """(H, W) of ``shape[:2]`` times ``factor``, at least one pixel each."""
-    h, w = shape[:2]
-    return max(1, round(h * factor)), max(1, round(w * factor))
-
-
-def resize_channels(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """Float (C, H, W) resized bilinearly to ``size``; antialiased when shrinking, so that fine
-    texture does not alias into the smaller image."""
-    if tuple(x.shape[1:]) == tuple(size):
-        return x
-    shrink = size[0] < x.shape[1] or size[1] < x.shape[2]
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
-    return torch.nn.functional.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False,
-                                           antialias=shrink)[0].numpy()
-
-
-def resize_labels(y: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """Label image resized by nearest neighbour at pixel centres (the grid of bilinear with
-    align_corners=False), so labels stay labels."""
-    h, w = y.shape
-    nh, nw = size
-    rows = np.minimum(((np.arange(nh) + 0.5) * h / nh).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(nw) + 0.5) * w / nw).astype(np.int64), w - 1)
-    return y[rows[:, None], cols[None, :]]
-
-
-def _is_grey(image: np.ndarray) -> bool:
-    return image.ndim == 2 or (image.ndim == 3 and (image.shape[-1] in (1, 2) or _channels_equal(image)))
+# --------------------------------------------------------------------------- training patches
 
 
 def _place(size: int, patch: int, rng: Optional[np.random.Generator], keep: Optional[int] = None) -> int:
@@ -554,7 +200,7 @@ def augmentation(strength: float = 1.0) -> dict:
                 noise=_NOISE * strength)
 
 
-class SegmentationDataset(_TorchDataset):
+class SegmentationDataset(Dataset):
     """Training / validation patches from image-mask pairs, preloaded into memory.
 
     ``(pairs, in_chans, num_classes, patch_size=256, augment=True, samples_per_epoch=None, seed=0)``.
@@ -600,8 +246,6 @@ class SegmentationDataset(_TorchDataset):
                  scale: Optional[Tuple[float, float]] = (1 - _SCALE_JITTER, 1 + _SCALE_JITTER), flips: bool = True,
                  intensity: float = _INTENSITY, noise: float = _NOISE, input_scale: float = 1.0,
                  foreground: float = 1 / 3):
-        if torch is None:  # pragma: no cover
-            raise ImportError("SegmentationDataset needs PyTorch")
         self.pairs = list(pairs)
         if not self.pairs:
             raise ValueError("SegmentationDataset: no pairs given; check the dataset folder and split")
@@ -624,7 +268,7 @@ class SegmentationDataset(_TorchDataset):
         for pair in self.pairs:
             image, mask = check_pair(pair, self.num_classes)
             try:
-                x = image_to_channels(image, 1 if _is_grey(image) else self.in_chans)
+                x = image_to_channels(image, 1 if is_grey(image) else self.in_chans)
             except DataError:
                 raise
             except ValueError as exc:

@@ -6,8 +6,8 @@ from typing import Any, List, Tuple
 
 import numpy as np
 
-from ._review import safe_name, write_training_pairs
-from .engine.io import write_labels
+from ..engine.imageio import write_labels
+from .review import safe_name, write_training_pairs
 
 
 def write_labels_png(path: str, data: Any, meta: dict) -> List[str]:

@@ -1,6 +1,6 @@
 """Open napari with a MedRWKV sample loaded and the Segment (and Models) widgets docked.
 
-    python -m napari_medrwkv.launch [--sample fluorescence|brightfield] [--screenshot PATH]
+    python -m napari_medrwkv.plugin.launch [--sample fluorescence|brightfield] [--screenshot PATH]
 
 With ``--screenshot PATH`` it does not enter the event loop: it waits (at most
 ``--timeout`` seconds) until the Models widget has counted every model, segments
@@ -18,7 +18,7 @@ SAMPLES = ("fluorescence", "brightfield")
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m napari_medrwkv.launch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m napari_medrwkv.plugin.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--sample", choices=SAMPLES, default="fluorescence", help="sample to open (default: %(default)s)")
     parser.add_argument("--screenshot", metavar="PATH", help="save a screenshot of the window to PATH and exit")
     parser.add_argument("--timeout", type=float, default=60.0,
@@ -41,7 +41,7 @@ def _wait_for(widget, timeout: float) -> bool:
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    from .engine.memory import retain_freed_memory
+    from ..engine.memory import retain_freed_memory
 
     retain_freed_memory()        # before napari starts its threads, so that the widgets' workers share it
     import napari

@@ -1,4 +1,4 @@
-"""napari widgets: thin Qt shells over the headless core.
+"""The Models widget: every architecture, its size, the device and the Bi-WKV path in use.
 
 torch and ``napari_medrwkv.models`` are imported only inside the worker, so
 opening napari (or reading the manifest) never imports torch.
@@ -34,8 +34,8 @@ class _ModelRow(NamedTuple):
 def _environment() -> _Environment:
     import torch
 
-    from .models import list_models
-    from .ops.bi_wkv import selected_path
+    from ..models import list_models
+    from ..ops.bi_wkv import selected_path
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -53,7 +53,7 @@ def _count(name: str) -> _ModelRow:
     memory, no initialisation cost); on CPU if a model cannot be built there."""
     import torch
 
-    from .models import create_model
+    from ..models import create_model
 
     try:
         try:

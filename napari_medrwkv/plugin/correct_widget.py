@@ -5,7 +5,7 @@ helpers (delete / keep the object under a click, fill holes, remove small
 objects, smooth outlines) computed by ``napari_medrwkv.engine.edit`` and written
 back through ``Labels.data_setitem`` inside ``Labels.block_history()``, so each
 helper action is ONE step of napari's undo (Ctrl+Z) and redo.  For a 3-D stack
-every helper acts on the slice shown.  Reviewed slices (``_review``) are what
+every helper acts on the slice shown.  Reviewed slices (``plugin.review``) are what
 the Fine-tune widget learns from.  No torch.
 """
 from typing import Callable, Optional
@@ -16,9 +16,9 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (QComboBox, QFormLayout, QGridLayout, QGroupBox, QHBoxLayout, QLabel, QPushButton,
                             QSpinBox, QVBoxLayout, QWidget)
 
-from . import _review
-from ._segment_widget import refill
-from .engine import edit
+from ..engine import edit
+from . import review
+from .qt_helpers import refill
 
 DELETE, KEEP = "delete", "keep"
 PAN_ZOOM = "pan_zoom"
@@ -325,11 +325,11 @@ class CorrectWidget(QWidget):
         except ValueError as err:
             show_error(str(err))
             return
-        if value and _review.linked_image(layer) not in self.viewer.layers:
+        if value and review.linked_image(layer) not in self.viewer.layers:
             image = self._guess_image(layer)
             if image is not None:
-                _review.link(layer, image)
-        _review.set_reviewed(layer, index, value)
+                review.link(layer, image)
+        review.set_reviewed(layer, index, value)
         where = "" if layer.ndim == 2 else f" slice {index}"
         self.status.setText(f"{layer.name}{where}: {'reviewed' if value else 'not reviewed'}.")
         self._update_review()
@@ -350,8 +350,8 @@ class CorrectWidget(QWidget):
 
     def _usable_reviewed(self) -> int:
         """Reviewed slices over all Labels layers that are linked to an image in the viewer."""
-        return sum(len(_review.reviewed(layer)) for layer in self.viewer.layers
-                   if isinstance(layer, Labels) and _review.linked_image(layer) in self.viewer.layers)
+        return sum(len(review.reviewed(layer)) for layer in self.viewer.layers
+                   if isinstance(layer, Labels) and review.linked_image(layer) in self.viewer.layers)
 
     def _update_review(self, event=None):
         layer = self._current_layer()
@@ -361,10 +361,10 @@ class CorrectWidget(QWidget):
             self.mark_button.setEnabled(False)
             self.unmark_button.setEnabled(False)
             return
-        marks = _review.reviewed(layer)
-        count = _review.slice_count(layer)
+        marks = review.reviewed(layer)
+        count = review.slice_count(layer)
         text = f"Reviewed: this layer {len(marks)} of {count} slice{'s' if count != 1 else ''}; all layers {total}"
-        if marks and _review.linked_image(layer) not in self.viewer.layers:
+        if marks and review.linked_image(layer) not in self.viewer.layers:
             text += "\nNot linked to an image layer: fine-tuning cannot use this layer's slices."
         self.review_label.setText(text)
         try:

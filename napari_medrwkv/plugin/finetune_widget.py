@@ -2,11 +2,10 @@
 
 The loop: Segment -> Correct (mark slices reviewed) -> Fine-tune -> re-segment the slices
 nobody reviewed yet -> Correct ...  The reviewed pairs come from Labels layer metadata
-(``_review``); training, evaluation and segmentation are the engine's (``engine.train``,
+(``plugin.review``); training, evaluation and segmentation are the engine's (``engine.train``,
 ``engine.evaluate``, ``engine.infer``), run in a napari thread worker.  torch is imported
 on first use, never when this module is imported.
 """
-import math
 import re
 import threading
 from datetime import datetime
@@ -16,16 +15,15 @@ from typing import List, Optional, Tuple
 import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, QPointF, QRectF, QSize, Qt, Signal
-from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-                            QMessageBox, QProgressBar, QPushButton, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
+                            QMessageBox, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
-from . import _review, _session
-from ._review import KEY as METADATA_KEY
-from ._segment_widget import BROWSE, connect_while_alive, data_digest, follow_layer_list, refill, unwrap_outcome
-from .engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
-from .engine.memory import retain_freed_memory
+from ..engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
+from ..engine.memory import retain_freed_memory
+from . import review, session
+from .qt_helpers import BROWSE, WorkerRelay, connect_while_alive, data_digest, follow_layer_list, refill, unwrap_outcome
+from .review import KEY as METADATA_KEY
+from .training_curve import TrainingCurve
 
 HOLD_OUT_FRACTION = 0.2          # of the reviewed pairs, when there are at least HOLD_OUT_MIN_PAIRS
 HOLD_OUT_MIN_PAIRS = 3
@@ -37,7 +35,7 @@ _FINETUNED_SUFFIX = re.compile(r"-finetuned-\d{8}-\d{4}(-\d+)?$")
 
 def few_shot_config(**overrides):
     """An ``engine.train.TrainConfig`` with the few-shot defaults (imports torch)."""
-    from .engine.train import TrainConfig
+    from ..engine.train import TrainConfig
     return TrainConfig.few_shot(**overrides)
 
 
@@ -59,15 +57,15 @@ def unreviewed_slices(layers) -> List[Tuple[object, object, List[int]]]:
     for layer in layers:
         if getattr(layer, "_type_string", "") != "labels":
             continue
-        image_name = _review.linked_image(layer)
+        image_name = review.linked_image(layer)
         if image_name is None or image_name not in layers:
             continue
         image = layers[image_name]
         spatial = image.data.shape[:-1] if getattr(image, "rgb", False) else image.data.shape
         if tuple(spatial) != tuple(layer.data.shape) or layer.data.ndim not in (2, 3):
             continue
-        done = set(_review.reviewed(layer))
-        indices = [i for i in range(_review.slice_count(layer)) if i not in done]
+        done = set(review.reviewed(layer))
+        indices = [i for i in range(review.slice_count(layer)) if i not in done]
         if indices:
             targets.append((layer, image, indices))
     return targets
@@ -83,184 +81,6 @@ def default_output(base: str, now: Optional[datetime] = None) -> str:
     while path.expanduser().exists():
         path, i = folder / f"{name}-{i}.safetensors", i + 1
     return str(path)
-
-
-class _Relay(QObject):
-    """Carries messages from the worker thread to the GUI thread (queued signals)."""
-    progressed = Signal(object)        # engine.train.TrainProgress
-    phase = Signal(str)
-    tiles = Signal(int, int)
-
-
-class TrainingCurve(QWidget):
-    """Per-step training loss (line, left axis) and per-epoch validation Dice (points, right axis 0..1),
-    the base model's Dice (dashed) and, when training ends, the Dice of the weights kept (a diamond
-    at the right edge: a blend of the best epoch and the start, or the start itself, is none of
-    the epochs' points).
-
-    Drawn with QPainter on its own dark panel so it reads the same in napari's light and dark themes.
-    """
-    BACKGROUND = QColor(30, 33, 40)
-    AXES = QColor(120, 126, 136)
-    TEXT = QColor(205, 210, 216)
-    LOSS = QColor(255, 167, 38)
-    DICE = QColor(79, 195, 247)
-    BASE = QColor(176, 176, 176)
-    KEPT = QColor(129, 199, 132)
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self.losses: List[float] = []
-        self.val_points: List[Tuple[int, float]] = []    # (step count at the epoch's end, Dice)
-        self.baseline: Optional[float] = None             # the base model's Dice ("before")
-        self.kept: Optional[float] = None                 # the kept weights' Dice ("after")
-        self.setMinimumHeight(150)
-        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
-
-    def sizeHint(self) -> QSize:
-        return QSize(320, 190)
-
-    def clear(self):
-        self.losses, self.val_points, self.baseline, self.kept = [], [], None, None
-        self.update()
-
-    def add_loss(self, loss: float):
-        if math.isfinite(loss):
-            self.losses.append(float(loss))
-            self.update()
-
-    def add_val_dice(self, dice: float):
-        self.val_points.append((len(self.losses), float(dice)))
-        self.update()
-
-    def set_baseline(self, dice: Optional[float]):
-        self.baseline = None if dice is None or not math.isfinite(dice) else float(dice)
-        self.update()
-
-    def set_kept(self, dice: Optional[float]):
-        self.kept = None if dice is None or not math.isfinite(dice) else float(dice)
-        self.update()
-
-    # ------------------------------------------------------------------ drawing
-    def paintEvent(self, event):
-        painter = QPainter(self)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        painter.fillRect(self.rect(), self.BACKGROUND)
-        metrics = painter.fontMetrics()
-        text_h = metrics.height()
-        left = metrics.horizontalAdvance("0.00") + 12
-        right = metrics.horizontalAdvance("0.5") + 12
-        top, bottom = text_h + 10, text_h + 6
-        plot = QRectF(left, top, max(self.width() - left - right, 10), max(self.height() - top - bottom, 10))
-        self._draw_axes(painter, plot, metrics)
-        self._draw_legend(painter, left, text_h)
-        if not self.losses and not self.val_points and self.baseline is None:
-            painter.setPen(self.TEXT)
-            painter.drawText(plot, int(Qt.AlignmentFlag.AlignCenter),
-                             "Loss and validation Dice\nappear here while fine-tuning")
-            painter.end()
-            return
-        steps = max([len(self.losses)] + [s for s, _ in self.val_points] + [1])
-
-        def x_at(step):
-            return plot.left() + plot.width() * step / steps
-
-        def y_dice(value):
-            return plot.bottom() - plot.height() * min(max(value, 0.0), 1.0)
-
-        if self.baseline is not None:
-            pen = QPen(self.BASE, 1.5, Qt.PenStyle.DashLine)
-            painter.setPen(pen)
-            y = y_dice(self.baseline)
-            painter.drawLine(QPointF(plot.left(), y), QPointF(plot.right(), y))
-        if self.losses:
-            top_loss = _nice_ceiling(max(self.losses))
-            painter.setPen(self.LOSS)
-            painter.drawText(QRectF(0, plot.top() - text_h / 2, left - 6, text_h),
-                             int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter), f"{top_loss:.2g}")
-            points = [QPointF(x_at(i + 1), plot.bottom() - plot.height() * loss / top_loss)
-                      for i, loss in enumerate(self.losses)]
-            painter.setPen(QPen(self.LOSS, 1.5))
-            if len(points) == 1:
-                painter.setBrush(self.LOSS)
-                painter.drawEllipse(points[0], 2.5, 2.5)
-            else:
-                painter.drawPolyline(QPolygonF(points))
-        if self.val_points:
-            points = [QPointF(x_at(step), y_dice(value)) for step, value in self.val_points]
-            painter.setPen(QPen(self.DICE, 1.5))
-            if len(points) > 1:
-                painter.drawPolyline(QPolygonF(points))
-            painter.setBrush(self.DICE)
-            for point in points:
-                painter.drawEllipse(point, 3.5, 3.5)
-        if self.kept is not None:
-            _draw_diamond(painter, QPointF(plot.right(), y_dice(self.kept)), 5.5, self.KEPT)
-        painter.setPen(self.TEXT)
-        painter.drawText(QRectF(plot.left(), plot.bottom() + 2, plot.width(), text_h),
-                         int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignTop),
-                         f"{len(self.losses)} steps")
-        painter.end()
-
-    def _draw_axes(self, painter: QPainter, plot: QRectF, metrics):
-        text_h = metrics.height()
-        grid = QColor(self.AXES)
-        grid.setAlpha(70)
-        for value in (0.25, 0.5, 0.75, 1.0):
-            y = plot.bottom() - plot.height() * value
-            painter.setPen(QPen(grid, 1))
-            painter.drawLine(QPointF(plot.left(), y), QPointF(plot.right(), y))
-        painter.setPen(QPen(self.AXES, 1))
-        painter.drawRect(plot)
-        painter.setPen(self.DICE)
-        for value in (0.0, 0.5, 1.0):
-            y = plot.bottom() - plot.height() * value
-            painter.drawText(QRectF(plot.right() + 4, y - text_h / 2, 40, text_h),
-                             int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter), f"{value:g}")
-        painter.setPen(self.LOSS)
-        painter.drawText(QRectF(0, plot.bottom() - text_h / 2, plot.left() - 6, text_h),
-                         int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter), "0")
-
-    def _draw_legend(self, painter: QPainter, x: float, text_h: int):
-        y = 4 + text_h / 2
-        entries = [("loss", self.LOSS, "line"), ("val Dice", self.DICE, "dot")]
-        if self.baseline is not None:
-            entries.append(("before", self.BASE, "dash"))
-        if self.kept is not None:
-            entries.append(("kept", self.KEPT, "diamond"))
-        for label, colour, mark in entries:
-            if mark == "diamond":
-                _draw_diamond(painter, QPointF(x + 9, y), 5.0, colour)
-            elif mark == "dot":
-                painter.setPen(QPen(colour, 1.5))
-                painter.setBrush(colour)
-                painter.drawEllipse(QPointF(x + 9, y), 3.5, 3.5)
-            else:
-                painter.setPen(QPen(colour, 2, Qt.PenStyle.DashLine if mark == "dash" else Qt.PenStyle.SolidLine))
-                painter.drawLine(QPointF(x, y), QPointF(x + 18, y))
-            painter.setPen(self.TEXT)
-            width = painter.fontMetrics().horizontalAdvance(label)
-            painter.drawText(QRectF(x + 22, y - text_h / 2, width + 4, text_h),
-                             int(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter), label)
-            x += 22 + width + 14
-
-
-def _draw_diamond(painter: QPainter, centre: QPointF, radius: float, colour: QColor):
-    painter.setPen(QPen(QColor(255, 255, 255), 1.2))
-    painter.setBrush(colour)
-    painter.drawPolygon(QPolygonF([centre + QPointF(0, -radius), centre + QPointF(radius, 0),
-                                   centre + QPointF(0, radius), centre + QPointF(-radius, 0)]))
-
-
-def _nice_ceiling(value: float) -> float:
-    """The smallest of 1, 2, 2.5, 5 x 10^k that is >= value (axis top)."""
-    if not value > 0:
-        return 1.0
-    scale = 10 ** math.floor(math.log10(value))
-    for m in (1, 2, 2.5, 5, 10):
-        if m * scale >= value:
-            return m * scale
-    return 10 * scale
 
 
 class FineTuneWidget(QWidget):
@@ -367,7 +187,7 @@ class FineTuneWidget(QWidget):
         layout.addWidget(self.resegment_button)
         layout.addWidget(self.save_pairs_button)
 
-        self._relay = _Relay()
+        self._relay = WorkerRelay()
         self._relay.progressed.connect(self._on_progress)
         self._relay.phase.connect(self.status.setText)
         self._relay.tiles.connect(self._on_tiles)
@@ -381,7 +201,7 @@ class FineTuneWidget(QWidget):
         self.model_combo.activated.connect(self._on_model_chosen)
         self.model_combo.currentTextChanged.connect(self._suggest_output)
         follow_layer_list(self, self.viewer.layers, self.refresh_pairs)
-        connect_while_alive(self, _session.changed, self._on_session_changed)
+        connect_while_alive(self, session.changed, self._on_session_changed)
         self._fill_models_and_devices()
         self.refresh_pairs()
 
@@ -389,9 +209,9 @@ class FineTuneWidget(QWidget):
     def refresh_pairs(self, event=None) -> int:
         """Recount the reviewed pairs in the viewer's Labels layers (metadata changes send no event);
         counting reads no pixels, so it stays cheap for large or lazy images."""
-        counts = [len(_review.reviewed(layer)) for layer in self.viewer.layers
+        counts = [len(review.reviewed(layer)) for layer in self.viewer.layers
                   if getattr(layer, "_type_string", "") == "labels"
-                  and _review.linked_image(layer) in self.viewer.layers]
+                  and review.linked_image(layer) in self.viewer.layers]
         total, layers = sum(counts), sum(1 for c in counts if c)
         self.pairs_label.setText(f"Reviewed pairs: {total} (from {layers} layer{'s' * (layers != 1)})")
         if not self._base_chosen:
@@ -400,9 +220,9 @@ class FineTuneWidget(QWidget):
                 self._select_model(in_use)
         return total
 
-    def _reviewed_pairs(self) -> List[_review.ReviewedPair]:
+    def _reviewed_pairs(self) -> List[review.ReviewedPair]:
         self.refresh_pairs()
-        return _review.reviewed_pairs(self.viewer.layers)
+        return review.reviewed_pairs(self.viewer.layers)
 
     def showEvent(self, event):
         super().showEvent(event)
@@ -413,8 +233,8 @@ class FineTuneWidget(QWidget):
         counts = {}
         for layer in self.viewer.layers:
             source = layer.metadata.get(METADATA_KEY, {}).get("model") if hasattr(layer, "metadata") else None
-            if source and _review.linked_image(layer) and _review.reviewed(layer):
-                counts[source] = counts.get(source, 0) + len(_review.reviewed(layer))
+            if source and review.linked_image(layer) and review.reviewed(layer):
+                counts[source] = counts.get(source, 0) + len(review.reviewed(layer))
         return max(counts, key=counts.get) if counts else None
 
     def _browse_folder(self):
@@ -424,9 +244,9 @@ class FineTuneWidget(QWidget):
 
     # ------------------------------------------------------------------ models
     def _fill_models_and_devices(self):
-        from .engine.model import available_devices, list_shipped
+        from ..engine.model import available_devices, list_shipped
         model, device = self.model_combo.currentText(), self.device_combo.currentText()
-        sources = list(dict.fromkeys(list_shipped() + _session.registered() + self._extra_sources))
+        sources = list(dict.fromkeys(list_shipped() + session.registered() + self._extra_sources))
         refill(self.model_combo, sources + [BROWSE], [model] if model in sources else [])
         self.device_combo.clear()
         self.device_combo.addItems(available_devices())
@@ -569,10 +389,10 @@ class FineTuneWidget(QWidget):
         def work():
             # Outcomes come back as values: an exception leaving a worker would surface as a
             # traceback in the event loop, where users should see a notification.
-            from .engine.data import find_pairs
-            from .engine.infer import Cancelled
-            from .engine.model import load_model
-            from .engine.train import train
+            from ..engine.datasets import find_pairs
+            from ..engine.infer import Cancelled
+            from ..engine.model import load_model
+            from ..engine.train import train
             try:
                 relay.phase.emit(f"Loading {source}…")
                 model = load_model(source, device=device)
@@ -623,7 +443,7 @@ class FineTuneWidget(QWidget):
         self.result = result
         path = str(result.path)
         self._base_chosen = True
-        _session.register(path)              # every open model list refreshes
+        session.register(path)              # every open model list refreshes
         self._select_model(path)             # the next round starts from this model
         how = "Cancelled" if result.cancelled else "Done"
         best = "the best so far" if result.cancelled else "the best"
@@ -704,7 +524,7 @@ class FineTuneWidget(QWidget):
 
         @thread_worker
         def work():
-            from .engine.infer import Cancelled, segment
+            from ..engine.infer import Cancelled, segment
             total, done, results = sum(len(job[1]) for job in jobs), 0, []
             try:
                 for name, indices, data, rgb in jobs:
@@ -735,7 +555,7 @@ class FineTuneWidget(QWidget):
             if name not in self.viewer.layers:
                 continue
             layer = self.viewer.layers[name]
-            still_open = set(range(_review.slice_count(layer))) - set(_review.reviewed(layer))
+            still_open = set(range(review.slice_count(layer))) - set(review.reviewed(layer))
             if layer.data.ndim == 2:
                 if 0 in still_open and layer.data.shape == labels.shape:
                     layer.data[...] = labels
@@ -763,7 +583,7 @@ class FineTuneWidget(QWidget):
         if not folder:
             return
         try:
-            _review.save_training_folder(pairs, folder)
+            review.save_training_folder(pairs, folder)
         except (OSError, ValueError) as err:
             show_error(f"Could not save the training folder: {err}")
             return

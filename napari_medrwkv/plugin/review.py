@@ -80,7 +80,7 @@ def write_training_pairs(folder, items) -> List[str]:
     """Write ``(stem, image, mask)`` items as ``folder/images/<stem>.tif`` + ``folder/masks/<stem>.tif``,
     the layout ``medrwkv train`` reads; every file atomically.  Existing files with the same
     names are an error, checked before anything is written: nothing is ever overwritten."""
-    from .engine.io import write_labels   # atomic; no torch
+    from ..engine.imageio import write_labels  # atomic; no torch
     folder = Path(folder)
     targets = [(folder / "images" / f"{stem}.tif", folder / "masks" / f"{stem}.tif", image, mask)
                for stem, image, mask in items]

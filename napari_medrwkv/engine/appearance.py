@@ -14,7 +14,7 @@ mean and spread, because one data set may hold several kinds of image (DSB2018: 
 fluorescence and bright stained slides).  The model at the smallest distance is suggested,
 if that is at most :data:`MAX_DISTANCE`.  On the three shipped models' val splits this picks
 the model trained on that set for every image; on the test splits for 100% of Kvasir-SEG and
-BUSI and 66 of 67 DSB2018 images (tests/test_appearance.py; bench/RESULTS.md, session 24).
+BUSI and 66 of 67 DSB2018 images (tests/test_appearance.py; ``bench/suggest.py``, bench/RESULTS.md "Which-model suggestion", 2026-12-06).
 """
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence
@@ -22,7 +22,8 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .data import NORMALIZATION, check_pair, image_to_channels
+from .datasets import check_pair
+from .preprocess import NORMALIZATION, image_to_channels
 
 FEATURES = ("colourfulness", "red_minus_blue", "brightness", "contrast", "dark_fraction", "fine_texture")
 CROP = 512                 # features come from the central CROP x CROP pixels, at the image's own resolution

@@ -1,7 +1,7 @@
 """Average the weights of several checkpoints of one network (a "model soup", Wortsman et al.
 2022; or a fine-tuned model blended with its start, WiSE-FT).  Runs that stayed near their
 common start can average to a model better than either; runs that moved far apart need not
-(BUSI's two 95-minute seeds averaged 0.01-0.03 Dice below either, bench/RESULTS.md session 23),
+(BUSI's two 95-minute seeds averaged 0.01-0.03 Dice below either, 2026-12-06, bench/RESULTS.md "rwkv_unet_t-busi"),
 and runs from different starts give noise: score the mean on validation data before using it.
 Imports neither Qt nor napari.
 """

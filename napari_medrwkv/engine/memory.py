@@ -7,7 +7,7 @@ arena of its own whose heaps hold at most 64 MiB (larger blocks are mapped afres
 Either way the next pass writes to new pages, one page fault per 4 KiB: ``segment`` with
 ``rwkv_unet_t`` on a 512x512 image took ~75,000 faults per call (300 MB mapped afresh), a
 quarter of its time, on the main thread and on a worker thread (the widgets' case) alike
-(``bench/memory.py``; ``bench/RESULTS.md``, session 16).
+(``bench/memory.py``; ``bench/RESULTS.md``, "Kept memory", 2026-11-24).
 
 :func:`retain_freed_memory` raises both thresholds and keeps one arena for the threads
 created after it, as the allocators PyTorch recommends for CPU inference (jemalloc,

@@ -12,10 +12,14 @@
 the checkpoint's own inference settings, which ``calibrate`` chooses.
 """
 import argparse
+import errno
 import json
 import math
+import os
 import shlex
+import signal
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -33,18 +37,108 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     retain_freed_memory()        # before any thread starts, so that every one shares the kept memory
+    restore = _terminate_as_interrupt()
     try:
         return args.run(args)
     except KeyboardInterrupt:
-        print("medrwkv: interrupted", file=sys.stderr)
+        print(f"medrwkv {args.command}: interrupted; files written so far are complete, nothing half-written "
+              "was left", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"medrwkv {args.command}: error: {err}", file=sys.stderr)
+    except OSError as err:
+        print(f"medrwkv {args.command}: error: {_os_error(err)}", file=sys.stderr)
         return 2
+    except (ValueError, RuntimeError) as err:
+        print(f"medrwkv {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 -- a bug: still one line, the details on request
+        if os.environ.get("MEDRWKV_TRACEBACK"):
+            raise
+        print(f"medrwkv {args.command}: unexpected error ({type(err).__name__}: {_one_line(err)}); this is a bug: "
+              "please report it with the command line (MEDRWKV_TRACEBACK=1 shows the details)", file=sys.stderr)
+        return 3
+    finally:
+        restore()
+
+
+def _one_line(err) -> str:
+    return " ".join(str(err).split())
+
+
+#: What to do about an OSError, by errno.
+_OS_HINTS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EFBIG: "the file system refuses a file this large; write elsewhere",
+    errno.EACCES: "choose a place you can write to, or ask for permission",
+    errno.EPERM: "choose a place you can write to, or ask for permission",
+    errno.EROFS: "the file system is read-only; choose another place",
+    errno.EISDIR: "it is a folder; give a file name",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.ENOENT: "check the path",
+    errno.EEXIST: "pass --overwrite to replace it, or choose another name",
+}
+
+
+def _os_error(err: OSError) -> str:
+    """An OSError as one line: the path, what happened, what to do."""
+    what = err.strerror or _one_line(err) or type(err).__name__
+    hint = _OS_HINTS.get(err.errno)
+    where = f"{err.filename}: " if err.filename else ""
+    if err.errno == errno.EEXIST and "--overwrite" in what:
+        hint = None
+    return f"{where}{what}" + (f"; {hint}" if hint and hint not in what else "")
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (a kill, a scheduler's stop) handled as Ctrl+C: temporary files are removed and
+    training keeps the best weights so far.  Returns a function that restores the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: signal.default_int_handler(signum, frame))
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (with where to read more), like every other failure of the command."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: ``kind`` (int or float), finite, within the bounds; errors name the range."""
+    word = "a whole number" if kind is int else "a number"
+    parts = []
+    if low is not None:
+        parts.append(f"{'above' if low_open else 'at least'} {low:g}")
+    if high is not None:
+        parts.append(f"{'below' if high_open else 'at most'} {high:g}")
+    wanted = f"{word} {' and '.join(parts)}".strip()
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}")
+        if high is not None and (value >= high if high_open else value > high):
+            raise argparse.ArgumentTypeError(f"{text!r}: give {wanted}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+FRACTION = _number(float, 0, 1)
+#: Smallest tile and training patch: the networks halve the image five times.
+MIN_TILE = 32
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="medrwkv", description="RWKV U-Net segmentation: segment, train, evaluate.")
+    parser = _Parser(prog="medrwkv", description="RWKV U-Net segmentation: segment, train, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="list shipped checkpoints and architectures")
@@ -56,10 +150,14 @@ def _parser():
     seg.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="image files (PNG, JPEG, TIFF, BMP, GIF), or folders: every image file directly inside")
     seg.add_argument("--out", required=True, help="folder for the label images (created if missing)")
-    seg.add_argument("--tile", type=int, help="tile size for large images (default: the model's)")
+    seg.add_argument("--tile", type=_number(int, MIN_TILE), help="tile size for large images (default: the model's)")
     seg.add_argument("--probabilities", action="store_true", help="also write float32 probability TIFFs")
     _inference_args(seg)
-    seg.add_argument("--overwrite", action="store_true", help="replace label files that already exist")
+    existing = seg.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace label files that already exist")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="leave label files that already exist as they are and segment only the images "
+                               "without them (to finish a run that stopped)")
     seg.set_defaults(run=_segment)
 
     tr = sub.add_parser("train", help="train or fine-tune on a dataset folder")
@@ -69,33 +167,33 @@ def _parser():
     tr.add_argument("--val-split", help="validation split (default: hold out 15%% of the training pairs)")
     tr.add_argument("--val-include", help="comma-separated stem patterns: validate (rank epochs) on those pairs "
                                           "only, e.g. 'benign_*,malignant_*'")
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--max-minutes", type=float)
+    tr.add_argument("--epochs", type=POSITIVE_INT)
+    tr.add_argument("--max-minutes", type=_number(float, 0, low_open=True))
     tr.add_argument("--out", required=True, help="checkpoint to write (.safetensors)")
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--patch-size", type=int)
-    tr.add_argument("--samples-per-epoch", type=int)
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--input-scale", type=float,
+    tr.add_argument("--lr", type=_number(float, 0, low_open=True))
+    tr.add_argument("--batch-size", type=POSITIVE_INT)
+    tr.add_argument("--patch-size", type=_number(int, MIN_TILE))
+    tr.add_argument("--samples-per-epoch", type=POSITIVE_INT)
+    tr.add_argument("--seed", type=_number(int, 0, 2 ** 32 - 1))
+    tr.add_argument("--input-scale", type=_number(float, 0, 4, low_open=True),
                     help="resize images by this factor before the network (0.5 = half size; default: the "
                          "model's own, 1 for a bare architecture); stored in the checkpoint for inference")
     tr.add_argument("--freeze", choices=["none", "norm_stats", "encoder"],
                     help="what stays as it is: nothing (default), BatchNorm statistics, or the encoder")
-    tr.add_argument("--foreground", type=float,
+    tr.add_argument("--foreground", type=FRACTION,
                     help="fraction of training crops placed on a foreground pixel (default 1/3; 0 = uniform crops)")
-    tr.add_argument("--augment-strength", type=float,
+    tr.add_argument("--augment-strength", type=_number(float, 0, 3),
                     help="scales the random scale, intensity and noise ranges (default 1; 0 = flips and rotations only)")
-    tr.add_argument("--ema", type=float, metavar="DECAY",
+    tr.add_argument("--ema", type=_number(float, 0, 1, high_open=True), metavar="DECAY",
                     help="validate and keep a moving average of the weights, this decay per step "
                          "(e.g. 0.995: about the last 200 steps; default off)")
-    tr.add_argument("--blend", type=float, metavar="SHARE",
+    tr.add_argument("--blend", type=_number(float, 0, 1, low_open=True), metavar="SHARE",
                     help="from trained weights: keep this share of the best epoch's weights, the rest the "
                          "start's (e.g. 0.75 for a few-shot fine-tuning; default 1, the epoch alone)")
-    tr.add_argument("--workers", type=int, help="DataLoader worker processes")
+    tr.add_argument("--workers", type=_number(int, 0), help="DataLoader worker processes")
     tr.add_argument("--overwrite", action="store_true", help="replace --out if it exists (it may be --model itself)")
-    tr.add_argument("--in-chans", type=int, default=3, help="input channels for a bare architecture (default 3)")
-    tr.add_argument("--num-classes", type=int, default=1, help="classes for a bare architecture (1 = binary)")
+    tr.add_argument("--in-chans", type=POSITIVE_INT, default=3, help="input channels for a bare architecture (default 3)")
+    tr.add_argument("--num-classes", type=POSITIVE_INT, default=1, help="classes for a bare architecture (1 = binary)")
     tr.add_argument("--class-names", help="comma-separated class names for a bare architecture, or new names for a checkpoint's classes")
     tr.set_defaults(run=_train)
 
@@ -103,7 +201,7 @@ def _parser():
     _model_args(ev)
     ev.add_argument("--data", required=True)
     ev.add_argument("--split", help="split in splits.json (default: all pairs)")
-    ev.add_argument("--tile", type=int)
+    ev.add_argument("--tile", type=_number(int, MIN_TILE))
     ev.add_argument("--include", help="comma-separated stem patterns to score, e.g. 'benign_*,malignant_*' "
                                       "(default: every pair of the split)")
     _inference_args(ev)
@@ -120,11 +218,11 @@ def _parser():
     cal.add_argument("--split", help="split in splits.json to choose on (default: all pairs); never the test split "
                                      "you will report")
     cal.add_argument("--include", help="comma-separated stem patterns to score (default: every pair of the split)")
-    cal.add_argument("--tile", type=int)
+    cal.add_argument("--tile", type=_number(int, MIN_TILE))
     cal.add_argument("--try-flips", action="store_true", help="also try test-time flips (4x the time per image)")
     cal.add_argument("--thresholds", default=",".join(str(t) for t in CALIBRATION_THRESHOLDS),
                      help="comma-separated thresholds to try (default %(default)s; 0.5 is always tried)")
-    cal.add_argument("--min-gain", type=float, default=0.001,
+    cal.add_argument("--min-gain", type=_number(float, 0), default=0.001,
                      help="a setting is chosen over a plainer one only if it gains more than this mean Dice "
                           "(default %(default)s)")
     cal.add_argument("--out", required=True, help="checkpoint to write: the model's weights, byte for byte, with the "
@@ -152,7 +250,7 @@ def _parser():
 
 def _inference_args(p):
     p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=None, help=FLIPS_HELP)
-    p.add_argument("--threshold", type=float, help=THRESHOLD_HELP)
+    p.add_argument("--threshold", type=_number(float, 0, 1, low_open=True, high_open=True), help=THRESHOLD_HELP)
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None, help=LARGEST_HELP)
 
 
@@ -192,30 +290,107 @@ def _segment(args) -> int:
     from .engine.model import load_model
     from .engine.postprocess import inference_settings
     out = Path(args.out)
+    _check_writable_folder(out)
     jobs = _segment_jobs(_segment_sources(args.inputs, out), out, args.probabilities)
-    existing = [str(t) for _, labels, probs in jobs for t in (labels, probs) if t is not None and t.exists()]
-    if existing and not args.overwrite:
-        raise FileExistsError(f"{existing[0]} exists ({len(existing)} in all); pass --overwrite to replace them")
+    _refuse_inputs_as_outputs(jobs)
+    existing = [t for _, labels, probs in jobs for t in (labels, probs) if t is not None and t.exists()]
+    if existing and not (args.overwrite or args.skip_existing):
+        raise FileExistsError(errno.EEXIST, f"exists ({len(existing)} output file(s) in all); pass --overwrite to "
+                                            "replace them, or --skip-existing to segment only the images without "
+                                            "them", str(existing[0]))
+    skipped = 0
+    if args.skip_existing:
+        todo = [(source, [t for t in (labels, probs) if t is not None and not t.exists()]) for source, labels, probs in jobs]
+        skipped = sum(1 for _, targets in todo if not targets)
+        jobs = [(source, *[t if t in targets else None for t in (labels, probs)])
+                for (source, labels, probs), (_, targets) in zip(jobs, todo) if targets]
     chosen = [_suggested_model(source) for source, _, _ in jobs] if args.model == AUTO else [args.model] * len(jobs)
     models = {name: load_model(name, device=args.device) for name in dict.fromkeys(chosen)}
     for model in models.values():
         inference_settings(model.info, **_inference_kwargs(args))      # a bad --threshold fails before any work
-    out.mkdir(parents=True, exist_ok=True)
+    made = _make_folder(out)
     # Counted in images, moving with the tiles inside each, so one large image shows progress too.
     bar = _LazyBar("segment", "image", "{l_bar}{bar}| {n:.1f}/{total} images [{elapsed}<{remaining}]")
-    for i, ((source, labels_file, probs_file), name) in enumerate(zip(jobs, chosen)):
-        image = read_image(source)
-        labels, probs = segment(image, model=models[name], tile=args.tile, return_probabilities=True,
-                                progress=lambda done, total, i=i: bar.update_to(i + done / total, len(jobs)),
-                                **_inference_kwargs(args))
-        write_labels(labels_file, labels)
-        if probs_file is not None:
-            write_labels(probs_file, probs.astype(np.float32))
-        bar.update_to(i + 1, len(jobs))
+    done = 0
+    try:
+        for i, ((source, labels_file, probs_file), name) in enumerate(zip(jobs, chosen)):
+            image = read_image(source)
+            labels, probs = segment(image, model=models[name], tile=args.tile, return_probabilities=True,
+                                    progress=lambda d, total, i=i: bar.update_to(i + d / total, len(jobs)),
+                                    **_inference_kwargs(args))
+            # Exclusive unless --overwrite: a file another run made meanwhile is never replaced.
+            if labels_file is not None:
+                write_labels(labels_file, labels, overwrite=args.overwrite)
+            if probs_file is not None:
+                write_labels(probs_file, probs.astype(np.float32), overwrite=args.overwrite)
+            done += 1
+            bar.update_to(i + 1, len(jobs))
+    except (Exception, KeyboardInterrupt) as err:
+        bar.close()
+        if made is not None and not any(out.iterdir()):
+            _remove_folders(made)
+        if done and isinstance(err, (OSError, ValueError, RuntimeError)):
+            # Say how to go on; the files written so far are complete.
+            text = _os_error(err) if isinstance(err, OSError) else _one_line(err)
+            raise RuntimeError(f"{text} ({done} of {len(jobs)} image(s) were segmented into {out}; rerun with "
+                               "--skip-existing to segment the rest)") from None
+        raise
     bar.close()
     used = f" ({', '.join(f'{name}: {n}' for name, n in Counter(chosen).items())})" if args.model == AUTO else ""
-    print(f"wrote {len(jobs)} label image(s) to {out}{used}")
+    skip = f"; skipped {skipped} whose label files existed" if skipped else ""
+    print(f"wrote {len(jobs)} label image(s) to {out}{used}{skip}")
     return 0
+
+
+def _refuse_inputs_as_outputs(jobs) -> None:
+    """An input is never written over, not even with --overwrite: an image named like the labels
+    of another (``a.png`` and ``a_labels.png``, segmented into their own folder) is refused."""
+    inputs = {_file_identity(source): source for source, _, _ in jobs}
+    for source, *targets in jobs:
+        for target in targets:
+            if target is not None and target.exists() and _file_identity(target) in inputs:
+                raise ValueError(f"{target} is one of the input images, and the labels of {source} would be written "
+                                 f"over it; inputs are never replaced, even with --overwrite: choose another --out")
+
+
+def _file_identity(path: Path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.abspath(path)
+    return st.st_dev, st.st_ino
+
+
+def _check_writable_folder(folder: Path) -> None:
+    """An error naming --out when it, or the nearest folder above it that exists, is a file or
+    cannot be written (found before any work, not after the first image)."""
+    existing = next(p for p in (folder, *folder.parents, Path(".")) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == folder else f"is a file, so the folder {folder} cannot be made under it"
+        raise ValueError(f"--out {folder}: {existing} {what}; give a folder for the label images")
+    try:
+        import tempfile
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {folder}: cannot write in {existing} ({err.strerror}); choose a folder you can "
+                         "write to") from None
+
+
+def _make_folder(folder: Path):
+    """Creates ``folder`` and any missing parents; returns the ones it made (outermost first), or None."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing or None
+
+
+def _remove_folders(made) -> None:
+    """Removes the folders this run made (innermost first), where they are still empty."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _suggested_model(path: Path) -> str:
@@ -267,12 +442,13 @@ def _is_stack(path) -> bool:
 
 
 def _train(args) -> int:
+    from .engine.infer import Cancelled
     from .engine.model import load_model
     from .engine.train import TrainConfig, train
     if Path(args.out).exists() and not args.overwrite:
         # Refused before the first step, not after hours of training: the file may be a model that took as long.
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it when training ends, or choose "
-                              "another --out")
+        raise FileExistsError(errno.EEXIST, "exists; pass --overwrite to replace it when training ends, or choose "
+                                            "another --out", args.out)
     cfg = TrainConfig()
     for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale", "freeze",
                  "foreground", "augment_strength", "ema", "blend"):
@@ -294,12 +470,22 @@ def _train(args) -> int:
             bar.write(f"epoch {p.epoch}: loss {p.loss:.4f}, val Dice {p.val_dice:.4f}, {p.elapsed / 60:.1f} min")
 
     command = _command_line("train")
-    result = train(model, args.data, out=args.out, epochs=args.epochs, max_minutes=args.max_minutes,
-                   device=args.device, progress=progress, split=args.split, val_split=args.val_split,
-                   val_include=_patterns(args.val_include), config=cfg, command=command)
+    with _StopGently(bar) as stop:
+        try:
+            result = train(model, args.data, out=args.out, epochs=args.epochs, max_minutes=args.max_minutes,
+                           device=args.device, progress=progress, cancel=stop.requested, split=args.split,
+                           val_split=args.val_split, val_include=_patterns(args.val_include), config=cfg,
+                           command=command, overwrite=args.overwrite)
+        except Cancelled:
+            bar.close()
+            print("medrwkv train: interrupted before the first training step; nothing was written", file=sys.stderr)
+            return 130
     bar.close()
     best = f"{result.best_val_dice:.4f}" if result.best_val_dice is not None else "n/a"
-    if result.best_epoch == 0:
+    if result.cancelled:
+        print(f"medrwkv train: interrupted after {result.minutes:.1f} min; saved the best weights so far (epoch "
+              f"{result.best_epoch}, val Dice {best}) to {result.path}", file=sys.stderr)
+    elif result.best_epoch == 0:
         print(f"no epoch beat the starting weights (val Dice {best}) in {result.minutes:.1f} min; "
               f"wrote them, unchanged, to {result.path}")
     else:
@@ -312,7 +498,40 @@ def _train(args) -> int:
             blend = ""
         print(f"best epoch {result.best_epoch}{blend} (val Dice {best}{start}) after {result.minutes:.1f} min; "
               f"wrote {result.path}")
-    return 0
+    if result.moved:
+        print(f"medrwkv train: error: {_one_line(result.moved)}; the trained weights were saved to {result.path} "
+              "instead", file=sys.stderr)
+        return 1
+    return 130 if result.cancelled else 0
+
+
+class _StopGently:
+    """Within the block, the first Ctrl+C (or SIGTERM) asks training to stop after its current step,
+    validate, and save the best weights so far; a second one stops at once, saving nothing."""
+
+    def __init__(self, bar):
+        self.bar, self.count, self.old = bar, 0, {}
+
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        print("\nmedrwkv train: stopping after this step; the best weights so far will be validated and saved "
+              "(Ctrl+C again to stop at once, saving nothing)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _evaluate(args) -> int:
@@ -332,9 +551,21 @@ def _evaluate(args) -> int:
     print(f"n={scores['n']}  Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
           + (f"  (HD95 undefined for {scores['hd95_undefined']})" if scores["hd95_undefined"] else ""))
     if args.json:
-        summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
-        print(json.dumps(summary))
+        print(json.dumps(_json_safe(scores), allow_nan=False))
     return 0
+
+
+def _json_safe(value):
+    """``value`` with every NaN or infinity (an undefined score) as null, at any depth: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):        # numpy scalars
+        return _json_safe(value.item())
+    return value
 
 
 def _checkpoint_file(model: str, why: str = "--record stores the scores in a checkpoint file") -> Path:
@@ -394,9 +625,11 @@ def _new_checkpoint_path(out: str, overwrite: bool, note: str = "") -> Path:
     """--out as a path, refused before any work if it exists (without --overwrite) or is no .safetensors name."""
     path = Path(out).expanduser()
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it{note}")
+        raise FileExistsError(errno.EEXIST, f"exists; pass --overwrite to replace it{note}", str(path))
     if path.suffix != ".safetensors":
         raise ValueError(f"--out {path}: give a file name ending in .safetensors")
+    from .engine.imageio import check_target
+    check_target(path)                  # a folder, under a file, or in a missing folder: before any work
     return path
 
 
@@ -426,7 +659,7 @@ def _calibrate(args) -> int:
     where = _described_data(args.data, args.split, result["n"], include)
     info.metrics.update(calibrated_on=where, calibrated_dice=result["dice"], uncalibrated_dice=result["baseline_dice"])
     info.training["calibration"] = _command_line("calibrate")
-    write_info(source, info, out)
+    write_info(source, info, out, overwrite=args.overwrite)
     chosen = ", ".join(describe_inference(info.inference)) or "the defaults (no flips, threshold 0.5, every object)"
     print(f"chose {chosen}: Dice {result['dice']:.4f} against {result['baseline_dice']:.4f} with the defaults, "
           f"on {where}; wrote {out}")
@@ -444,7 +677,7 @@ def _average(args) -> int:
     except ValueError:
         raise ValueError(f"--shares {args.shares!r}: give one number per checkpoint, e.g. 0.5,0.5") from None
     model = average_models(args.inputs, shares, command=_command_line("average"))
-    save_checkpoint(model.net, out, model.info)
+    save_checkpoint(model.net, out, model.info, overwrite=args.overwrite)
     weights = ", ".join(f"{Path(a['source']).stem} {a['share']:.0%}" for a in model.info.training["averaged"])
     print(f"wrote {out}: the weights of {weights}, with default inference settings (run calibrate on validation "
           "images to choose them)")

@@ -223,8 +223,9 @@ def test_failed_save_leaves_existing_checkpoint_untouched(model, tmp_path, monke
         raise RuntimeError("disk exploded")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
-    with pytest.raises(RuntimeError, match="disk exploded"):
+    with pytest.raises(CheckpointError, match="disk exploded") as err:     # any failure of the writer: named
         save_checkpoint(model, target, _info())
+    assert str(target) in str(err.value)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
     monkeypatch.undo()

@@ -24,7 +24,7 @@ import safetensors
 import safetensors.torch
 
 from .. import __version__
-from .imageio import flush_to_disk, give_default_permissions
+from .imageio import atomic_file
 
 __all__ = [
     "CheckpointError",
@@ -230,13 +230,16 @@ def _tensors_for_file(model: nn.Module, half: bool) -> Dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(model: nn.Module, path: PathLike, info: ModelInfo, half: bool = True) -> Path:
+def save_checkpoint(model: nn.Module, path: PathLike, info: ModelInfo, half: bool = True,
+                    overwrite: bool = True) -> Path:
     """Write ``model``'s weights and ``info`` to one ``.safetensors`` file, atomically.
 
     With ``half=True`` floating weights are stored as float16 (BatchNorm running statistics,
     integer buffers and values beyond float16 range keep their dtype).  The file is written
     to a temporary file in the same folder and then renamed over ``path``: a crash never
-    leaves a half-written file and never destroys an existing checkpoint.
+    leaves a half-written file and never destroys an existing checkpoint.  With
+    ``overwrite=False`` a file at ``path`` is never replaced, even one another process made
+    while this one worked (:class:`FileExistsError`).
     """
     path = Path(path)
     if not isinstance(info, ModelInfo):
@@ -248,7 +251,7 @@ def save_checkpoint(model: nn.Module, path: PathLike, info: ModelInfo, half: boo
         )
     if path.is_dir():
         raise CheckpointError(f"cannot save checkpoint {path}: it is a folder; give a file name ending in .safetensors")
-    _write_atomically(_tensors_for_file(model, half), info, path, parent)
+    _write_atomically(_tensors_for_file(model, half), info, path, overwrite)
     return path
 
 
@@ -263,9 +266,10 @@ def record_metrics(path: PathLike, metrics: Dict[str, Any]) -> ModelInfo:
     return info
 
 
-def write_info(path: PathLike, info: ModelInfo, out: PathLike = None) -> Path:
+def write_info(path: PathLike, info: ModelInfo, out: PathLike = None, overwrite: bool = True) -> Path:
     """Checkpoint ``path`` with ``info`` as its metadata, written atomically to ``out``
-    (default: over ``path``); the weights are copied as stored, byte for byte."""
+    (default: over ``path``); the weights are copied as stored, byte for byte.  With
+    ``overwrite=False`` an existing ``out`` is never replaced (:class:`FileExistsError`)."""
     path = Path(path)
     out = Path(out) if out is not None else path
     if not isinstance(info, ModelInfo):
@@ -278,27 +282,26 @@ def write_info(path: PathLike, info: ModelInfo, out: PathLike = None) -> Path:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as exc:  # noqa: BLE001 -- safetensors raises several types for a damaged file
         raise CheckpointError(f"cannot read the weights of {path} ({exc}); the file may be damaged") from None
-    _write_atomically(tensors, info, out, parent)
+    _write_atomically(tensors, info, out, overwrite)
     return out
 
 
-def _write_atomically(tensors: Dict[str, torch.Tensor], info: ModelInfo, path: Path, parent: Path) -> None:
+def _write_atomically(tensors: Dict[str, torch.Tensor], info: ModelInfo, path: Path, overwrite: bool) -> None:
     metadata = {"format": "pt", METADATA_KEY: info.to_json()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        flush_to_disk(tmp)
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot save checkpoint {path}: {exc}; check the folder is writable and has space") from exc
+        with atomic_file(path, overwrite) as tmp:
+            try:
+                safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- SafetensorError: a full disk, mostly
+                raise OSError(None, f"{type(exc).__name__}: {exc}") from None
+    except FileExistsError:
         raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise CheckpointError(f"cannot save checkpoint {path}: {reason}; check that the folder is writable and "
+                              "has space, or choose another place") from None
 
 
 # ---------------------------------------------------------------------------- reading
@@ -308,6 +311,8 @@ def _check_file(path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a file; choose the .safetensors file inside it")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a pipe or device); give a .safetensors file")
 
 
 def read_info(path: PathLike) -> ModelInfo:

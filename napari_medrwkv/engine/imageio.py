@@ -9,6 +9,8 @@ Headless: numpy, tifffile and Pillow; no torch, Qt or napari.
   otherwise the values are class ids ``0 .. num_classes - 1``.
 * Labels are written atomically: a reader never sees a half-written file.
 """
+import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -37,6 +39,9 @@ def _check_file(path: Path, what: str) -> None:
         raise DataError(f"{what} {path} does not exist; check the path")
     if path.is_dir():
         raise DataError(f"{what} {path} is a folder, not a file; choose an image file inside it")
+    if not path.is_file():
+        raise DataError(f"{what} {path} is not a regular file (a pipe, socket or device); save the image to a file "
+                        "and give that")
     if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
         raise DataError(f"{what} {path} has an unsupported extension {path.suffix!r}; "
                         f"supported: {', '.join(SUPPORTED_EXTENSIONS)}. Convert it to PNG or TIFF")
@@ -114,7 +119,12 @@ def _read_array(path: Path, what: str, palette_index: bool = False) -> np.ndarra
                 array = _pil_to_array(im, palette_index)
     except DataError:
         raise
+    except MemoryError:
+        raise DataError(f"{what} {path} does not fit in memory; crop it or save it in tiles") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault
+        if type(exc).__name__ == "DecompressionBombError":      # Pillow's limit on pixels, not damage
+            raise DataError(f"{what} {path} is larger than Pillow opens ({exc}); save it as TIFF, which is "
+                            "read without that limit, or crop it into smaller images") from None
         raise DataError(f"cannot read {what} {path} ({type(exc).__name__}: {exc}); {_HINT_REEXPORT}") from None
     if array.ndim < 2 or min(array.shape[:2]) == 0 or array.size == 0:
         raise DataError(f"{what} {path} holds no 2-D image (shape {array.shape}); {_HINT_REEXPORT}")
@@ -216,19 +226,18 @@ def mask_classes(array: np.ndarray, num_classes: int, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
-def write_labels(path, array: np.ndarray) -> Path:
+def write_labels(path, array: np.ndarray, overwrite: bool = True) -> Path:
     """Write ``array`` to ``path`` (.png for 2D integer images, .tif/.tiff for anything)
-    atomically: a temporary file in the same folder, on disk before a rename puts it in place,
-    with the permissions a new file gets (the umask's)."""
+    atomically (see :func:`atomic_file`): a reader never sees a half-written file, and with
+    ``overwrite=False`` a file at ``path`` is never replaced, even one created by another
+    process while this one was writing (:class:`FileExistsError`)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".png", ".tif", ".tiff"):
         raise ValueError(f"{path}: write labels as .png (2D) or .tif (any)")
     if suffix == ".png" and (array.ndim != 2 or array.dtype.kind not in "ui"):
         raise ValueError(f"{path}: PNG holds 2D integer labels only; use .tif for {array.ndim}D {array.dtype}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, overwrite, suffix) as tmp:
         if suffix == ".png":
             from PIL import Image
             data = array.astype(np.uint16 if array.max(initial=0) > 255 else np.uint8)
@@ -236,13 +245,84 @@ def write_labels(path, array: np.ndarray) -> Path:
         else:
             import tifffile
             tifffile.imwrite(tmp, array, compression="zlib")
+    return path
+
+
+#: errno values of a file system that has no hard links (FAT, some network shares).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
+
+
+def check_target(path: Path) -> None:
+    """An :class:`OSError` naming ``path`` when no file can be written there: it is a folder,
+    a part of its folder is a file, or the folder is missing."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name inside it", str(path))
+    for folder in (parent, *parent.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder, so nothing can be written "
+                                                        f"under it (writing {path})", str(folder))
+            break
+    if not parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "folder does not exist; create it first", str(parent))
+
+
+def publish(tmp, path, overwrite: bool) -> None:
+    """Give the finished temporary file ``tmp`` (in ``path``'s folder) the name ``path``.
+
+    ``overwrite=True``: a rename over whatever is there.  ``overwrite=False``: a file at
+    ``path`` is never replaced, whoever made it and whenever (also another process, after
+    this one checked): a hard link (which fails when the name exists) and then the temporary
+    name removed; on a file system without hard links the name is reserved with an exclusive
+    create and the file renamed onto the reservation.  Raises :class:`FileExistsError`.
+    """
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))   # FileExistsError when taken
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_file(path, overwrite: bool = True, suffix: str = ".tmp"):
+    """Yields the name of a hidden temporary file beside ``path`` to write; once the block ends,
+    the file is flushed to disk, given the permissions a new file gets and put in place by
+    :func:`publish`.  On any failure, or an interrupt, the temporary file is removed and
+    ``path`` is as it was.  An :class:`OSError` (no space, no permission, read-only) names
+    ``path``, not the temporary file; :class:`FileExistsError` means ``overwrite=False`` and
+    ``path`` existed when the file was to be put there."""
+    path = Path(path)
+    check_target(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        yield tmp
         flush_to_disk(tmp)
         give_default_permissions(tmp)
-        os.replace(tmp, path)
+        publish(tmp, path, overwrite)
+    except FileExistsError:
+        if overwrite or not os.path.lexists(path):      # not the refusal to replace: some other cause
+            raise
+        raise FileExistsError(errno.EEXIST, "exists (made after this run checked: by another run into the same "
+                                            "place?); it was left as it is", str(path)) from None
+    except OSError as exc:
+        if exc.filename == str(path) and exc.filename2 is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-    return path
 
 
 def flush_to_disk(filename) -> None:

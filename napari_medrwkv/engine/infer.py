@@ -65,6 +65,9 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     settings = inference_settings(model.info, flips, threshold, largest_component)
     flips = settings["flips"]
     image = np.asarray(image)
+    if image.dtype.kind not in "biuf":
+        raise ValueError(f"segment: the image has pixel type {image.dtype}; give real numbers (integers or floats), "
+                         "e.g. the magnitude of a complex image (np.abs)")
     stack_axes, colour = plane_layout(image.shape, rgb)
     planes = image if stack_axes else image[None]
     tile = int(tile or model.info.tile_size)

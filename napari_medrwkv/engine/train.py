@@ -6,12 +6,14 @@ every epoch unless validating costs more than half as much as training: see
 import copy
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +23,9 @@ import torch.nn.functional as F
 from .. import __version__
 from ..models import list_models
 from .appearance import pairs_profile
-from .checkpoint import check_input_scale, save_checkpoint
+from .checkpoint import CheckpointError, check_input_scale, save_checkpoint
+from .imageio import check_target
+from .imageio import DataError
 from .datasets import IGNORE_INDEX, SegmentationDataset, augmentation, check_pair, find_pairs, pairs_matching
 from .defaults import FEW_SHOT
 from .infer import segment
@@ -109,13 +113,18 @@ class TrainResult:
     path: Optional[Path] = None
     cancelled: bool = False
     minutes: float = 0.0
+    moved: str = ""                       # why ``path`` is not the ``out`` asked for (it was taken, or unwritable)
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: the weights are lost, and nothing was saved."""
 
 
 def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="auto",
           progress: Optional[Callable[[TrainProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
           *, split: Optional[str] = None, val_data=None, val_split: Optional[str] = None,
           val_include: Optional[Sequence[str]] = None, config: Optional[TrainConfig] = None,
-          command: str = "") -> TrainResult:
+          command: str = "", overwrite: bool = True) -> TrainResult:
     """Train or fine-tune ``model_or_name`` (shipped name, checkpoint path, architecture, or loaded model).
 
     ``data``: a dataset folder (``images/`` + ``masks/``, optional ``splits.json``; ``split`` picks a
@@ -131,14 +140,24 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     blend; the start kept is ``best_epoch`` 0).  The start is validated before the first step
     and reported to ``progress`` as epoch 0; cancelled then, ``train`` raises
     :class:`.infer.Cancelled` and saves nothing.
+
+    ``out`` is checked before the first step (a .safetensors name in a writable folder with room
+    for the checkpoint).  With ``overwrite=False`` a file at ``out`` is never replaced, also one
+    made while training ran: the weights then go to a free name beside it (``NAME.1.safetensors``
+    ...), and if ``out``'s folder cannot be written at the end (a full disk) to the temporary
+    folder; ``TrainResult.moved`` says why.  A loss that becomes NaN or infinite stops training
+    with :class:`TrainingDiverged`, and nothing is saved.
     """
     cfg = copy.deepcopy(config) if config is not None else TrainConfig()
     cfg.epochs = epochs if epochs is not None else cfg.epochs
     cfg.max_minutes = max_minutes if max_minutes is not None else cfg.max_minutes
     if cfg.epochs is None and cfg.max_minutes is None:
         cfg.epochs = 20
+    check_config(cfg)
     if out is not None:
         out = _check_out(out)
+        if not overwrite and out.exists():
+            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it, or choose another out")
     if cfg.input_scale is not None:
         cfg.input_scale = check_input_scale(cfg.input_scale)
     if cfg.freeze not in FREEZE_CHOICES:
@@ -158,6 +177,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     model = load_model(model_or_name, device=device)
     model = SegmentationModel(copy.deepcopy(model.net), copy.deepcopy(model.info), model.source, model.device)
     train_items, val_items = _split_items(data, split, val_data, val_split, cfg)
+    _check_apart(train_items, val_items, data, split, val_data, val_split)
     if val_include:
         val_items = pairs_matching(val_items, val_include, f"the validation pairs of {val_data or data}",
                                    "val_include")
@@ -176,8 +196,10 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True, drop_last=True,
         num_workers=_workers(cfg), generator=torch.Generator().manual_seed(cfg.seed),
-        persistent_workers=_workers(cfg) > 0)
+        persistent_workers=_workers(cfg) > 0, worker_init_fn=_ignore_interrupts)
 
+    if out is not None:
+        _check_room(out, model.net)
     layout = _memory_format(model.device)
     net = model.net.to(memory_format=layout)
     fixed = _fixed_modules(net, cfg.freeze, info.architecture)
@@ -219,6 +241,10 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
                 group["lr"] = lr
             loss = _step(net, optimizer, scaler, amp_dtype, x.to(model.device, memory_format=layout),
                          y.to(model.device), info.num_classes, cfg.dice_weight)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch}, step {step + 1}: the loss is {loss}, so the weights are lost; "
+                    f"nothing was saved. Lower the learning rate (it was {cfg.lr:g}) and train again")
             losses.append(loss)
             step += 1
             if average is not None:
@@ -254,6 +280,12 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     if start_state is not None:
         best_state, best_dice = _keep_or_blend(kept, val_pairs, model, start_state, best_state, best_dice, cfg.blend,
                                                result)
+    if best_state is None:        # cannot happen with finite losses; never save the last weights unchecked
+        raise TrainingDiverged("training kept no weights (no epoch scored); nothing was saved")
+    bad = [k for k, v in best_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrainingDiverged(f"the trained weights hold NaN or infinite values ({bad[0]}, ...); nothing was saved. "
+                               f"Lower the learning rate (it was {cfg.lr:g}) and train again")
     net.load_state_dict(best_state)
     net.eval().requires_grad_(True)
     result.best_val_dice = best_dice if val_pairs is not None else None
@@ -264,8 +296,66 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     model.source = str(out) if out is not None else model.source
     model._fused = None
     if out is not None:
-        result.path = Path(save_checkpoint(net, out, model.info))
+        result.path, result.moved = save_trained(net, out, model.info, overwrite)
+        model.source = str(result.path)
     return result
+
+
+def save_trained(net: nn.Module, out: Path, info, overwrite: bool) -> Tuple[Path, str]:
+    """Save trained weights to ``out``, or, where that fails, somewhere they are not lost.
+
+    ``overwrite=False`` and ``out`` taken (by another run, while this one trained): a free
+    name beside it, ``NAME.1.safetensors``, ``NAME.2.safetensors`` ...  ``out``'s folder not
+    writable (a full disk, a folder made read-only): the same names in the temporary folder.
+    Returns (the path written, why it is not ``out``, or "")."""
+    out = Path(out)
+    try:
+        return Path(save_checkpoint(net, out, info, overwrite=overwrite)), ""
+    except FileExistsError:
+        why, folders = f"{out} was made by someone else while training ran, and was left as it is", [out.parent]
+    except CheckpointError as exc:
+        why, folders = f"{exc}", [Path(tempfile.gettempdir())]
+    for folder in folders:
+        for n in range(1, 1000):
+            candidate = folder / f"{out.stem}.{n}{out.suffix}"
+            if candidate.exists():
+                continue
+            try:
+                return Path(save_checkpoint(net, candidate, info, overwrite=False)), why
+            except FileExistsError:
+                continue
+            except CheckpointError as exc:
+                raise CheckpointError(f"{why}; nor could the weights be saved to {candidate} ({exc}); "
+                                      "nothing was saved") from None
+    raise CheckpointError(f"{why}; no free name for the weights beside it; nothing was saved")
+
+
+def check_config(cfg: "TrainConfig") -> None:
+    """A ValueError naming the setting when a number of ``cfg`` is out of its range (before any work)."""
+    def number(name, low, high=math.inf, integer=False, low_open=False, high_open=True, optional=False):
+        value = getattr(cfg, name)
+        if value is None and optional:
+            return
+        kind = "a whole number" if integer else "a number"
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+              and (not integer or float(value).is_integer()) and math.isfinite(value)
+              and (value > low if low_open else value >= low) and (value < high if high_open else value <= high))
+        if not ok:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise ValueError(f"{name}={value!r}: must be {kind} in {span}")
+    number("epochs", 1, integer=True, optional=True)
+    number("max_minutes", 0, low_open=True, optional=True)
+    number("lr", 0, low_open=True)
+    number("weight_decay", 0)
+    number("warmup_fraction", 0, 1, high_open=False)
+    number("batch_size", 1, integer=True)
+    number("patch_size", 16, integer=True)
+    number("samples_per_epoch", 1, integer=True, optional=True)
+    number("augment_strength", 0)
+    number("val_fraction", 0, 1, low_open=True)
+    number("seed", 0, 2 ** 32, integer=True)
+    number("num_workers", 0, integer=True, optional=True)
+    number("dice_weight", 0, 1, high_open=False)
 
 
 def _keep_or_blend(kept, val_pairs, model, start_state, epoch_state, epoch_dice, blend, result):
@@ -440,6 +530,13 @@ def _amp_dtype(device: torch.device):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """In a loader process: Ctrl+C reaches every process of a terminal; the main process decides
+    (``cancel``) and stops the workers, which must not die first and take the epoch with them."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _workers(cfg: TrainConfig) -> int:
     if cfg.num_workers is not None:
         return cfg.num_workers
@@ -448,12 +545,33 @@ def _workers(cfg: TrainConfig) -> int:
 
 
 def _check_out(out) -> Path:
+    """``out`` as a Path, or an error naming it when a checkpoint could not be written there:
+    not a .safetensors name, a folder, under a file, in a missing or unwritable folder."""
     out = Path(out).expanduser()
     if out.suffix != ".safetensors":
         raise ValueError(f"out={str(out)!r}: checkpoints are .safetensors files; name it e.g. {out.stem}.safetensors")
-    if not out.parent.exists():
-        raise ValueError(f"out={str(out)!r}: the folder {out.parent} does not exist; create it first.")
+    try:
+        check_target(out)
+    except FileNotFoundError:
+        raise ValueError(f"out={str(out)!r}: the folder {out.parent} does not exist; create it first.") from None
+    except OSError as exc:
+        raise ValueError(f"out={str(out)!r}: {exc.filename} {exc.strerror}") from None
+    try:                                    # a read-only or foreign folder, found now and not after training
+        with tempfile.TemporaryFile(dir=out.parent or "."):
+            pass
+    except OSError as exc:
+        raise ValueError(f"out={str(out)!r}: cannot write in {out.parent} ({exc.strerror}); choose a folder you "
+                         "can write to") from None
     return out
+
+
+def _check_room(out: Path, net: nn.Module) -> None:
+    """An error before training when ``out``'s disk has no room for the checkpoint (float16 weights)."""
+    need = sum(t.numel() * min(t.element_size(), 2) for t in net.state_dict().values()) + (1 << 20)
+    free = shutil.disk_usage(out.parent if str(out.parent) else ".").free
+    if free < 2 * need:
+        raise ValueError(f"out={str(out)!r}: {free / 2**20:.1f} MiB free in {out.parent}, and the checkpoint needs "
+                         f"about {need / 2**20:.1f} MiB; free some space or choose another folder")
 
 
 def _split_items(data, split, val_data, val_split, cfg: TrainConfig):
@@ -474,6 +592,22 @@ def _split_items(data, split, val_data, val_split, cfg: TrainConfig):
     order = np.random.default_rng(cfg.seed).permutation(len(items))
     n_val = max(1, int(round(cfg.val_fraction * len(items))))
     return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]
+
+
+def _check_apart(train_items, val_items, data, split, val_data, val_split) -> None:
+    """A DataError when an image is both a training and a validation image: its score would
+    rank epochs by what they memorised, and the kept model would be chosen on its training data."""
+    def key(item):
+        return Path(item.image).resolve() if hasattr(item, "image") else None
+    shared = {key(i) for i in train_items} & {key(i) for i in val_items} - {None}
+    if shared:
+        where = Path(data) / "splits.json" if isinstance(data, (str, os.PathLike)) and split and val_split and \
+            val_data is None else "the training and validation data"
+        names = sorted(p.stem for p in shared)
+        raise DataError(f"{len(shared)} image(s) are in both the training split {split or '(all pairs)'!r} and the "
+                        f"validation split {val_split or '(given)'!r} of {where}: {', '.join(names[:5])}"
+                        f"{', ...' if len(names) > 5 else ''}; a validation image must not be trained on, so "
+                        "remove them from one of the two")
 
 
 def _provenance(model, data, split, val_split, val_include, cfg, result, command) -> dict:

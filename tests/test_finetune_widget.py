@@ -11,7 +11,8 @@ pytest.importorskip("napari")
 
 from napari_medrwkv.plugin import finetune_widget, review, session, training_curve  # noqa: E402
 from napari_medrwkv.plugin.finetune_widget import FineTuneWidget, split_held_out, unreviewed_slices  # noqa: E402
-from napari_medrwkv.plugin.segment_widget import SegmentWidget, user_edited  # noqa: E402
+from napari_medrwkv.plugin.review import user_edited  # noqa: E402
+from napari_medrwkv.plugin.segment_widget import SegmentWidget  # noqa: E402
 from napari_medrwkv.engine.checkpoint import read_info  # noqa: E402
 from napari_medrwkv.engine.datasets import find_pairs  # noqa: E402
 
@@ -258,3 +259,78 @@ def test_failures_are_notifications(make_napari_viewer, errors, qtbot, tmp_path)
     widget.output_edit.setText(str(tmp_path / "out.pt"))
     widget.run()
     assert widget.worker is None and ".safetensors" in errors[-1]
+
+
+def test_resegmenting_is_one_undo_step_per_layer(loop, qtbot, tmp_path, monkeypatch, errors):
+    widget = loop
+    _tiny(widget, tmp_path / "tuned.safetensors", epochs=1)
+    widget.run()
+    _wait(widget, qtbot)
+    stack = widget.viewer.layers["stack labels"]
+    stale = stack.data.copy()
+    monkeypatch.setattr(finetune_widget.QMessageBox, "question",
+                        lambda *a, **k: finetune_widget.QMessageBox.StandardButton.Yes)
+    widget.resegment()
+    _wait(widget, qtbot)
+    assert not errors, errors
+    assert not (stack.data[2] == 7).any() and "Ctrl+Z" in widget.status.text()
+    stack.undo()
+    assert np.array_equal(stack.data, stale)
+
+
+def test_save_as_answers_for_one_round_only(loop, qtbot, tmp_path, monkeypatch, errors):
+    from qtpy.QtCore import Qt
+    # A path chosen with Save as… (whose dialog asked about replacing) must not be replaced by the
+    # next round without a question.
+    widget = loop
+    out = tmp_path / "chosen.safetensors"
+    _tiny(widget, out, epochs=1)
+    monkeypatch.setattr(finetune_widget.QFileDialog, "getSaveFileName", lambda *a, **k: (str(out), ""))
+    qtbot.mouseClick(widget.output_button, Qt.MouseButton.LeftButton)
+    widget.run()
+    _wait(widget, qtbot)
+    assert out.is_file() and not errors, errors
+    first = out.read_bytes()
+    asked = []
+    monkeypatch.setattr(finetune_widget.QMessageBox, "question",
+                        lambda *a, **k: asked.append(a[1]) or finetune_widget.QMessageBox.StandardButton.No)
+    widget.run()
+    _wait(widget, qtbot)
+    assert asked == ["Replace checkpoint?"] and out.read_bytes() == first
+
+
+def test_closing_napari_during_fine_tuning_stops_it_and_keeps_the_best_so_far(loop, qtbot, tmp_path, errors):
+    import time
+    widget = loop
+    out = tmp_path / "closing.safetensors"
+    _tiny(widget, out, epochs=0, samples=400)               # minutes of work unless stopped
+    widget.run()
+    qtbot.waitUntil(lambda: len(widget.curve.losses) >= 1, timeout=TIMEOUT)
+    start = time.monotonic()
+    widget.viewer.close()
+    assert not widget.worker.is_running and time.monotonic() - start < 20
+    assert out.is_file() and read_info(out).training["cancelled"]       # written before the window went
+
+
+def test_quitting_by_hand_asks_first(loop, qtbot, tmp_path, monkeypatch):
+    from qtpy.QtGui import QCloseEvent
+    from napari_medrwkv.plugin import qt_helpers
+
+    class ClosedByTheUser(QCloseEvent):               # what the window system sends for the X button
+        def spontaneous(self):
+            return True
+
+    widget = loop
+    _tiny(widget, tmp_path / "kept-running.safetensors", epochs=0, samples=400)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is not None, timeout=TIMEOUT)
+    window = widget.viewer.window._qt_window
+    guard = next(child for child in window.children() if isinstance(child, qt_helpers._QuitGuard))
+    asked = []
+    monkeypatch.setattr(qt_helpers.QMessageBox, "question",
+                        lambda *a, **k: asked.append(a[2]) or qt_helpers.QMessageBox.StandardButton.No)
+    event = ClosedByTheUser()
+    assert guard.eventFilter(window, event) and not event.isAccepted()     # "No": napari stays open
+    assert len(asked) == 1 and "Fine-tune:" in asked[0] and widget.worker is not None
+    widget.cancel()
+    _wait(widget, qtbot)

@@ -7,7 +7,8 @@ from conftest import untrained_checkpoint
 pytest.importorskip("napari")
 
 from napari_medrwkv.plugin import segment_widget  # noqa: E402
-from napari_medrwkv.plugin.segment_widget import SegmentWidget, user_edited  # noqa: E402
+from napari_medrwkv.plugin.review import user_edited  # noqa: E402
+from napari_medrwkv.plugin.segment_widget import SegmentWidget  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +300,132 @@ def test_a_model_fine_tuned_elsewhere_leaves_the_chosen_model_and_settings_alone
         assert widget.threshold_spin.value() == 0.4 and widget.flips_check.isChecked()
     finally:
         session.clear()
+
+
+# --------------------------------------------------------------------------- replacing labels
+def _answer_reviewed_question(qtbot, choice, seen):
+    """Click ``choice`` ('skip', 'replace', 'new') in the "Replace reviewed labels?" box when it opens."""
+    from qtpy.QtCore import Qt, QTimer
+    from qtpy.QtWidgets import QAbstractButton, QApplication, QMessageBox
+
+    def click():
+        box = QApplication.activeModalWidget()
+        if isinstance(box, QMessageBox) and box.windowTitle() == "Replace reviewed labels?":
+            seen.append(box.text())
+            qtbot.mouseClick(box.findChild(QAbstractButton, f"reviewed-{choice}"), Qt.MouseButton.LeftButton)
+    timer = QTimer()
+    timer.timeout.connect(click)
+    timer.start(50)
+    return timer
+
+
+def _stack_segmented(widget, qtbot):
+    viewer = widget.viewer
+    stack = np.random.default_rng(2).integers(0, 255, (3, 48, 64), dtype=np.uint8)
+    viewer.add_image(stack, name="stack")
+    widget.image_combo.setCurrentText("stack")
+    widget.scope_combo.setCurrentText("all slices")
+    widget.threshold_spin.setValue(0.5)
+    widget.run()
+    _wait(widget, qtbot)
+    return viewer.layers["stack [nuclei-test]"]
+
+
+def _paint(labels, z, label=9):
+    """A brush stroke as napari records it (one undo step)."""
+    labels.brush_size = 9
+    labels.paint((z, 20, 30), label, refresh=True)
+
+
+def test_replacing_edited_labels_is_one_undo_step(widget, qtbot, monkeypatch):
+    labels = _stack_segmented(widget, qtbot)
+    _paint(labels, 1)
+    edited = labels.data.copy()
+    monkeypatch.setattr(segment_widget.QMessageBox, "question",
+                        lambda *a, **k: segment_widget.QMessageBox.StandardButton.Yes)
+    widget.threshold_spin.setValue(0.53)               # the untrained model's probabilities: 0.51-0.55
+    widget.run()
+    _wait(widget, qtbot)
+    assert not np.array_equal(labels.data, edited) and "Ctrl+Z" in widget.status.text()
+    labels.undo()
+    assert np.array_equal(labels.data, edited)             # the whole replacement undone at once
+    labels.undo()
+    assert not (labels.data == 9).any()                    # and the stroke before it
+
+
+def test_reviewed_slices_are_kept_unless_the_user_says_replace(widget, qtbot):
+    from napari_medrwkv.plugin import review
+    labels = _stack_segmented(widget, qtbot)
+    _paint(labels, 1)
+    review.set_reviewed(labels, 1)
+    before = labels.data.copy()
+    asked = []
+    widget.threshold_spin.setValue(0.53)                   # every slice changes (probabilities 0.51-0.55)
+    timer = _answer_reviewed_question(qtbot, "skip", asked)
+    widget.run()
+    _wait(widget, qtbot)
+    assert len(asked) == 1 and "Slice(s) 1 are marked reviewed" in asked[0]
+    assert np.array_equal(labels.data[1], before[1]) and review.reviewed(labels) == [1]
+    assert not np.array_equal(labels.data[0], before[0])   # the unreviewed slices took the new result
+    assert "reviewed slice(s) 1 kept" in widget.status.text()
+    timer.stop()
+
+    widget.threshold_spin.setValue(0.52)
+    timer = _answer_reviewed_question(qtbot, "replace", asked)
+    widget.run()
+    _wait(widget, qtbot)
+    timer.stop()
+    assert len(asked) == 2 and not np.array_equal(labels.data[1], before[1])
+    assert review.reviewed(labels) == []                   # nobody reviewed the new labels
+    labels.undo()
+    assert np.array_equal(labels.data[1], before[1])
+
+
+def test_a_reviewed_image_is_asked_about_even_without_edits(widget, qtbot):
+    # Mark reviewed, change the threshold, Segment: the labels must not change silently.
+    from napari_medrwkv.plugin import review
+    viewer = widget.viewer
+    viewer.add_image(np.random.default_rng(3).integers(0, 255, (48, 64), dtype=np.uint8), name="flat")
+    widget.image_combo.setCurrentText("flat")
+    widget.run()
+    _wait(widget, qtbot)
+    labels = viewer.layers["flat [nuclei-test]"]
+    review.set_reviewed(labels, 0)
+    kept = labels.data.copy()
+    asked = []
+    widget.threshold_spin.setValue(0.53)
+    timer = _answer_reviewed_question(qtbot, "new", asked)
+    widget.run()
+    _wait(widget, qtbot)
+    timer.stop()
+    assert len(asked) == 1 and "It is marked reviewed" in asked[0]
+    assert np.array_equal(labels.data, kept) and review.reviewed(labels) == [0]
+    assert "flat [nuclei-test] (2)" in viewer.layers
+    assert viewer.layers.selection.active is viewer.layers["flat [nuclei-test] (2)"]   # paint tools at hand
+
+
+def test_labels_of_another_shape_under_the_result_name_are_kept(widget, qtbot):
+    viewer = widget.viewer
+    viewer.add_image(np.random.default_rng(4).integers(0, 255, (48, 64), dtype=np.uint8), name="img")
+    mine = viewer.add_labels(np.full((10, 10), 3, dtype=np.int32), name="img [nuclei-test]")
+    widget.image_combo.setCurrentText("img")
+    widget.run()
+    _wait(widget, qtbot)
+    assert mine in viewer.layers and (mine.data == 3).all()
+    assert viewer.layers["img [nuclei-test] (2)"].data.shape == (48, 64)
+
+
+def test_napari_closing_stops_a_segmentation_at_once(make_napari_viewer, checkpoint, qtbot):
+    import time
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.add_model_source(checkpoint)
+    viewer.add_image(np.random.default_rng(5).integers(0, 255, (40, 256, 256), dtype=np.uint8), name="big")
+    widget.image_combo.setCurrentText("big")
+    widget.scope_combo.setCurrentText("all slices")
+    widget.run()
+    qtbot.waitUntil(lambda: widget.progress_bar.value() > 0, timeout=60000)
+    start = time.monotonic()
+    viewer.close()
+    assert not widget.worker.is_running and time.monotonic() - start < 10

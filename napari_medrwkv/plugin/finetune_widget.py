@@ -21,7 +21,8 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 from ..engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
 from ..engine.memory import retain_freed_memory
 from . import review, session
-from .qt_helpers import BROWSE, WorkerRelay, connect_while_alive, data_digest, follow_layer_list, refill, unwrap_outcome
+from .qt_helpers import (BROWSE, WorkerRelay, connect_while_alive, follow_layer_list, refill, stop_jobs_on_quit,
+                         unwrap_outcome)
 from .review import KEY as METADATA_KEY
 from .training_curve import TrainingCurve
 
@@ -202,6 +203,7 @@ class FineTuneWidget(QWidget):
         self.model_combo.currentTextChanged.connect(self._suggest_output)
         follow_layer_list(self, self.viewer.layers, self.refresh_pairs)
         connect_while_alive(self, session.changed, self._on_session_changed)
+        stop_jobs_on_quit(self, self.viewer)
         self._fill_models_and_devices()
         self.refresh_pairs()
 
@@ -351,6 +353,13 @@ class FineTuneWidget(QWidget):
             self._cancel.set()
             self.status.setText("Cancelling… (the best model so far is kept)")
 
+    def busy(self) -> str:
+        """What runs, for the question napari asks on quitting ("" when idle)."""
+        return f"Fine-tune: {self.status.text()}" if self.worker is not None else ""
+
+    def stop_for_quit(self) -> None:
+        self.cancel()
+
     def _output_path(self) -> Optional[Path]:
         text = self.output_edit.text().strip()
         if not text:
@@ -364,7 +373,8 @@ class FineTuneWidget(QWidget):
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ValueError(f"Cannot create the folder {out.parent}: {err}") from None
-        if out.exists() and str(out) != self._confirmed_output:
+        confirmed, self._confirmed_output = self._confirmed_output, ""   # Save as… answers for one round
+        if out.exists() and str(out) != confirmed:
             answer = QMessageBox.question(self, "Replace checkpoint?", f"{out} exists. Replace it?",
                                           QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
                                           QMessageBox.StandardButton.No)
@@ -501,7 +511,7 @@ class FineTuneWidget(QWidget):
         answer = QMessageBox.question(
             self, "Re-segment unreviewed slices?",
             f"Re-segment {count} unreviewed slice(s) with {self.result.model.name}?\n\n{lines}\n\n"
-            "Their current labels are replaced; reviewed slices are kept.",
+            "Their current labels are replaced (one undo step per labels layer); reviewed slices are kept.",
             QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes)
         if answer != QMessageBox.StandardButton.Yes:
             return
@@ -550,27 +560,24 @@ class FineTuneWidget(QWidget):
                                "Re-segmentation cancelled; nothing was changed.", show_error)
         if value is None:
             return
-        written = 0
+        written = changed = 0
         for name, indices, labels in value:
             if name not in self.viewer.layers:
                 continue
             layer = self.viewer.layers[name]
+            # Slices reviewed while the worker ran stay as they are.
             still_open = set(range(review.slice_count(layer))) - set(review.reviewed(layer))
-            if layer.data.ndim == 2:
-                if 0 in still_open and layer.data.shape == labels.shape:
-                    layer.data[...] = labels
-                    written += 1
-            else:
-                for index, plane in zip(indices, labels):
-                    if index in still_open and layer.data.shape[1:] == plane.shape:
-                        layer.data[index] = plane
-                        written += 1
-            layer.metadata.setdefault(METADATA_KEY, {}).update(model=str(self.result.path),
-                                                               digest=data_digest(layer.data))
+            planes = dict(zip(indices, [labels] if layer.data.ndim == 2 else labels))
+            planes = {i: plane for i, plane in planes.items()
+                      if i in still_open and plane.shape == layer.data.shape[-2:]}
+            changed += review.replace_slices(layer, planes)      # one undo step per layer
+            written += len(planes)
+            review.record_written(layer, str(self.result.path))
             layer.refresh()
         self.progress_bar.setValue(self.progress_bar.maximum())
-        self.status.setText(f"Re-segmented {written} unreviewed slice(s) with {self.result.model.name}; "
-                            "correct them and mark them reviewed for the next round.")
+        self.status.setText(f"Re-segmented {written} unreviewed slice(s) with {self.result.model.name} ({changed} "
+                            "pixels changed; Ctrl+Z on a labels layer undoes it); correct them and mark them "
+                            "reviewed for the next round.")
 
     # ------------------------------------------------------------------ export
     def save_pairs(self):

@@ -1,14 +1,15 @@
 """Which corrected slices the user has reviewed, kept in the Labels layers themselves.
 
 A Labels layer made by the Segment widget carries ``metadata["napari_medrwkv"]``:
-``{"image": <image layer name>, "model": <source>, "digest": <sha1 of data>,
-"reviewed": [slice indices]}``.  A 2-D layer has the single slice 0.  The
+``{"image": <image layer name>, "model": <source>, "digests": [sha1 of each slice as the plugin
+wrote it], "reviewed": [slice indices]}``.  A 2-D layer has the single slice 0.  The
 Correct widget marks slices; the Fine-tune widget learns from them.  No Qt,
 no torch: plain functions over napari layers and numpy arrays.
 """
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import numpy as np
 
@@ -41,6 +42,35 @@ def slice_count(labels_layer) -> int:
     return 1 if labels_layer.data.ndim == 2 else labels_layer.data.shape[0]
 
 
+def _slices(data) -> list:
+    return [data] if data.ndim == 2 else list(data)
+
+
+def _digest(data: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(data).view(np.uint8)).hexdigest()
+
+
+def record_written(labels_layer, model: str) -> None:
+    """Remember the labels as the plugin wrote them (and which model), so that later edits show."""
+    labels_layer.metadata.setdefault(KEY, {}).update(
+        model=model, digests=[_digest(plane) for plane in _slices(np.asarray(labels_layer.data))])
+
+
+def edited_slices(labels_layer) -> List[int]:
+    """The slices whose labels differ from what the plugin last wrote into them (every slice of a
+    layer the plugin did not write)."""
+    data = np.asarray(labels_layer.data)
+    written = labels_layer.metadata.get(KEY, {}).get("digests")
+    if written is None or len(written) != slice_count(labels_layer):
+        return list(range(slice_count(labels_layer)))
+    return [i for i, (plane, digest) in enumerate(zip(_slices(data), written)) if _digest(plane) != digest]
+
+
+def user_edited(labels_layer) -> bool:
+    """True when a Labels layer differs from what the plugin last wrote into it."""
+    return bool(edited_slices(labels_layer))
+
+
 def reviewed(labels_layer) -> List[int]:
     return sorted(labels_layer.metadata.get(KEY, {}).get("reviewed", []))
 
@@ -51,6 +81,35 @@ def set_reviewed(labels_layer, index: int, value: bool = True) -> None:
     marks = set(reviewed(labels_layer))
     marks.add(index) if value else marks.discard(index)
     labels_layer.metadata.setdefault(KEY, {})["reviewed"] = sorted(marks)
+
+
+def replace_slices(labels_layer, planes: Dict[int, np.ndarray]) -> int:
+    """Write ``{slice index: labels}`` into ``labels_layer`` as ONE step of napari's undo, and unmark
+    every slice whose labels changed (nobody has reviewed the new labels).  Returns the number of
+    pixels changed.  A 2-D layer is slice 0."""
+    data = labels_layer.data
+    indices, values, changed_slices = [], [], []
+    for index, plane in sorted(planes.items()):
+        before = data if data.ndim == 2 else data[index]
+        if before.shape != plane.shape:
+            raise ValueError(f"labels of shape {plane.shape} do not fit slice {index} of {labels_layer.name} "
+                             f"({before.shape})")
+        where = np.nonzero(before != plane)
+        if where[0].size == 0:
+            continue
+        changed_slices.append(index)
+        if data.ndim == 3:
+            where = (np.full(where[0].size, index, dtype=np.intp),) + where
+        indices.append(where)
+        values.append(plane[where[-2:]])
+    if not indices:
+        return 0
+    where = tuple(np.concatenate(axis) for axis in zip(*indices))
+    with labels_layer.block_history():          # everything inside is one undo step
+        labels_layer.data_setitem(where, np.concatenate(values).astype(data.dtype, copy=False))
+    for index in changed_slices:
+        set_reviewed(labels_layer, index, False)
+    return int(where[0].size)
 
 
 def reviewed_pairs(layers) -> List[ReviewedPair]:

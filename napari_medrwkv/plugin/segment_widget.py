@@ -14,17 +14,10 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, Q
                             QMessageBox, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ..engine.memory import retain_freed_memory
-from . import session
-from .qt_helpers import (BROWSE, WorkerRelay, connect_while_alive, data_digest, follow_layer_list, refill,
+from . import review, session
+from .qt_helpers import (BROWSE, WorkerRelay, connect_while_alive, follow_layer_list, refill, stop_jobs_on_quit,
                          unwrap_outcome)
-from .review import KEY as METADATA_KEY
-from .review import link
-
-
-def user_edited(layer: Labels) -> bool:
-    """True when a Labels layer differs from what this plugin last wrote into it."""
-    written = layer.metadata.get(METADATA_KEY, {}).get("digest")
-    return written is None or written != data_digest(layer.data)
+from .review import link, record_written
 
 
 def _description(source: str) -> str:
@@ -111,6 +104,7 @@ class SegmentWidget(QWidget):
         self.model_combo.currentTextChanged.connect(self._on_model_changed)
         self.image_combo.currentTextChanged.connect(self._suggest_model)
         follow_layer_list(self, self.viewer.layers, self._refresh_images)
+        stop_jobs_on_quit(self, self.viewer)
         self._fill_models_and_devices()
         self._refresh_images()
         connect_while_alive(self, session.changed, self._on_session_changed)
@@ -254,6 +248,13 @@ class SegmentWidget(QWidget):
         self._cancel.set()
         self.status.setText("Cancelling…")
 
+    def busy(self) -> str:
+        """What runs, for the question napari asks on quitting ("" when idle)."""
+        return f"Segment: {self.status.text()}" if self.worker is not None else ""
+
+    def stop_for_quit(self) -> None:
+        self.cancel()
+
     def _make_worker(self, data, source, device, tile, rgb, choices):
         relay, cancel, models = self._relay, self._cancel, self._models
 
@@ -318,28 +319,77 @@ class SegmentWidget(QWidget):
         name = f"{image_layer.name} [{model.name}]"
         full_shape = image_layer.data.shape[:-1] if image_layer.rgb else image_layer.data.shape
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        if layer is not None and user_edited(layer) and not self._confirm_overwrite(name):
-            name = self._free_name(name)
-            layer = None
-        if layer is None or layer.data.shape != full_shape:
-            data = np.zeros(full_shape, dtype=labels.dtype) if slice_index is not None else labels
-            layer = self._new_labels(name, data, image_layer, model)
-        if slice_index is not None:
-            layer.data[slice_index] = labels
+        if layer is not None and layer.data.shape != full_shape:
+            name, layer = self._free_name(name), None        # another image's labels: never replaced
+        planes, kept = self._planes(labels, full_shape, slice_index), ""
+        if layer is not None:
+            planes, kept = self._planes_to_replace(layer, planes)
+            if planes is None:                               # the user keeps it: the result goes beside it
+                name, layer = self._free_name(name), None
+        if layer is None:
+            data = labels if slice_index is None else np.zeros(full_shape, dtype=labels.dtype)
+            layer = self._new_labels(name, data, image_layer)
+            if slice_index is not None:
+                layer.data[slice_index] = labels
+            changed = None
         else:
-            layer.data = labels
-        layer.metadata.setdefault(METADATA_KEY, {}).update(model=source, digest=data_digest(layer.data))
+            changed = review.replace_slices(layer, planes)
+        record_written(layer, source)
         link(layer, image_layer.name)
         layer.refresh()
         if self.probability_check.isChecked() and model.binary:
             self._show_probability(f"{name} probability", probs, image_layer, slice_index, full_shape)
+        self.viewer.layers.selection.active = layer          # the paint tools at hand, not the probabilities
         found = f"{(labels > 0).mean():.1%} foreground" if model.binary else \
             f"classes {', '.join(str(c) for c in np.unique(labels) if c)}"
-        self.status.setText(f"Done: {name} ({found}).")
+        undo = f"; {changed} pixels changed, Ctrl+Z undoes it" if changed else ""
+        self.status.setText(f"Done: {name} ({found}{undo}){kept}.")
 
-    def _new_labels(self, name, data, image_layer, model) -> Labels:
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
+    @staticmethod
+    def _planes(labels, full_shape, slice_index: Optional[int]) -> dict:
+        """The result as {slice index: labels}; a 2-D image is slice 0."""
+        if slice_index is not None:
+            return {slice_index: labels}
+        return {0: labels} if len(full_shape) == 2 else dict(enumerate(labels))
+
+    def _planes_to_replace(self, layer: Labels, planes: dict):
+        """(the planes of ``planes`` that may replace the labels in ``layer``, or None to write the result
+        to a new layer instead; a note on what was kept), after asking where the user reviewed or
+        edited the labels."""
+        kept = ""
+        hit = sorted(set(planes) & set(review.reviewed(layer)))
+        if hit:
+            choice = self._ask_about_reviewed(layer, hit)
+            if choice == "new":
+                return None, ""
+            if choice == "skip":
+                kept = f"; reviewed slice(s) {', '.join(map(str, hit))} kept" if layer.ndim == 3 \
+                    else "; the reviewed labels were kept"
+                planes = {i: plane for i, plane in planes.items() if i not in hit}
+        # Edited slices nobody marked reviewed: the old question, about those alone.
+        edited = set(review.edited_slices(layer)) & set(planes) - set(hit)
+        if edited and not self._confirm_overwrite(layer.name):
+            return None, ""
+        return planes, kept
+
+    def _ask_about_reviewed(self, layer: Labels, hit) -> str:
+        """'skip' (the default), 'replace' or 'new': what to do with labels the user marked reviewed."""
+        where = "It is" if layer.ndim == 2 else f"Slice(s) {', '.join(map(str, hit))} are"
+        box = QMessageBox(QMessageBox.Icon.Question, "Replace reviewed labels?",
+                          f"{where} marked reviewed in '{layer.name}'.\n\nKeep reviewed: the new result fills only "
+                          "the other slices.\nReplace: the reviewed labels are replaced (one undo step) and no "
+                          "longer marked reviewed.\nNew layer: the result goes to a new layer.", parent=self)
+        buttons = {"skip": box.addButton("Keep reviewed", QMessageBox.ButtonRole.AcceptRole),
+                   "replace": box.addButton("Replace", QMessageBox.ButtonRole.DestructiveRole),
+                   "new": box.addButton("New layer", QMessageBox.ButtonRole.ActionRole)}
+        for key, button in buttons.items():
+            button.setObjectName(f"reviewed-{key}")
+        box.setDefaultButton(buttons["skip"])
+        box.setEscapeButton(buttons["skip"])
+        box.exec()
+        return next((key for key, button in buttons.items() if box.clickedButton() is button), "skip")
+
+    def _new_labels(self, name, data, image_layer) -> Labels:
         return self.viewer.add_labels(data, name=name, scale=image_layer.scale[-data.ndim:],
                                       translate=image_layer.translate[-data.ndim:])
 
@@ -359,6 +409,7 @@ class SegmentWidget(QWidget):
     def _confirm_overwrite(self, name: str) -> bool:
         answer = QMessageBox.question(self, "Replace edited labels?",
                                       f"'{name}' has been edited since it was segmented. Replace it?\n"
+                                      "Yes replaces it (one undo step: Ctrl+Z brings the edits back).\n"
                                       "No keeps it and writes the new result to a new layer.",
                                       QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
                                       QMessageBox.StandardButton.No)

@@ -116,6 +116,9 @@ class ModelInfo:
     # model can work on large, smooth structures at a fraction of the pixels; labels come back
     # at the image's own size.  Training resizes the same way.
     input_scale: float = 1.0
+    # A prompt-aware model (engine/interactive.py) takes this many prompt maps after the image's
+    # ``in_chans`` channels; 0 for an automatic model.
+    prompt_channels: int = 0
     inference: Dict[str, Any] = field(default_factory=lambda: dict(INFERENCE_DEFAULTS))
     training: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
@@ -129,6 +132,9 @@ class ModelInfo:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.prompt_channels, bool) or not isinstance(self.prompt_channels, int) \
+                or self.prompt_channels < 0:
+            raise ValueError(f"prompt_channels must be an integer >= 0, got {self.prompt_channels!r}")
         self.input_scale = check_input_scale(self.input_scale)
         self.inference = check_inference(self.inference or {}, self.num_classes)
         self.arch_kwargs = dict(self.arch_kwargs or {})
@@ -389,8 +395,8 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
             "Update napari-medrwkv or use another checkpoint"
         )
     try:
-        model = create_model(info.architecture, in_chans=info.in_chans, num_classes=info.num_classes,
-                             **info.arch_kwargs)
+        model = create_model(info.architecture, in_chans=info.in_chans + info.prompt_channels,
+                             num_classes=info.num_classes, **info.arch_kwargs)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"checkpoint {path}: cannot build {info.architecture!r} with in_chans={info.in_chans}, "

@@ -83,6 +83,8 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
         probs = np.zeros((_channels(model),) + net_shape, dtype=np.float32)
         weight = np.zeros(net_shape, dtype=np.float32)
         x = resize_channels(image_to_channels(plane, model.info.in_chans), net_shape)
+        if model.info.prompt_channels:             # a prompt-aware model, asked with no prompt
+            x = np.concatenate([x, np.zeros((model.info.prompt_channels,) + net_shape, np.float32)])
         for y0 in ys:
             for x0 in xs:
                 if cancel is not None and cancel():

@@ -28,7 +28,7 @@ from .imageio import check_target
 from .imageio import DataError
 from .datasets import IGNORE_INDEX, SegmentationDataset, augmentation, check_pair, find_pairs, pairs_matching
 from .defaults import FEW_SHOT
-from .infer import segment
+from .infer import Cancelled, segment
 from .metrics import mean_dice
 from .model import SegmentationModel, load_model
 
@@ -222,13 +222,23 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     # Trained starting weights are blended into the best epoch's and, given validation data, are
     # a candidate themselves (see _keep_or_blend).
     start_state = {k: v.detach().clone() for k, v in kept.state_dict().items()} if _starts_trained(model) else None
+    val_seconds = 0.0             # how long one validation takes: time kept back from the budget for the last
     if start_state is not None and val_pairs is not None:
+        val_start = time.monotonic()
         result.start_val_dice = validate(kept, val_pairs, model, cancel)     # cancelled: nothing trained, nothing saved
+        val_seconds = time.monotonic() - val_start
         if progress is not None:
             progress(TrainProgress(0, cfg.epochs, 0, steps_per_epoch, float("nan"), time.monotonic() - start, 0.0,
                                    result.start_val_dice))
     last_val_seconds, trained_since_val = None, 0.0
     stop = False
+    # The budget covers the whole run: training stops early enough for the last validation (and,
+    # from trained weights, that of the blend) to end within it.
+    validations_at_end = 0 if val_pairs is None else 2 if start_state is not None and cfg.blend < 1 else 1
+
+    def out_of_time() -> bool:
+        return bool(budget) and time.monotonic() - start + validations_at_end * val_seconds >= budget
+
     while not stop:
         epoch += 1
         epoch_start, losses = time.monotonic(), []
@@ -252,16 +262,24 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
             if progress is not None:
                 progress(TrainProgress(epoch, cfg.epochs, step - (epoch - 1) * steps_per_epoch, steps_per_epoch, loss,
                                        time.monotonic() - start, fraction))
-            if (cancel is not None and cancel()) or (budget and time.monotonic() - start >= budget):
+            if (cancel is not None and cancel()) or out_of_time():
                 stop, result.cancelled = True, bool(cancel is not None and cancel())
                 break
-        finishing = stop or bool(cfg.epochs and epoch >= cfg.epochs) or bool(budget and time.monotonic() - start >= budget)
+        finishing = stop or bool(cfg.epochs and epoch >= cfg.epochs) or out_of_time()
         trained_since_val += time.monotonic() - epoch_start
         val_dice = None
-        if val_pairs is not None and validation_due(trained_since_val, last_val_seconds, finishing):
+        # Cancelled with weights already validated (an epoch or the start): those are kept at once,
+        # the epoch cut short is not validated, and a validation under way stops at the next tile.
+        validated = best_state is not None or result.start_val_dice is not None
+        if val_pairs is not None and validation_due(trained_since_val, last_val_seconds, finishing) \
+                and not (result.cancelled and validated):
             val_start = time.monotonic()
-            val_dice = validate(kept, val_pairs, model)
-            last_val_seconds, trained_since_val = time.monotonic() - val_start, 0.0
+            try:
+                val_dice = validate(kept, val_pairs, model, cancel if validated else None)
+                last_val_seconds, trained_since_val = time.monotonic() - val_start, 0.0
+                val_seconds = max(val_seconds, last_val_seconds)
+            except Cancelled:
+                stop, result.cancelled = True, True
         score = -float(np.mean(losses)) if val_pairs is None else val_dice
         if score is not None and score > best_dice:
             best_dice, result.best_epoch = score, epoch
@@ -274,7 +292,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         # Time spent validating counts too: once the budget is gone, no further epoch (it would
         # train one step and validate again, past the user's limit).  An epoch that was not
         # validated is not the last: the next one, cut short, is validated.
-        if finishing or (budget and time.monotonic() - start >= budget and (val_pairs is None or val_dice is not None)):
+        if finishing or (out_of_time() and (val_pairs is None or val_dice is not None)) or result.cancelled:
             stop = True
 
     if start_state is not None:
@@ -364,7 +382,10 @@ def _keep_or_blend(kept, val_pairs, model, start_state, epoch_state, epoch_dice,
     when it scores higher than the blend, and the start when it scores at least as high as
     either (then ``result.best_epoch`` is 0).  Returns (state, its validation score)."""
     state, dice = epoch_state, epoch_dice
-    if blend < 1:
+    if state is None:             # cancelled before an epoch was validated: the start is what was
+        result.best_epoch, result.blend = 0, 1.0
+        return start_state, result.start_val_dice
+    if blend < 1 and not (result.cancelled and val_pairs is not None):   # cancelled: no further validation
         blended = {k: start_state[k].lerp(v, blend) if v.is_floating_point() else v for k, v in epoch_state.items()}
         if val_pairs is None:
             state, result.blend = blended, blend

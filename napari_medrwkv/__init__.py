@@ -10,6 +10,7 @@ without importing torch)::
     result = nm.train(model, "path/to/dataset", out="tuned.safetensors", max_minutes=5)
     scores = nm.evaluate(model, "path/to/dataset", split="test")
     nm.suggest_model(image)          # the shipped model trained on images like this one
+    mask = nm.refine(image, points=[(120, 88, True)])    # one object from a click
 """
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ _API = {
     "TrainConfig": "engine.train",
     "evaluate": "engine.evaluate",
     "suggest_model": "engine.appearance",
+    "refine": "engine.interactive",
 }
 
 __all__ = sorted(_API) + ["__version__"]

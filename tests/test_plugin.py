@@ -42,12 +42,15 @@ def test_manifest_validates():
     assert manifest.name == PLUGIN
     assert manifest.display_name == "MedRWKV"
     contributions = manifest.contributions
-    assert [w.display_name for w in contributions.widgets] == ["Segment", "Correct", "Fine-tune", "Models"]
-    assert contributions.widgets[3].command == "napari-medrwkv.models_widget"
+    assert [w.display_name for w in contributions.widgets] == ["Segment", "Correct", "Fine-tune", "Click to fix",
+                                                               "Models"]
+    assert contributions.widgets[3].command == "napari-medrwkv.click_to_fix_widget"
+    assert contributions.widgets[4].command == "napari-medrwkv.models_widget"
     assert sorted(s.key for s in contributions.sample_data) == ["brightfield", "fluorescence"]
     segment_menu = contributions.menus["napari/layers/segment"]
-    assert [item.command for item in segment_menu] == ["napari-medrwkv.segment_widget", "napari-medrwkv.correct_widget",
-                                                       "napari-medrwkv.finetune_widget", "napari-medrwkv.models_widget"]
+    assert [item.command for item in segment_menu] == [
+        "napari-medrwkv.segment_widget", "napari-medrwkv.correct_widget", "napari-medrwkv.finetune_widget",
+        "napari-medrwkv.click_to_fix_widget", "napari-medrwkv.models_widget"]
 
     # the CLI, by file and by installed plugin name (the entry point), importing every python_name
     for target in (str(MANIFEST), PLUGIN):
@@ -69,7 +72,7 @@ def test_plugin_modules_and_manifest_do_not_import_torch():
         assert pm.get_manifest({PLUGIN!r}).display_name == "MedRWKV"
         import napari_medrwkv.plugin.models_widget, napari_medrwkv.plugin.segment_widget, napari_medrwkv.plugin.sample_data
         import napari_medrwkv.plugin.correct_widget, napari_medrwkv.plugin.finetune_widget, napari_medrwkv.plugin.writers
-        import napari_medrwkv.plugin.launch, napari_medrwkv
+        import napari_medrwkv.plugin.launch, napari_medrwkv.plugin.click_to_fix, napari_medrwkv
         print("torch imported:", "torch" in sys.modules)
     """)
     assert proc.returncode == 0, proc.stderr

@@ -40,24 +40,30 @@ def main(argv=None) -> int:
     restore = _terminate_as_interrupt()
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print(f"medrwkv {args.command}: interrupted; files written so far are complete, nothing half-written "
-              "was left", file=sys.stderr)
-        return 130
-    except OSError as err:
-        print(f"medrwkv {args.command}: error: {_os_error(err)}", file=sys.stderr)
-        return 2
-    except (ValueError, RuntimeError) as err:
-        print(f"medrwkv {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 -- a bug: still one line, the details on request
-        if os.environ.get("MEDRWKV_TRACEBACK"):
-            raise
-        print(f"medrwkv {args.command}: unexpected error ({type(err).__name__}: {_one_line(err)}); this is a bug: "
-              "please report it with the command line (MEDRWKV_TRACEBACK=1 shows the details)", file=sys.stderr)
-        return 3
+    except (Exception, KeyboardInterrupt) as err:
+        _LazyBar.close_all()            # the message gets a line of its own
+        return _report(args.command, err)
     finally:
         restore()
+
+
+def _report(command: str, err: BaseException) -> int:
+    """A failure as one line on stderr; returns the exit status."""
+    if isinstance(err, KeyboardInterrupt):
+        print(f"medrwkv {command}: interrupted; files written so far are complete, nothing half-written was left",
+              file=sys.stderr)
+        return 130
+    if isinstance(err, OSError):
+        print(f"medrwkv {command}: error: {_os_error(err)}", file=sys.stderr)
+        return 2
+    if isinstance(err, (ValueError, RuntimeError)):
+        print(f"medrwkv {command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    if os.environ.get("MEDRWKV_TRACEBACK"):      # a bug: still one line, the details on request
+        raise err
+    print(f"medrwkv {command}: unexpected error ({type(err).__name__}: {_one_line(err)}); this is a bug: please "
+          "report it with the command line (MEDRWKV_TRACEBACK=1 shows the details)", file=sys.stderr)
+    return 3
 
 
 def _one_line(err) -> str:
@@ -315,9 +321,12 @@ def _segment(args) -> int:
     try:
         for i, ((source, labels_file, probs_file), name) in enumerate(zip(jobs, chosen)):
             image = read_image(source)
-            labels, probs = segment(image, model=models[name], tile=args.tile, return_probabilities=True,
-                                    progress=lambda d, total, i=i: bar.update_to(i + d / total, len(jobs)),
-                                    **_inference_kwargs(args))
+            try:
+                labels, probs = segment(image, model=models[name], tile=args.tile, return_probabilities=True,
+                                        progress=lambda d, total, i=i: bar.update_to(i + d / total, len(jobs)),
+                                        **_inference_kwargs(args))
+            except ValueError as err:          # the image's fault (its shape, its type): name the file
+                raise ValueError(f"{source}: {_one_line(err).removeprefix('segment: ')}") from None
             # Exclusive unless --overwrite: a file another run made meanwhile is never replaced.
             if labels_file is not None:
                 write_labels(labels_file, labels, overwrite=args.overwrite)
@@ -717,13 +726,21 @@ class _LazyBar:
     """A tqdm bar that appears with the first progress report, so that errors in the
     input come out as one clean line."""
 
+    shown = []          # bars not closed yet: closed before an error is printed, so that it has its own line
+
     def __init__(self, desc: str, unit: str, bar_format: str = None):
         self.desc, self.unit, self.bar_format, self.bar = desc, unit, bar_format, None
+
+    @classmethod
+    def close_all(cls):
+        for bar in list(cls.shown):
+            bar.close()
 
     def update_to(self, done: float, total: int, **postfix):
         from tqdm import tqdm
         if self.bar is None:
             self.bar = tqdm(desc=self.desc, unit=self.unit, total=total, bar_format=self.bar_format)
+            _LazyBar.shown.append(self)
         if self.bar.total != total or done < self.bar.n:
             self.bar.reset(total=total)
         self.bar.update(done - self.bar.n)
@@ -739,6 +756,9 @@ class _LazyBar:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+        if self in _LazyBar.shown:
+            _LazyBar.shown.remove(self)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from napari_medrwkv.engine.imageio import atomic_file, read_image, write_labels
 from conftest import SAMPLES, untrained_checkpoint
 
 CLI = [sys.executable, "-m", "napari_medrwkv.cli"]
-FAST_TRAIN = ["--patch-size", "48", "--batch-size", "2", "--samples-per-epoch", "4", "--device", "cpu"]
+FAST_TRAIN = ["--patch-size", "48", "--batch-size", "2", "--samples-per-epoch", "4", "--device", "cpu", "--workers", "0"]
 
 
 def hashes(folder: Path) -> dict:
@@ -36,7 +37,9 @@ def hashes(folder: Path) -> dict:
 
 
 def one_line_error(err: str) -> str:
-    lines = err.strip().splitlines()
+    """The one line of a failure's stderr (progress bars aside), with no traceback."""
+    lines = [line for line in err.replace("\r", "\n").splitlines()
+             if line.strip() and not re.match(r"^\w+:\s+\d+%\|", line)]
     assert "Traceback" not in err and len(lines) == 1, err
     return lines[0]
 
@@ -112,7 +115,7 @@ def test_two_segment_runs_into_one_folder_one_wins_and_nothing_is_replaced(sampl
     codes = sorted(code for code, _, _ in results)
     assert codes[0] == 0 and codes[1] != 0, results
     loser = next(err for code, _, err in results if code != 0)
-    assert "exists" in one_line_error(loser.split("\r")[-1] if "segment:" in loser else loser)
+    assert "exists" in one_line_error(loser)
     assert sorted(p.name for p in out.iterdir()) == ["nuclei_brightfield_labels.png", "nuclei_fluorescence_labels.png"]
 
 
@@ -159,7 +162,7 @@ def test_ctrl_c_during_train_keeps_the_best_weights_so_far(sample_folder, tmp_pa
     ckpt = untrained_checkpoint(tmp_path / "start.safetensors")
     out = tmp_path / "tuned.safetensors"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*CLI, "train", "--model", ckpt, "--data", str(sample_folder), *FAST_TRAIN,
+    proc = subprocess.Popen([*CLI, "train", "--model", ckpt, "--data", str(sample_folder), *FAST_TRAIN[:-2],
                              "--epochs", "10000", "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
@@ -176,8 +179,9 @@ def test_ctrl_c_during_train_keeps_the_best_weights_so_far(sample_folder, tmp_pa
     said = [line for line in stderr.splitlines() if "saved the best weights so far" in line]
     assert said and str(out) in said[0]
     model, info = load_checkpoint(out)
-    assert info.training["cancelled"] is True and info.training["best_epoch"] >= 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["start.safetensors", "tuned.safetensors"]
+    assert info.training["cancelled"] is True
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["start.safetensors", "tuned.safetensors"]
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_interrupt_while_writing_leaves_no_partial_file(tmp_path):
@@ -197,11 +201,11 @@ def test_interrupt_while_writing_leaves_no_partial_file(tmp_path):
 def test_sigterm_during_segment_leaves_only_complete_files(sample_folder, tmp_path):
     images = tmp_path / "many"
     images.mkdir()
-    for i in range(12):
+    for i in range(6):
         for name in ("nuclei_fluorescence", "nuclei_brightfield"):
             (images / f"{name}_{i}.png").write_bytes((SAMPLES / f"{name}.png").read_bytes())
     rng = random.Random(0)
-    for trial in range(2):
+    for trial in range(1):
         out = tmp_path / f"out{trial}"
         proc = subprocess.Popen([*CLI, "segment", "--model", "ds_vrwkv_t", "--device", "cpu", "--probabilities",
                                  str(images), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -225,7 +229,7 @@ def test_sigterm_during_segment_leaves_only_complete_files(sample_folder, tmp_pa
         assert run_cli("segment", "--model", "ds_vrwkv_t", "--device", "cpu", "--probabilities", images,
                        "--out", out, "--skip-existing").returncode == 0
         after = hashes(out)
-        assert all(after[k] == v for k, v in before.items()) and len(after) == 2 * 24
+        assert all(after[k] == v for k, v in before.items()) and len(after) == 2 * 12
 
 
 # ------------------------------------------------------------------- failed writes
@@ -240,26 +244,29 @@ def _unwritable_folder():
     pytest.skip("no read-only folder on this machine")
 
 
-def test_out_that_cannot_be_written_is_refused_before_any_work(sample_folder, tmp_path):
+def test_out_that_cannot_be_written_is_refused_before_any_work(sample_folder, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     (tmp_path / "a_folder.safetensors").mkdir()
+    ckpt = untrained_checkpoint(tmp_path / "m.safetensors")
     read_only = _unwritable_folder()
     before = hashes(tmp_path)
-    for out in (a_file / "m.safetensors", tmp_path / "a_folder.safetensors", read_only / "m.safetensors"):
-        started = time.monotonic()
-        result = run_cli("train", "--model", "ds_vrwkv_t", "--data", sample_folder, *FAST_TRAIN, "--epochs", "50",
-                         "--out", out)
-        line = one_line_error(result.stderr)
-        assert result.returncode == 2 and str(out) in line and "epoch" not in result.stdout, line
-        assert time.monotonic() - started < 60
+    cases = []
+    for out in (a_file / "m.safetensors", a_file / "sub" / "m.safetensors", tmp_path / "a_folder.safetensors",
+                read_only / "m.safetensors"):
+        cases.append((["train", "--model", "ds_vrwkv_t", "--data", str(sample_folder), *FAST_TRAIN, "--epochs", "50"],
+                      out))
+        cases.append((["average", ckpt, ckpt], out))
+        cases.append((["calibrate", "--model", ckpt, "--data", str(sample_folder)], out))
     for out in (a_file, a_file / "labels", read_only / "labels"):
-        result = run_cli("segment", "--model", "ds_vrwkv_t", sample_folder / "images", "--out", out)
-        assert result.returncode == 2 and str(out) in one_line_error(result.stderr)
-    for command in (["average", "ds_vrwkv_t", "ds_vrwkv_t"], ["calibrate", "--model", "ds_vrwkv_t",
-                                                              "--data", sample_folder]):
-        result = run_cli(*command, "--out", tmp_path / "a_folder.safetensors")
-        assert result.returncode == 2 and "a_folder.safetensors" in one_line_error(result.stderr)
+        cases.append((["segment", "--model", "ds_vrwkv_t", str(sample_folder / "images")], out))
+    for command, out in cases:
+        started = time.monotonic()
+        code = main([*command, "--out", str(out)])
+        captured = capsys.readouterr()
+        line = one_line_error(captured.err)
+        assert code == 2 and (str(out) in line or str(out.parent) in line), (command, line)
+        assert "epoch" not in captured.out and time.monotonic() - started < 30
     assert hashes(tmp_path) == before
 
 
@@ -273,15 +280,15 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(sample_folder, tmp_p
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     seg = subprocess.run([*CLI, "segment", "--model", "ds_vrwkv_t", "--probabilities", sample_folder / "images",
                           "--out", out], capture_output=True, text=True, env=env, preexec_fn=_small_file_limit)
-    line = one_line_error(seg.stderr.split("\r")[-1])
+    line = one_line_error(seg.stderr)
     assert seg.returncode == 2 and "File too large" in line and str(out) in line
     assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(".")]
     ckpt = tmp_path / "m.safetensors"
     tr = subprocess.run([*CLI, "train", "--model", "ds_vrwkv_t", "--data", sample_folder, *FAST_TRAIN,
                          "--epochs", "1", "--out", ckpt], capture_output=True, text=True, env=env,
                         preexec_fn=_small_file_limit)
-    assert tr.returncode == 2 and "nothing was saved" in one_line_error(tr.stderr.split("\r")[-1]), tr.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels"] or sorted(p.name for p in tmp_path.iterdir()) == []
+    assert tr.returncode == 2 and "nothing was saved" in one_line_error(tr.stderr), tr.stderr
+    assert not ckpt.exists() and not list(tmp_path.glob(".*")) and not list(Path(tempfile.gettempdir()).glob(".m.*"))
 
 
 # ------------------------------------------------------------------- arguments out of range
@@ -330,17 +337,17 @@ def test_the_engine_refuses_the_same_ranges(sample_folder):
 # ------------------------------------------------------------------- a run that diverges
 
 @pytest.mark.parametrize("with_validation", [True, False])
-def test_a_diverged_run_stops_with_one_line_and_writes_nothing(sample_folder, tmp_path, with_validation):
+def test_a_diverged_run_stops_with_one_line_and_writes_nothing(sample_folder, tmp_path, with_validation, capsys):
     if not with_validation:            # one pair: no validation data, the loss ranks epochs
         (sample_folder / "images" / "nuclei_brightfield.png").unlink()
         (sample_folder / "masks" / "nuclei_brightfield.png").unlink()
-    out = tmp_path / "m.safetensors"
-    result = run_cli("train", "--model", "ds_vrwkv_t", "--data", sample_folder, *FAST_TRAIN, "--epochs", "3",
-                     "--lr", "1e30", "--out", out)
-    line = one_line_error(result.stderr.split("\r")[-1])
-    assert result.returncode == 2 and "diverged" in line or "NaN" in line, result.stderr
-    assert "--lr" in line or "learning rate" in line
-    assert list(tmp_path.iterdir()) == []
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["train", "--model", "ds_vrwkv_t", "--data", str(sample_folder), *FAST_TRAIN, "--epochs", "3",
+                 "--lr", "1e30", "--out", str(out / "m.safetensors")])
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 2 and "diverged" in line and "nothing was saved" in line and "learning rate" in line, line
+    assert list(out.iterdir()) == []
 
 
 # ------------------------------------------------------------------- bad image files
@@ -358,7 +365,7 @@ def _bad_images():
         "int32.tif": rng.integers(-2 ** 31, 2 ** 31 - 1, (33, 47), dtype=np.int32),
         "tiny.png": np.zeros((3, 5), np.uint8),
         "line.png": np.full((1, 300), 255, np.uint8),
-        "stack.tif": rng.integers(0, 65535, (3, 40, 40), dtype=np.uint16),
+        "stack.tif": rng.integers(0, 65535, (3, 40, 40), dtype=np.uint16),      # 3 planes, not RGB
         "bool.tif": rng.random((30, 30)) > 0.5,
     }
 
@@ -375,7 +382,7 @@ def test_odd_image_files_are_segmented_right_or_refused_in_one_line(tmp_path, ca
         if name.endswith(".png"):
             Image.fromarray(array).save(folder / name)
         else:
-            tifffile.imwrite(folder / name, array)
+            tifffile.imwrite(folder / name, array, photometric="minisblack")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -385,9 +392,9 @@ def test_odd_image_files_are_segmented_right_or_refused_in_one_line(tmp_path, ca
         captured = capsys.readouterr()
         if code == 0:
             labels = next(out.glob(f"{image.stem}_labels.*"))
-            array = tifffile.imread(image) if image.suffix == ".tif" else np.asarray(Image.open(image))
-            shape = read_image(labels).shape
-            assert shape == array.shape[:2] or shape == array.shape[:3], (image.name, shape, array.shape)
+            array = read_image(image)
+            spatial = array.shape[:-1] if array.ndim >= 3 and array.shape[-1] in (3, 4) else array.shape
+            assert read_image(labels).shape == spatial, (image.name, read_image(labels).shape, array.shape)
             labels.unlink()
         else:
             line = one_line_error(captured.err)

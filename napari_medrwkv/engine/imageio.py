@@ -69,7 +69,7 @@ def _read_tiff(path: Path) -> np.ndarray:
     lead_shape = [n for n in array.shape[:lead] if n != 1]
     rest = array.shape[lead:]
     array = array.reshape((int(np.prod(lead_shape)),) + rest if lead_shape else rest)
-    if array.ndim >= 3 and array.shape[-1] == 1 and samples is not None:
+    if array.ndim >= 3 and array.shape[-1] == 1:       # one sample per pixel: grey, not a stack of 1-pixel columns
         array = array[..., 0]
     return array
 
@@ -244,7 +244,9 @@ def write_labels(path, array: np.ndarray, overwrite: bool = True) -> Path:
             Image.fromarray(data).save(tmp, format="PNG")
         else:
             import tifffile
-            tifffile.imwrite(tmp, array, compression="zlib")
+            # A stack of 3 or 4 planes is planes, not the colour planes of one RGB(A) image (tifffile's guess).
+            colour = array.ndim >= 3 and array.shape[-1] in (3, 4)
+            tifffile.imwrite(tmp, array, compression="zlib", photometric="rgb" if colour else "minisblack")
     return path
 
 

@@ -22,10 +22,10 @@ LUMA_WEIGHTS = (0.2125, 0.7154, 0.0721)
 def plane_layout(shape: Tuple[int, ...], rgb: Optional[bool] = None) -> Tuple[int, bool]:
     """(number of leading stack axes, whether the last axis is colour) for an image shape."""
     colour = rgb if rgb is not None else (len(shape) >= 3 and shape[-1] in (3, 4))
-    if rgb is None and len(shape) >= 3 and shape[-1] == 2 and min(shape[-3:-1]) > 2:
-        # (Y, X, 2) is two channels, not Y slices of X x 2 pixels; training refuses it too.
-        raise ValueError(f"segment: an image of shape {tuple(shape)} has 2 channels; the models take grey or RGB "
-                         "images: select one channel (image[..., 0]) or save it as grey or RGB")
+    if rgb is None and len(shape) >= 3 and shape[-1] not in (3, 4) and shape[-1] <= 8 and min(shape[-3:-1]) > shape[-1]:
+        # (Y, X, 2) is two channels, not Y slices of X x 2 pixels; training refuses such images too.
+        raise ValueError(f"segment: an image of shape {tuple(shape)} has {shape[-1]} channels (its last axis); the "
+                         "models take grey or RGB images: select one channel (image[..., 0]) or save it as grey or RGB")
     spatial = len(shape) - (1 if colour else 0)
     if spatial == 2:
         return 0, colour

@@ -190,6 +190,9 @@ class ClickToFixWidget(QWidget):
         self._fill_models_and_devices()
         self._refresh_layers()
         self._update_controls()
+        if self.model_combo.currentText() == BROWSE:
+            self.status.setText("No prompt-aware model is installed: choose a checkpoint file of one "
+                                "(Model > Checkpoint file…).")
 
     # ------------------------------------------------------------------ choices
     def _refresh_layers(self, event=None):
@@ -215,9 +218,6 @@ class ClickToFixWidget(QWidget):
                    if prompt_aware(source)]
         sources = list(dict.fromkeys(sources + self._extra_sources))
         refill(self.model_combo, sources + [BROWSE], [current] if current in sources else [])
-        if not sources:
-            self.status.setText("No prompt-aware model is installed: choose a checkpoint file of one "
-                                "(Model > Checkpoint file…).")
         device = self.device_combo.currentText()
         refill(self.device_combo, available_devices(), [device])
 
@@ -237,9 +237,9 @@ class ClickToFixWidget(QWidget):
     def add_model_source(self, source: str) -> bool:
         """Offer a checkpoint file and select it, if it takes clicks (an error otherwise)."""
         if not prompt_aware(source):
+            self._fill_models_and_devices()
             self._error(f"{source} is not a prompt-aware model: it takes no clicks. Choose one trained to "
                         "follow clicks (such as rwkv_unet_t-interactive).")
-            self._fill_models_and_devices()
             return False
         if source not in self._extra_sources:
             self._extra_sources.append(source)

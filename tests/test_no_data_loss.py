@@ -422,3 +422,59 @@ def test_overlapping_splits_are_refused_naming_the_file(sample_folder):
     with pytest.raises(ValueError, match="splits.json") as err:
         train("ds_vrwkv_t", str(sample_folder), split="train", val_split="val", epochs=1, device="cpu")
     assert "nuclei_brightfield" in str(err.value) and "both" in str(err.value)
+
+
+def test_an_empty_split_is_refused_naming_it_and_the_file(sample_folder, capsys):
+    (sample_folder / "splits.json").write_text(json.dumps({"train": [], "val": ["nuclei_brightfield"]}))
+    assert main(["train", "--model", "ds_vrwkv_t", "--data", str(sample_folder), "--split", "train",
+                 "--out", str(sample_folder / "m.safetensors")]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "'train' split is empty" in line and str(sample_folder / "splits.json") in line
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """The first bytes of a PNG of that size (a grey 8-bit image): enough for a reader to see its size."""
+    import struct
+    import zlib
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * (width + 1))) + chunk(b"IEND", b"")
+
+
+def test_a_huge_image_is_called_huge_not_corrupt(tmp_path):
+    from napari_medrwkv.engine.imageio import DataError
+    huge = tmp_path / "slide.png"
+    huge.write_bytes(_png_header(14000, 14000))
+    with pytest.raises(DataError) as err:
+        read_image(huge)
+    assert "larger than Pillow opens" in str(err.value) and "TIFF" in str(err.value) and "corrupt" not in str(err.value)
+
+
+def test_segment_refuses_arrays_that_are_not_real_numbers():
+    from napari_medrwkv.engine.infer import segment
+    real = np.random.default_rng(0).random((40, 40))
+    for bad in (real + 1j, real.astype(object), np.array([["a"] * 40] * 40)):
+        with pytest.raises(ValueError, match="pixel type"):
+            segment(bad, model="ds_vrwkv_t", device="cpu")
+    assert segment(real, model="ds_vrwkv_t", device="cpu").shape == (40, 40)
+
+
+def test_an_unreadable_image_mid_batch_says_how_to_finish_and_skip_existing_does(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a", "c"):
+        (images / f"{name}.png").write_bytes((SAMPLES / "nuclei_fluorescence.png").read_bytes())
+    (images / "b.png").write_bytes((SAMPLES / "nuclei_fluorescence.png").read_bytes()[:500])     # truncated
+    out = tmp_path / "out"
+    args = ["segment", "--model", "ds_vrwkv_t", "--device", "cpu", str(images), "--out", str(out)]
+    assert main(args) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert str(images / "b.png") in line and "1 of 3" in line and "--skip-existing" in line
+    done = hashes(out)
+    assert list(done) == ["a_labels.png"]
+    (images / "b.png").unlink()
+    assert main(args + ["--skip-existing"]) == 0
+    assert "skipped 1" in capsys.readouterr().out
+    after = hashes(out)
+    assert sorted(after) == ["a_labels.png", "c_labels.png"] and after["a_labels.png"] == done["a_labels.png"]

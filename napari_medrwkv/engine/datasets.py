@@ -108,6 +108,9 @@ def find_pairs(folder: PathLike, split: Optional[str] = None) -> List[Pair]:
             raise DataError(f"{folder / 'splits.json'} has no {split!r} split; it has: "
                             f"{', '.join(sorted(splits)) or 'none'}. Add the key or pick one of those")
         wanted = set(splits[split])
+        if not wanted:
+            raise DataError(f"{folder / 'splits.json'}: the {split!r} split is empty; list the stems of its images "
+                            f"under {split!r}, or leave out the split to use every pair")
         absent = wanted - set(images)
         if absent:
             raise DataError(f"{folder / 'splits.json'} lists stems under {split!r} with no files in {images_dir}: "

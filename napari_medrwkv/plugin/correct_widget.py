@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (QComboBox, QFormLayout, QGridLayout, QGroupBox, QHBo
 
 from ..engine import edit
 from . import review
-from .qt_helpers import refill
+from .qt_helpers import fit_dock, refill, scrolling_body
 
 DELETE, KEEP = "delete", "keep"
 PAN_ZOOM = "pan_zoom"
@@ -96,13 +96,14 @@ class CorrectWidget(QWidget):
         review_layout.addLayout(review_row)
         review_layout.addWidget(self.review_label)
 
-        layout = QVBoxLayout(self)
+        layout = scrolling_body(self)
         layout.addLayout(form)
         layout.addWidget(click_box)
         layout.addWidget(tidy_box)
         layout.addWidget(review_box)
         layout.addWidget(self.status)
         layout.addStretch()
+        fit_dock(self)
 
         self.fill_button.clicked.connect(self.fill_holes)
         self.small_button.clicked.connect(self.remove_small)

@@ -16,13 +16,13 @@ import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
-                            QMessageBox, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+                            QMessageBox, QProgressBar, QPushButton, QSpinBox, QWidget)
 
 from ..engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
 from ..engine.memory import retain_freed_memory
 from . import review, session
-from .qt_helpers import (BROWSE, WorkerRelay, connect_while_alive, follow_layer_list, refill, stop_jobs_on_quit,
-                         unwrap_outcome)
+from .qt_helpers import (BROWSE, Section, WorkerRelay, connect_while_alive, fit_dock, follow_layer_list, refill,
+                         scrolling_body, stop_jobs_on_quit, unwrap_outcome)
 from .review import KEY as METADATA_KEY
 from .training_curve import TrainingCurve
 
@@ -165,21 +165,26 @@ class FineTuneWidget(QWidget):
         output_row.addWidget(self.output_button)
         form = QFormLayout()
         form.addRow(pairs_row)
-        form.addRow("Dataset folder", folder_row)
         form.addRow("Base model", self.model_combo)
         form.addRow("Device", self.device_combo)
         form.addRow("Time budget", self.minutes_spin)
-        form.addRow("Max epochs", self.epochs_spin)
-        form.addRow("Learning rate", self.lr_spin)
-        form.addRow("Patch size", self.patch_spin)
-        form.addRow("Batch size", self.batch_spin)
-        form.addRow("Patches per epoch", self.samples_spin)
         form.addRow("Save to", output_row)
+        settings = QWidget()
+        settings_form = QFormLayout(settings)
+        settings_form.setContentsMargins(0, 0, 0, 0)
+        settings_form.addRow("Dataset folder", folder_row)
+        settings_form.addRow("Max epochs", self.epochs_spin)
+        settings_form.addRow("Learning rate", self.lr_spin)
+        settings_form.addRow("Patch size", self.patch_spin)
+        settings_form.addRow("Batch size", self.batch_spin)
+        settings_form.addRow("Patches per epoch", self.samples_spin)
+        self.settings_section = Section("More settings (folder, learning rate, patches)", settings, expanded=False)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
+        layout = scrolling_body(self)
         layout.addLayout(form)
+        layout.addWidget(self.settings_section)
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
@@ -187,6 +192,7 @@ class FineTuneWidget(QWidget):
         layout.addWidget(self.result_label)
         layout.addWidget(self.resegment_button)
         layout.addWidget(self.save_pairs_button)
+        fit_dock(self)
 
         self._relay = WorkerRelay()
         self._relay.progressed.connect(self._on_progress)

@@ -1,10 +1,12 @@
 """What the widgets share: moving worker results to the GUI thread, following the layer list,
-refilling combo boxes silently, stopping jobs when napari quits.  Qt only; no napari import, no torch."""
+refilling combo boxes silently, stopping jobs when napari quits, a layout that fits any docking
+(a scroll area, collapsible sections).  Qt only; no napari import, no torch."""
 import time
 import weakref
 
-from qtpy.QtCore import QEvent, QObject, Qt, Signal
-from qtpy.QtWidgets import QComboBox, QMessageBox, QWidget
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import (QAbstractSpinBox, QComboBox, QDockWidget, QFrame, QMainWindow, QMessageBox, QScrollArea,
+                            QSizePolicy, QToolButton, QVBoxLayout, QWidget)
 
 BROWSE = "Checkpoint file…"
 
@@ -42,6 +44,110 @@ def follow_layer_list(widget: QWidget, layers, method) -> None:
     """Call ``method`` whenever layers are added to, removed from or reordered in ``layers``."""
     for event in (layers.events.inserted, layers.events.removed, layers.events.moved):
         connect_while_alive(widget, event, method)
+
+
+def scrolling_body(widget: QWidget) -> QVBoxLayout:
+    """Give ``widget`` a vertical scroll area filling it, and return the layout of what scrolls.
+
+    Docked below each other in a 1080-px-high window, the widgets get less height than they
+    would like: they scroll rather than push the window (and its status bar) off the screen, and
+    their controls keep their own minimum sizes instead of being squashed."""
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    area = QScrollArea(widget)
+    area.setObjectName("medrwkv-scroll")
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    body = QWidget()
+    area.setWidget(body)
+    outer.addWidget(area)
+    return QVBoxLayout(body)
+
+
+#: A docked widget gets at least this height (or all it asks, if less): three of them below each
+#: other fit a 1080-px-high window, and each still shows its main controls.
+MIN_DOCK_HEIGHT = 100
+
+
+def fit_dock(widget: QWidget) -> None:
+    """After the widget's contents are laid out: never narrower than they need (plus a scroll
+    bar), so that no label, button or spin box text is cut ("20 px" read "20 p"); never lower
+    than ``MIN_DOCK_HEIGHT`` (what is below scrolls)."""
+    area = widget.findChild(QScrollArea, "medrwkv-scroll")
+    for spin in widget.findChildren(QAbstractSpinBox):      # room for the longest value and its unit
+        spin.setMinimumWidth(max(spin.minimumSizeHint().width(), spin.sizeHint().width()))
+    body = area.widget()
+    area.setMinimumWidth(body.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
+    area.setMinimumHeight(min(body.sizeHint().height(), MIN_DOCK_HEIGHT))
+    widget.installEventFilter(_DockBalancer(widget))
+
+
+class _DockBalancer(QObject):
+    """On a widget's first showing in a dock: share the height of its dock area among the MedRWKV
+    widgets docked there in proportion to what each asks.  Left to itself, Qt gives the first
+    dock all it asks and the later ones their minimum."""
+
+    def __init__(self, widget: QWidget):
+        super().__init__(widget)
+        self.shown = False
+
+    def eventFilter(self, watched, event) -> bool:
+        if event.type() == QEvent.Type.Show and not self.shown:
+            self.shown = True
+            QTimer.singleShot(0, lambda: _balance_docks(watched))
+        return False
+
+
+def _balance_docks(widget: QWidget) -> None:
+    try:
+        dock = widget.parentWidget()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parentWidget()
+    except RuntimeError:                  # deleted meanwhile
+        return
+    window = dock.parentWidget() if dock is not None else None
+    if not isinstance(window, QMainWindow) or dock.isFloating():
+        return
+    side = window.dockWidgetArea(dock)
+    docks = [other for other in window.findChildren(QDockWidget)
+             if other.isVisible() and not other.isFloating() and window.dockWidgetArea(other) == side
+             and other.findChild(QScrollArea, "medrwkv-scroll") is not None]
+    if len(docks) > 1:
+        window.resizeDocks(docks, [other.sizeHint().height() for other in docks], Qt.Orientation.Vertical)
+
+
+class Section(QWidget):
+    """A titled part of a widget that folds away: a ▸/▾ button and the contents below it."""
+
+    def __init__(self, title: str, contents: QWidget, expanded: bool = True, parent=None):
+        super().__init__(parent)
+        self.toggle = QToolButton()
+        self.toggle.setText(title)
+        self.toggle.setCheckable(True)
+        self.toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.toggle.setAutoRaise(True)
+        self.toggle.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.toggle.setToolTip(f"Show or hide {title.lower()}")
+        self.contents = contents
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(2)
+        layout.addWidget(self.toggle)
+        layout.addWidget(contents)
+        self.toggle.toggled.connect(self.set_expanded)
+        self.toggle.setChecked(expanded)
+        self.set_expanded(expanded)
+
+    def set_expanded(self, expanded: bool) -> None:
+        self.toggle.blockSignals(True)
+        self.toggle.setChecked(expanded)
+        self.toggle.blockSignals(False)
+        self.toggle.setArrowType(Qt.ArrowType.DownArrow if expanded else Qt.ArrowType.RightArrow)
+        self.contents.setVisible(expanded)
+
+    def expanded(self) -> bool:
+        return self.toggle.isChecked()
 
 
 def refill(combo: QComboBox, items, choices, tooltips=None) -> None:

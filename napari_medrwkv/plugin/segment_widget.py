@@ -11,12 +11,12 @@ from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel,
-                            QMessageBox, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+                            QMessageBox, QProgressBar, QPushButton, QSpinBox, QWidget)
 
 from ..engine.memory import retain_freed_memory
 from . import review, session
-from .qt_helpers import (BROWSE, WorkerRelay, connect_while_alive, follow_layer_list, refill, stop_jobs_on_quit,
-                         unwrap_outcome)
+from .qt_helpers import (BROWSE, Section, WorkerRelay, connect_while_alive, fit_dock, follow_layer_list, refill,
+                         scrolling_body, stop_jobs_on_quit, unwrap_outcome)
 from .review import link, record_written
 
 
@@ -81,20 +81,26 @@ class SegmentWidget(QWidget):
         form.addRow("", self.suggestion)
         form.addRow("Device", self.device_combo)
         form.addRow("Stack", self.scope_combo)
-        form.addRow("Tile", self.tile_spin)
-        form.addRow("Threshold", self.threshold_spin)
+        settings = QWidget()
+        settings_form = QFormLayout(settings)
+        settings_form.setContentsMargins(0, 0, 0, 0)
+        settings_form.addRow("Tile", self.tile_spin)
+        settings_form.addRow("Threshold", self.threshold_spin)
+        settings_form.addRow(self.probability_check)
+        settings_form.addRow(self.flips_check)
+        settings_form.addRow(self.largest_check)
+        self.settings_section = Section("Settings (tile, threshold, flips, one object)", settings, expanded=False)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
+        layout = scrolling_body(self)
         layout.addLayout(form)
-        layout.addWidget(self.probability_check)
-        layout.addWidget(self.flips_check)
-        layout.addWidget(self.largest_check)
+        layout.addWidget(self.settings_section)
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
         layout.addStretch()
+        fit_dock(self)
 
         self._relay = WorkerRelay()
         self._relay.tiles.connect(self._on_progress)

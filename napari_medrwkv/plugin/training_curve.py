@@ -29,11 +29,11 @@ class TrainingCurve(QWidget):
         self.val_points: List[Tuple[int, float]] = []    # (step count at the epoch's end, Dice)
         self.baseline: Optional[float] = None             # the base model's Dice ("before")
         self.kept: Optional[float] = None                 # the kept weights' Dice ("after")
-        self.setMinimumHeight(150)
+        self.setMinimumHeight(120)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
 
     def sizeHint(self) -> QSize:
-        return QSize(320, 190)
+        return QSize(320, 160)
 
     def clear(self):
         self.losses, self.val_points, self.baseline, self.kept = [], [], None, None

@@ -248,6 +248,35 @@ def test_clicks_build_the_object_and_commit_adds_a_new_id_over_background_only(m
     assert review.reviewed(labels) == []                         # nothing marked reviewed by itself
 
 
+def test_t_swaps_inside_and_outside_for_left_clicks(make_widget, qtbot, fake):
+    widget = make_widget()
+    click(qtbot, widget, 40, 20)
+    key(qtbot, widget, "T")
+    assert "OUTSIDE" in widget.status.text()
+    click(qtbot, widget, 42, 24)
+    click(qtbot, widget, 30, 50, modifier=Qt.KeyboardModifier.ShiftModifier)    # Shift now means inside
+    key(qtbot, widget, "T")
+    click(qtbot, widget, 50, 60)
+    newest = [points[-1] for points, _, _ in fake.calls]
+    assert newest == [(40, 20, True), (42, 24, False), (30, 50, True), (50, 60, True)]
+
+
+def test_the_labels_choice(make_widget, qtbot, fake):
+    widget = make_widget()
+    viewer = widget.viewer
+    assert widget.labels_combo.currentText() == "cells labels"            # an existing layer before a new one
+    widget.labels_combo.setCurrentText(NEW_LABELS)                      # chosen: kept as layers come and go
+    viewer.add_labels(np.zeros((64, 80), np.uint8), name="other")
+    widget.stop()
+    widget.start()
+    assert widget.labels_combo.currentText() == NEW_LABELS
+    assert PREVIEW not in [widget.labels_combo.itemText(i) for i in range(widget.labels_combo.count())]
+    viewer.layers.selection.active = viewer.layers["other"]
+    widget.labels_combo.setCurrentText("other")
+    viewer.add_image(np.zeros((64, 80)), name="more")
+    assert widget.labels_combo.currentText() == "other"
+
+
 def test_undo_prompt_restores_the_previous_object_and_reset_clears(make_widget, qtbot, fake):
     widget = make_widget()
     viewer = widget.viewer
@@ -316,8 +345,8 @@ def test_fix_picks_the_object_under_the_cursor_and_commit_replaces_it(make_widge
 def test_a_newer_click_drops_the_stale_answer(make_widget, qtbot, fake):
     widget = make_widget()
     fake.delays = [1.0, 0.0, 0.0]               # the first answer comes late
-    shown = []
-    widget.viewer.layers[PREVIEW].events.set_data.connect(lambda e: shown.append(preview(widget).copy()))
+    shown, show = [], widget._show
+    widget._show = lambda mask, key: (shown.append(None if mask is None else mask.copy()), show(mask, key))
     click(qtbot, widget, 30, 40, wait=False)
     qtbot.waitUntil(lambda: widget.worker is not None and len(fake.calls) == 1)
     click(qtbot, widget, 50, 20, wait=False)   # while the first runs
@@ -326,7 +355,7 @@ def test_a_newer_click_drops_the_stale_answer(make_widget, qtbot, fake):
     np.testing.assert_array_equal(preview(widget), expected)
     assert widget.dropped == 1 and widget.shown == 1
     assert [len(points) for points, _, _ in fake.calls] == [1, 2]
-    assert not any(np.array_equal(mask, FakeRefine.answer((64, 80), [(30, 40, True)])) for mask in shown)
+    assert len(shown) == 1 and np.array_equal(shown[0], expected)     # the first answer never appeared
 
     # three quick clicks while one runs: the middle request never runs at all
     fake.delays = [1.0, 0.0, 0.0]

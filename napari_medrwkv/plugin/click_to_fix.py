@@ -13,7 +13,7 @@ Keys (bound on the prompts layer, which the mode selects; they leave with it):
   only background unless "overwrite other objects" is ticked;
 * Z or Ctrl+Z: undo the last prompt;  R or Escape: reset the object;
 * F: fix the object under the cursor: its mask is the start, and commit replaces its pixels under
-  the same id.
+  the same id;  T: left clicks add points outside the object, until T again.
 
 On a stack the widget works on the slice shown; "carry to neighbouring slices" refines the
 committed mask on the next slices (both ways, no clicks) until the object vanishes or after N
@@ -53,6 +53,7 @@ KEYS = ("Left click: a point inside the object (green)\n"
         "Z or Ctrl+Z: undo the last prompt\n"
         "R or Esc: reset the object\n"
         "F: fix the object under the cursor (commit replaces it)\n"
+        "T: swap inside and outside for left clicks\n"
         "Keys act while the prompts layer is selected; a drag pans as ever.")
 
 
@@ -104,6 +105,8 @@ class ClickToFixWidget(QWidget):
         self.worker = None
         self._models = {}                 # (source, device) -> loaded model, reused
         self._extra_sources: List[str] = []
+        self._new_labels_chosen = False   # New labels layer picked, not merely the only entry
+        self._negative_clicks = False     # T: left clicks add points outside the object
         self._on = False
         self._stopping = False
         self._image: Optional[Image] = None
@@ -184,6 +187,7 @@ class ClickToFixWidget(QWidget):
         self.reset_button.clicked.connect(self.reset)
         self.model_combo.activated.connect(self._on_model_chosen)
         self.image_combo.currentTextChanged.connect(self._update_controls)
+        self.labels_combo.currentTextChanged.connect(self._on_labels_chosen)
         follow_layer_list(self, self.viewer.layers, self._refresh_layers)
         stop_jobs_on_quit(self, self.viewer)
         connect_while_alive(self, session.changed, self._on_session_changed)
@@ -207,9 +211,13 @@ class ClickToFixWidget(QWidget):
         labels = [layer.name for layer in self.viewer.layers
                   if isinstance(layer, Labels) and layer is not self._preview and layer.name != PREVIEW]
         current = self.labels_combo.currentText()
-        choices = [active_name] + labels + [NEW_LABELS] if current in ("", NEW_LABELS) else [current, active_name]
+        new_by_default = current == "" or (current == NEW_LABELS and not self._new_labels_chosen)
+        choices = [active_name] + labels + [NEW_LABELS] if new_by_default else [current, active_name]
         refill(self.labels_combo, labels + [NEW_LABELS], choices + labels)
         self._update_controls()
+
+    def _on_labels_chosen(self, text: str):
+        self._new_labels_chosen = text == NEW_LABELS
 
     def _fill_models_and_devices(self):
         from ..engine.model import available_devices, list_shipped
@@ -315,6 +323,7 @@ class ClickToFixWidget(QWidget):
             self._set_button(False)
             return
         self._on = False
+        self._negative_clicks = False
         self._stopping = True
         try:
             self._number += 1                       # whatever runs now is stale
@@ -371,7 +380,7 @@ class ClickToFixWidget(QWidget):
 
     def _bind_keys(self, layer):
         bindings = {"C": self.commit, "Z": self.undo_prompt, "Control-Z": self.undo_prompt, "R": self.reset,
-                    "Escape": self.reset, "F": self.fix_under_cursor}
+                    "Escape": self.reset, "F": self.fix_under_cursor, "T": self.toggle_polarity}
         for key, method in bindings.items():
             layer.bind_key(key, lambda _layer, method=method: method(), overwrite=True)
 
@@ -400,7 +409,8 @@ class ClickToFixWidget(QWidget):
             dragged = dragged or np.hypot(*(np.asarray(event.pos, float) - start)) > DRAG_PIXELS
             yield
         if not dragged and button in (1, 2):
-            self.add_point(position, positive=button == 1 and "Shift" not in modifiers)
+            inside = button == 1 and "Shift" not in modifiers
+            self.add_point(position, positive=inside != (self._negative_clicks and button == 1))
 
     def _drag_box(self, viewer, event):
         self._pan_before = viewer.camera.mouse_pan
@@ -478,6 +488,15 @@ class ClickToFixWidget(QWidget):
         self.viewer.layers.selection.active = self._prompts
         self._update()
         return True
+
+    def toggle_polarity(self) -> None:
+        """T: plain left clicks add points outside the object (for a mouse or trackpad without a right
+        button), until T again; Shift+click then adds points inside."""
+        if not self._on:
+            return
+        self._negative_clicks = not self._negative_clicks
+        self.status.setText("Left clicks now add points OUTSIDE the object (red); T switches back." if
+                            self._negative_clicks else "Left clicks add points inside the object (green) again.")
 
     def _current_slice(self) -> Optional[int]:
         if _spatial_ndim(self._image) != 3:

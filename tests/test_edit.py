@@ -284,6 +284,55 @@ def test_smooth_empty_and_binary():
     assert np.array_equal(edit.smooth(disk, 2), disk)     # already smooth
 
 
+def _merged(before, after):
+    """Objects of ``after`` (8-connected pieces of one id) that overlap more than one object of ``before``."""
+    from skimage.measure import label as connected
+    old = connected(np.asarray(before, np.int64), background=0, connectivity=2)
+    new = connected(np.asarray(after, np.int64), background=0, connectivity=2)
+    return [piece for piece in range(1, new.max() + 1) if len(set(np.unique(old[new == piece])) - {0}) > 1]
+
+
+def test_smooth_never_merges_touching_binary_objects():
+    # Binary labels of nuclei close together: every nucleus is 1, and a closing of the whole
+    # mask bridged the gaps (187 nuclei became 153).  Each nucleus is smoothed on its own.
+    labels = np.zeros((40, 100), np.uint8)
+    yy, xx = np.mgrid[:40, :100]
+    for cx in (10, 28, 46, 64):                                   # 1-px gaps between the disks
+        labels[(yy - 20) ** 2 + (xx - cx) ** 2 <= 64] = 1
+    labels[14:27, 74:88] = 1                                      # a block 1 px from the last disk
+    labels[20, 74] = 0
+    from skimage.measure import label as connected
+    count = connected(labels, connectivity=2).max()
+    for radius in (1, 2, 3, 5):
+        out = _unchanged_input(edit.smooth, labels, radius)
+        assert not _merged(labels, out), radius
+        assert connected(out, connectivity=2).max() == count, radius
+
+
+def test_smooth_does_not_close_a_notch_onto_another_piece_of_the_same_id():
+    labels = A([
+        "..........",
+        ".1111111..",
+        ".1111111..",
+        ".11......1",
+        ".11....111",
+        ".11......1",
+        ".1111111..",
+        ".1111111..",
+        "..........",
+    ], np.uint8)
+    for radius in (1, 2, 3):
+        assert not _merged(labels, edit.smooth(labels, radius)), radius
+
+
+def test_smooth_keeps_binary_nuclei_of_the_sample_apart():
+    from conftest import SAMPLES
+    from napari_medrwkv.engine.imageio import read_mask
+    binary = (read_mask(SAMPLES / "nuclei_fluorescence_mask.png", 1) > 0).astype(np.uint8)
+    out = edit.smooth(binary, 2)
+    assert not _merged(binary, out)
+
+
 # --------------------------------------------------------------------------- changed
 def test_changed_gives_exactly_the_differing_pixels():
     after = edit.delete_object(SCENE, (0, 0))

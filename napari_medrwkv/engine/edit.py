@@ -137,15 +137,17 @@ def remove_small(labels, min_size: int) -> np.ndarray:
 
 
 def smooth(labels, radius: int) -> np.ndarray:
-    """Smoother object outlines: per label id, a binary opening then a closing with a disk of
-    ``radius`` pixels.
+    """Smoother object outlines: per object (each 8-connected piece of one id on its own), a
+    binary opening then a closing with a disk of ``radius`` pixels.
 
     Opening removes spurs and pieces thinner than the disk (an object smaller than
     the disk disappears); closing fills notches and gaps narrower than it.  Objects
     touching the image edge are not shaved by it (outside counts as the object for
     erosion).  Objects only shrink into background or grow into background: a pixel
-    of another id is never taken, and a background pixel claimed by two ids stays
-    background.  ``radius`` 0 returns an unchanged copy.
+    of another object is never taken, a background pixel claimed by two objects stays
+    background, and neighbouring objects are never merged: binary labels (every nucleus
+    1) are smoothed nucleus by nucleus, and a pixel that would make two pieces of one id
+    touch stays background.  ``radius`` 0 returns an unchanged copy.
     """
     labels = _check(labels)
     if radius < 0:
@@ -153,25 +155,43 @@ def smooth(labels, radius: int) -> np.ndarray:
     out = labels.copy()
     if radius == 0 or not labels.any():
         return out
+    from skimage.measure import label as connected
     from skimage.morphology import disk
 
     footprint = disk(int(radius)).astype(bool)
+    pieces = connected(_ids(labels), background=0, connectivity=2)   # equal values connect
+    value_of = np.zeros(int(pieces.max()) + 1, dtype=labels.dtype)
     claims = np.zeros(labels.shape, dtype=np.uint16)
-    claimant = np.zeros_like(labels)
+    claimant = np.zeros(labels.shape, dtype=pieces.dtype)
+    kept = pieces.copy()
     # A margin of 2r+1 keeps the crop edges out of reach of the closing, so crops
     # behave like the whole image; at the image edge the crop is clipped and the
     # border values below decide.
-    for value, box in _objects(labels, margin=2 * int(radius) + 1):
-        mask = labels[box] == value
+    for piece, box in _objects(pieces, margin=2 * int(radius) + 1):
+        mask = pieces[box] == piece
+        value_of[piece] = labels[box][mask][0]
         opened = ndimage.binary_dilation(ndimage.binary_erosion(mask, footprint, border_value=1), footprint)
         closed = ndimage.binary_erosion(ndimage.binary_dilation(opened, footprint), footprint, border_value=1)
-        out[box][mask & ~closed] = 0
+        kept[box][mask & ~closed] = 0
         added = closed & (labels[box] == 0)
         if added.any():
             claims[box][added] += 1
-            claimant[box][added] = value
+            claimant[box][added] = piece
     won = claims == 1
-    out[won] = claimant[won]
+    kept[won] = claimant[won]
+    # Two pieces of one id that come to touch would read as one object: what they gained
+    # where they touch goes back to background (removing pixels never makes pieces touch).
+    padded = np.pad(kept, 1)
+    values = value_of[kept]
+    merging = np.zeros(labels.shape, dtype=bool)
+    height, width = labels.shape
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                other = padded[1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+                merging |= won & (other != 0) & (other != kept) & (value_of[other] == values)
+    kept[merging] = 0
+    out[...] = np.where(kept != 0, value_of[kept], 0).astype(labels.dtype, copy=False)
     return out
 
 

@@ -429,3 +429,43 @@ def test_napari_closing_stops_a_segmentation_at_once(make_napari_viewer, checkpo
     start = time.monotonic()
     viewer.close()
     assert not widget.worker.is_running and time.monotonic() - start < 10
+
+
+# --------------------------------------------------------------------------- which image
+def _click_layer(viewer, qtbot, name):
+    """Select a layer by clicking its row in napari's layer list."""
+    from qtpy.QtCore import Qt
+    view = viewer.window._qt_viewer.layers
+    model = view.model()
+    row = next(r for r in range(model.rowCount()) if model.index(r, 0).data(Qt.ItemDataRole.DisplayRole) == name)
+    rect = view.visualRect(model.index(row, 0))
+    qtbot.mouseClick(view.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+
+
+def test_the_image_menu_follows_the_layer_just_opened_or_selected(make_napari_viewer, checkpoint, qtbot, tmp_path):
+    # Pressing Segment used to re-segment the previous image after the user opened or selected another.
+    from qtpy.QtCore import Qt
+    from napari_medrwkv.engine.imageio import write_labels
+    viewer = make_napari_viewer(show=True)
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.add_model_source(checkpoint)
+    viewer.add_image(np.random.default_rng(0).integers(0, 255, (48, 64), dtype=np.uint8), name="first")
+    assert widget.image_combo.currentText() == "first"
+    path = write_labels(tmp_path / "opened.tif", np.random.default_rng(1).integers(0, 255, (40, 56), dtype=np.uint8))
+    viewer.open(str(path))                                  # File > Open
+    assert widget.image_combo.currentText() == "opened"
+    _click_layer(viewer, qtbot, "first")
+    assert viewer.layers.selection.active.name == "first" and widget.image_combo.currentText() == "first"
+    widget.probability_check.setChecked(True)
+    qtbot.mouseClick(widget.run_button, Qt.MouseButton.LeftButton)
+    _wait(widget, qtbot)
+    assert "first [nuclei-test]" in viewer.layers and "opened [nuclei-test]" not in viewer.layers
+    # Neither the result nor its probability layer moves the choice; selecting the opened image does,
+    # and so does selecting labels that annotate an image.
+    assert widget.image_combo.currentText() == "first"
+    assert widget.image_combo.findText("first [nuclei-test] probability") < 0
+    _click_layer(viewer, qtbot, "opened")
+    assert widget.image_combo.currentText() == "opened"
+    _click_layer(viewer, qtbot, "first [nuclei-test]")
+    assert widget.image_combo.currentText() == "first"

@@ -110,6 +110,7 @@ class SegmentWidget(QWidget):
         self.model_combo.currentTextChanged.connect(self._on_model_changed)
         self.image_combo.currentTextChanged.connect(self._suggest_model)
         follow_layer_list(self, self.viewer.layers, self._refresh_images)
+        connect_while_alive(self, self.viewer.layers.selection.events.active, self._follow_selection)
         stop_jobs_on_quit(self, self.viewer)
         self._fill_models_and_devices()
         self._refresh_images()
@@ -120,10 +121,26 @@ class SegmentWidget(QWidget):
         # Only a new choice of image brings a suggestion (which may switch the model and reset its settings).
         current = self.image_combo.currentText()
         active = self.viewer.layers.selection.active
-        refill(self.image_combo, [layer.name for layer in self.viewer.layers if isinstance(layer, Image)],
-               [current, active.name if active is not None else None])
+        refill(self.image_combo, [layer.name for layer in self.viewer.layers
+                                  if isinstance(layer, Image) and self._image_of(layer)],
+               [current, self._image_of(active)])
         if self.image_combo.currentText() != current:
             self._suggest_model(self.image_combo.currentText())
+
+    def _follow_selection(self, event=None):
+        """The image the user just opened or selected becomes the one to segment: an Image layer
+        (not a probability layer this widget added), or the image a selected Labels layer annotates."""
+        image = self._image_of(self.viewer.layers.selection.active)
+        if image is not None and image != self.image_combo.currentText() and self.image_combo.findText(image) >= 0:
+            self.image_combo.setCurrentText(image)          # emits currentTextChanged: the suggestion follows
+
+    def _image_of(self, layer) -> Optional[str]:
+        if isinstance(layer, Image):
+            return None if layer.metadata.get(review.KEY, {}).get("probability_of") else layer.name
+        if isinstance(layer, Labels):
+            name = review.linked_image(layer)
+            return name if name in self.viewer.layers else None
+        return None
 
     def _fill_models_and_devices(self):
         """(Re)list the models, keeping the current one (a change resets the inference settings the
@@ -410,7 +427,8 @@ class SegmentWidget(QWidget):
         else:
             self.viewer.add_image(probs, name=name, colormap="magma", opacity=0.5, blending="additive",
                                   contrast_limits=(0, 1), scale=image_layer.scale[-probs.ndim:],
-                                  translate=image_layer.translate[-probs.ndim:])
+                                  translate=image_layer.translate[-probs.ndim:],
+                                  metadata={review.KEY: {"probability_of": image_layer.name}})
 
     def _confirm_overwrite(self, name: str) -> bool:
         answer = QMessageBox.question(self, "Replace edited labels?",

@@ -2,8 +2,9 @@
 
 Two nuclei committed to a new labels layer, a third being clicked (two points inside, one
 outside) and its preview shown.  The model is the shipped prompt-aware one when it is installed;
-otherwise (``--start``) the shipped nuclei model made prompt-aware by ``promptable_start``, which
-ignores the clicks' maps until trained (it shows the nuclei of the window around the clicks).
+without it, the shipped nuclei model made prompt-aware by ``promptable_start``, whose prompt
+inputs are untrained: it answers every nucleus of the window around the clicks, so nothing is
+committed and the picture shows only the clicks, the preview and the widget.
 From the repository root:
 
     xvfb-run -a -s "-screen 0 1400x850x24" .venv/bin/python docs/make_click_to_fix_figure.py docs/click-to-fix.png
@@ -42,6 +43,7 @@ def main():
     model = args.model
     if model is None and DEFAULT_MODEL in list_shipped():
         model = DEFAULT_MODEL
+    commits = 2 if model is not None else 0
     if model is None:
         from napari_medrwkv.engine.checkpoint import save_checkpoint
         from napari_medrwkv.engine.interactive_train import promptable_start
@@ -63,14 +65,19 @@ def main():
     widget.image_combo.setCurrentText("nuclei fluorescence")
     widget.labels_combo.setCurrentText("New labels layer")
     assert widget.start(), widget.status.text()
+    for _ in range(10):                       # the dock takes its room before the view is fitted
+        QApplication.processEvents()
+        time.sleep(0.05)
     viewer.reset_view()
 
     labels = np.asarray(truth.data)
     sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, labels.max() + 1))
-    big = [i + 1 for i in np.argsort(sizes)[::-1][:3]]
+    big = [i + 1 for i in np.flatnonzero(sizes >= np.median(sizes))]
     centres = [tuple(int(v) for v in ndimage.center_of_mass(labels == i)) for i in big]
+    middle = np.array(labels.shape) / 2
+    centres = sorted(centres, key=lambda c: np.hypot(*(np.array(c) - middle)))[:3]   # well inside the image
     idle = lambda: widget.worker is None and widget._pending is None and not widget._carries  # noqa: E731
-    for centre in centres[:2]:
+    for centre in centres[:commits]:
         widget.add_point(centre, True)
         wait(idle)
         widget.commit()

@@ -28,10 +28,11 @@ from napari.layers import Image, Labels
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton,
-                            QSpinBox, QVBoxLayout, QWidget)
+                            QSpinBox, QWidget)
 
 from . import review, session
-from .qt_helpers import BROWSE, connect_while_alive, follow_layer_list, refill, stop_jobs_on_quit
+from .qt_helpers import (BROWSE, connect_while_alive, fit_dock, follow_layer_list, refill, scrolling_body,
+                         stop_jobs_on_quit)
 
 PROMPTS = "click-to-fix prompts"
 PREVIEW = "click-to-fix object"
@@ -140,6 +141,10 @@ class ClickToFixWidget(QWidget):
         self.model_combo = QComboBox()
         self.model_combo.setToolTip("A prompt-aware model (one that takes clicks) or such a checkpoint file.")
         self.device_combo = QComboBox()
+        for combo in (self.image_combo, self.labels_combo, self.model_combo):
+            # a long layer name or checkpoint path must not widen the dock over the canvas
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(12)
         self.overwrite_check = QCheckBox("overwrite other objects")
         self.overwrite_check.setToolTip("Unticked, a commit paints only background: other objects keep their pixels.")
         self.carry_check = QCheckBox("carry to neighbouring slices")
@@ -172,7 +177,7 @@ class ClickToFixWidget(QWidget):
         buttons = QHBoxLayout()
         for button in (self.start_button, self.commit_button, self.undo_button, self.reset_button):
             buttons.addWidget(button)
-        layout = QVBoxLayout(self)
+        layout = scrolling_body(self)
         layout.addLayout(form)
         layout.addWidget(self.overwrite_check)
         layout.addLayout(carry_row)
@@ -180,6 +185,7 @@ class ClickToFixWidget(QWidget):
         layout.addWidget(self.keys_label)
         layout.addWidget(self.status)
         layout.addStretch()
+        fit_dock(self)
 
         self.start_button.toggled.connect(self._on_start_toggled)
         self.commit_button.clicked.connect(self.commit)

@@ -254,7 +254,9 @@ class FineTuneWidget(QWidget):
     def _fill_models_and_devices(self):
         from ..engine.model import available_devices, list_shipped
         model, device = self.model_combo.currentText(), self.device_combo.currentText()
-        sources = list(dict.fromkeys(list_shipped() + session.registered() + self._extra_sources))
+        gone = session.forgotten()
+        sources = [source for source in dict.fromkeys(list_shipped() + session.registered() + session.opened()
+                                                      + self._extra_sources) if source not in gone]
         refill(self.model_combo, sources + [BROWSE], [model] if model in sources else [])
         self.device_combo.clear()
         self.device_combo.addItems(available_devices())
@@ -267,7 +269,10 @@ class FineTuneWidget(QWidget):
 
     def _select_model(self, source: str):
         if self.model_combo.findText(source) < 0:
-            self._extra_sources.append(source)
+            if source.endswith(".safetensors") and source not in session.registered():
+                source = session.add_file(source)         # every model menu lists it
+            else:
+                self._extra_sources.append(source)
             self._fill_models_and_devices()
         self.model_combo.setCurrentText(source)
 

@@ -147,7 +147,9 @@ class SegmentWidget(QWidget):
         user set for it), and the devices."""
         from ..engine.model import available_devices, list_shipped
         current = self.model_combo.currentText()
-        sources = list(dict.fromkeys(list_shipped() + session.registered() + self._extra_sources))
+        gone = session.forgotten()
+        sources = [source for source in dict.fromkeys(list_shipped() + session.registered() + session.opened()
+                                                      + self._extra_sources) if source not in gone]
         refill(self.model_combo, sources + [BROWSE], [current] if current in sources else [],
                {source: _description(source) for source in sources})
         if self.model_combo.currentText() != current:
@@ -165,7 +167,9 @@ class SegmentWidget(QWidget):
         """Offer a checkpoint path (or a model registered by fine-tuning) and select it: a deliberate
         choice, which suggestions for later images leave as it is."""
         self._model_by_hand = True
-        if source not in self._extra_sources:
+        if str(source).endswith(".safetensors") and source not in session.registered():
+            source = session.add_file(source)             # every model menu lists it
+        elif source not in self._extra_sources:
             self._extra_sources.append(source)
         self._fill_models_and_devices()
         self.model_combo.setCurrentText(source)

@@ -265,6 +265,14 @@ def test_the_labels_choice(make_widget, qtbot, fake):
     widget = make_widget()
     viewer = widget.viewer
     assert widget.labels_combo.currentText() == "cells labels"            # an existing layer before a new one
+    viewer.layers["cells labels"].name = "renamed"                        # followed, not lost
+    assert widget.labels_combo.currentText() == "renamed"
+    viewer.layers["cells"].name = "cells too"
+    assert widget.image_combo.currentText() == "cells too"
+    viewer.layers["cells too"].name = "cells"
+    click(qtbot, widget, 40, 20)
+    key(qtbot, widget, "C")
+    assert viewer.layers["renamed"].data.max() == 3
     widget.labels_combo.setCurrentText(NEW_LABELS)                      # chosen: kept as layers come and go
     viewer.add_labels(np.zeros((64, 80), np.uint8), name="other")
     widget.stop()

@@ -107,6 +107,8 @@ class ClickToFixWidget(QWidget):
         self._models = {}                 # (source, device) -> loaded model, reused
         self._extra_sources: List[str] = []
         self._new_labels_chosen = False   # New labels layer picked, not merely the only entry
+        self._image_choice: Optional[Image] = None        # the chosen layers, followed when renamed
+        self._labels_choice: Optional[Labels] = None
         self._negative_clicks = False     # T: left clicks add points outside the object
         self._on = False
         self._stopping = False
@@ -195,9 +197,10 @@ class ClickToFixWidget(QWidget):
         self.undo_button.clicked.connect(self.undo_prompt)
         self.reset_button.clicked.connect(self.reset)
         self.model_combo.activated.connect(self._on_model_chosen)
-        self.image_combo.currentTextChanged.connect(self._update_controls)
+        self.image_combo.currentTextChanged.connect(self._on_image_chosen)
         self.labels_combo.currentTextChanged.connect(self._on_labels_chosen)
         follow_layer_list(self, self.viewer.layers, self._refresh_layers)
+        connect_while_alive(self, self.viewer.layers.events.renamed, self._refresh_layers)
         stop_jobs_on_quit(self, self.viewer)
         connect_while_alive(self, session.changed, self._on_session_changed)
         self._fill_models_and_devices()
@@ -213,20 +216,29 @@ class ClickToFixWidget(QWidget):
                 layer is not None and layer in self.viewer.layers for layer in (self._image, self._prompts,
                                                                                 self._preview)):
             self.stop("Stopped: a layer of the click mode was removed.")
-        active = self.viewer.layers.selection.active
+        layers = self.viewer.layers
+        active = layers.selection.active
         active_name = active.name if active is not None else None
-        refill(self.image_combo, [layer.name for layer in self.viewer.layers if isinstance(layer, Image)],
-               [self.image_combo.currentText(), active_name])
-        labels = [layer.name for layer in self.viewer.layers
+        chosen = self._image if self._on else self._image_choice
+        current = chosen.name if chosen is not None and chosen in layers else self.image_combo.currentText()
+        refill(self.image_combo, [layer.name for layer in layers if isinstance(layer, Image)], [current, active_name])
+        labels = [layer.name for layer in layers
                   if isinstance(layer, Labels) and layer is not self._preview and layer.name != PREVIEW]
-        current = self.labels_combo.currentText()
+        chosen = self._labels_choice
+        current = chosen.name if chosen is not None and chosen in layers else self.labels_combo.currentText()
         new_by_default = current == "" or (current == NEW_LABELS and not self._new_labels_chosen)
         choices = [active_name] + labels + [NEW_LABELS] if new_by_default else [current, active_name]
         refill(self.labels_combo, labels + [NEW_LABELS], choices + labels)
+        self._image_choice, self._labels_choice = self._chosen_image(), self._target()
+        self._update_controls()
+
+    def _on_image_chosen(self, text: str):
+        self._image_choice = self._chosen_image()
         self._update_controls()
 
     def _on_labels_chosen(self, text: str):
         self._new_labels_chosen = text == NEW_LABELS
+        self._labels_choice = self._target()
 
     def _fill_models_and_devices(self):
         from ..engine.model import available_devices, list_shipped
@@ -368,10 +380,16 @@ class ClickToFixWidget(QWidget):
         if ndim not in (2, 3):
             raise ValueError(f"{layer.name} has {ndim} spatial dimensions {layer.data.shape}; Click to fix works "
                              "on 2-D images and stacks (Z, Y, X).")
+        self._check_view(layer)
+        return layer
+
+    def _check_view(self, layer: Image):
         dims = self.viewer.dims
         if dims.ndisplay != 2:
             raise ValueError("Click to fix works in the 2-D view: switch napari to 2-D first.")
-        return layer
+        if _spatial_ndim(layer) == 3 and tuple(dims.displayed) != (dims.ndim - 2, dims.ndim - 1):
+            raise ValueError(f"{layer.name} is a stack: show it with Y and X on screen (slices along the first "
+                             "axis) to click on one slice.")
 
     def _check_model(self) -> str:
         source = self.model_combo.currentText()
@@ -401,7 +419,12 @@ class ClickToFixWidget(QWidget):
     # ------------------------------------------------------------------ mouse
     def _on_mouse(self, viewer, event):
         """Clicks add points (on release, when the mouse barely moved: a drag pans); Ctrl+drag a box."""
-        if not self._on or viewer.dims.ndisplay != 2:
+        if not self._on:
+            return
+        try:
+            self._check_view(self._image)
+        except ValueError as err:
+            self.status.setText(str(err))
             return
         active = viewer.layers.selection.active
         if active is not None and active is not self._prompts and str(getattr(active, "mode", PAN_ZOOM)) != PAN_ZOOM:

@@ -246,6 +246,10 @@ def test_clicks_build_the_object_and_commit_adds_a_new_id_over_background_only(m
     key(qtbot, widget, "C")
     assert (labels.data[disk(before.shape, 18, 18)] == 4).all()
     assert review.reviewed(labels) == []                         # nothing marked reviewed by itself
+    review.set_reviewed(labels, 0)                               # nor unmarked: an edit like painting
+    click(qtbot, widget, 55, 10)
+    key(qtbot, widget, "C")
+    assert labels.data.max() == 5 and review.reviewed(labels) == [0]
 
 
 def test_t_swaps_inside_and_outside_for_left_clicks(make_widget, qtbot, fake):

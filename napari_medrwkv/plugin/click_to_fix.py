@@ -17,8 +17,9 @@ Keys (bound on the prompts layer, which the mode selects; they leave with it):
 
 On a stack the widget works on the slice shown; "carry to neighbouring slices" refines the
 committed mask on the next slices (both ways, no clicks) until the object vanishes or after N
-slices, all in the same undo step.  Commits go through ``review.replace_slices``, as every edit of
-the widgets does: nothing is marked reviewed.  torch is imported on first use.
+slices, all in the same undo step.  A commit is an edit like painting (``Labels.data_setitem``
+inside ``block_history``): review marks stay as they are and nothing is marked reviewed by
+itself.  torch is imported on first use.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -70,6 +71,26 @@ def paint_object(before: np.ndarray, mask: np.ndarray, object_id: int, overwrite
         after[own & ~mask] = 0
     after[mask if overwrite else mask & ((before == 0) | own)] = object_id
     return after
+
+
+def write_planes(layer: Labels, planes: Dict[int, np.ndarray]) -> int:
+    """Write ``{slice index: labels}`` (slice 0 of a 2-D layer) into ``layer`` as ONE step of napari's
+    undo, as the user's own edits are: review marks stay as they are.  The number of pixels changed."""
+    data = layer.data
+    where, values = [], []
+    for index, plane in sorted(planes.items()):
+        before = np.asarray(data if data.ndim == 2 else data[index])
+        changed = np.nonzero(before != plane)
+        if changed[0].size == 0:
+            continue
+        values.append(plane[changed])
+        where.append(changed if data.ndim == 2 else (np.full(changed[0].size, index, np.intp),) + changed)
+    if not where:
+        return 0
+    indices = tuple(np.concatenate(axis) for axis in zip(*where))
+    with layer.block_history():                 # everything inside is one undo step
+        layer.data_setitem(indices, np.concatenate(values).astype(data.dtype, copy=False))
+    return int(indices[0].size)
 
 
 def prompt_aware(source: str) -> bool:
@@ -806,7 +827,7 @@ class ClickToFixWidget(QWidget):
             before = np.asarray(target.data if index is None else target.data[index])
             planes[0 if index is None else index] = paint_object(before, mask, plan["object_id"],
                                                                  plan["overwrite"], plan["replace"])
-        changed = review.replace_slices(target, planes)     # one undo step; unmarks what changed
+        changed = write_planes(target, planes)
         target.refresh()
         slices = "" if plan["index"] is None else \
             f" on slice{'s' if len(masks) > 1 else ''} {', '.join(str(i) for i in sorted(masks))}"

@@ -205,7 +205,7 @@ def test_a_click_shows_a_point_and_the_real_models_answer(make_widget, qtbot, ch
                                   model=load_model(checkpoints[0], device="cpu"))
     assert widget.shown == 1
     np.testing.assert_array_equal(preview(widget), expected)
-    assert "C commits" in widget.status.text()
+    assert "C commits" in widget.status.text() and "redrawn in" in widget.status.text()
 
 
 def test_clicks_build_the_object_and_commit_adds_a_new_id_over_background_only(make_widget, qtbot, fake):

@@ -21,7 +21,9 @@ slices, all in the same undo step.  A commit is an edit like painting (``Labels.
 inside ``block_history``): review marks stay as they are and nothing is marked reviewed by
 itself.  torch is imported on first use.
 """
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -116,6 +118,7 @@ class _Job:
     box: Optional[Tuple] = None
     mask: Optional[np.ndarray] = None
     commit: Optional[dict] = None     # carry: what to commit once the neighbours are done
+    seconds: float = 0.0              # how long refine took (set on the worker thread)
 
 
 class ClickToFixWidget(QWidget):
@@ -656,7 +659,8 @@ class ClickToFixWidget(QWidget):
                              image=self._plane(self._slice), points=tuple(self._points()), box=self._box(),
                              mask=mask)
         self._awaiting = self._number
-        self.status.setText("Refining…")
+        loaded = (source, self._pending.device) in self._models
+        self.status.setText("Refining…" if loaded else f"Loading {_short(source)} (the first click only)…")
         self._run_next()
 
     def _plane(self, index: Optional[int]) -> np.ndarray:
@@ -697,7 +701,7 @@ class ClickToFixWidget(QWidget):
             return
         self._show(value, job.key)
         self.shown += 1
-        self.status.setText(self._describe())
+        self.status.setText(f"{self._describe()} (redrawn in {job.seconds:.2f} s)")
         if self._commit_when_ready:
             self._commit_when_ready = False
             self.commit()
@@ -885,6 +889,10 @@ class ClickToFixWidget(QWidget):
         show_error(message)
 
 
+def _short(source: str) -> str:
+    return Path(source).name if source.endswith(".safetensors") else source
+
+
 def _next_id(layer: Labels) -> int:
     top = int(np.max(layer.data)) if layer.data.size else 0
     new = top + 1
@@ -922,8 +930,11 @@ def _make_worker(job: _Job, models: dict):
                 models[key] = load_model(job.source, device=job.device)
             model = models[key]
             if job.kind == "refine":
-                return "done", interactive.refine(job.image, points=list(job.points), box=job.box, mask=job.mask,
-                                                  model=model, rgb=job.image.ndim == 3)
+                start = time.perf_counter()
+                mask = interactive.refine(job.image, points=list(job.points), box=job.box, mask=job.mask,
+                                          model=model, rgb=job.image.ndim == 3)
+                job.seconds = time.perf_counter() - start
+                return "done", mask
             return "done", _carry(job, model, interactive.refine)
         except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed
             return "error", str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"

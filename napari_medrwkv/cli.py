@@ -453,7 +453,8 @@ def _is_stack(path) -> bool:
 def _train(args) -> int:
     from .engine.infer import Cancelled
     from .engine.model import load_model
-    from .engine.train import TrainConfig, train
+    from .engine.train import TrainConfig, _check_out, train
+    _check_out(args.out)            # a folder, under a file, unwritable: said as such, before "exists"
     if Path(args.out).exists() and not args.overwrite:
         # Refused before the first step, not after hours of training: the file may be a model that took as long.
         raise FileExistsError(errno.EEXIST, "exists; pass --overwrite to replace it when training ends, or choose "
@@ -632,13 +633,13 @@ def describe_inference(settings: dict) -> list:
 
 def _new_checkpoint_path(out: str, overwrite: bool, note: str = "") -> Path:
     """--out as a path, refused before any work if it exists (without --overwrite) or is no .safetensors name."""
+    from .engine.imageio import check_target
     path = Path(out).expanduser()
-    if path.exists() and not overwrite:
-        raise FileExistsError(errno.EEXIST, f"exists; pass --overwrite to replace it{note}", str(path))
     if path.suffix != ".safetensors":
         raise ValueError(f"--out {path}: give a file name ending in .safetensors")
-    from .engine.imageio import check_target
     check_target(path)                  # a folder, under a file, or in a missing folder: before any work
+    if path.exists() and not overwrite:
+        raise FileExistsError(errno.EEXIST, f"exists; pass --overwrite to replace it{note}", str(path))
     return path
 
 

@@ -6,7 +6,6 @@ Every failure must be one line without a traceback, and no file that existed may
 """
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 from napari_medrwkv.cli import main
-from napari_medrwkv.engine.checkpoint import load_checkpoint, read_info, save_checkpoint
+from napari_medrwkv.engine.checkpoint import load_checkpoint
 from napari_medrwkv.engine.imageio import atomic_file, read_image, write_labels
 
 from conftest import SAMPLES, untrained_checkpoint
@@ -478,3 +477,12 @@ def test_an_unreadable_image_mid_batch_says_how_to_finish_and_skip_existing_does
     assert "skipped 1" in capsys.readouterr().out
     after = hashes(out)
     assert sorted(after) == ["a_labels.png", "c_labels.png"] and after["a_labels.png"] == done["a_labels.png"]
+
+
+def test_training_on_every_pair_with_a_validation_split_is_refused(sample_folder, capsys):
+    (sample_folder / "splits.json").write_text(json.dumps({"train": ["nuclei_fluorescence"],
+                                                           "val": ["nuclei_brightfield"]}))
+    assert main(["train", "--model", "ds_vrwkv_t", "--data", str(sample_folder), "--val-split", "val",
+                 "--out", str(sample_folder / "m.safetensors")]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "--split" in line and "splits.json" in line and not (sample_folder / "m.safetensors").exists()

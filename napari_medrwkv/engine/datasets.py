@@ -146,6 +146,9 @@ def check_pair(pair, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     else:
         image, mask = read_image(pair.image), read_mask(pair.mask, num_classes)
         image_name, mask_name = f"image {pair.image}", f"its mask {pair.mask}"
+    if image.ndim == 3 and image.shape[-1] <= 8 and image.shape[-1] not in (3, 4):
+        raise DataError(f"{image_name} has {image.shape[-1]} channels (shape {image.shape}); the models take grey or "
+                        "RGB images: save one channel, or the image as grey or RGB")
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
         raise DataError(f"{image_name} has shape {image.shape}; training needs one 2-D grey or RGB image "
                         f"per file, not a stack; save each slice as its own image")

@@ -616,15 +616,20 @@ def _split_items(data, split, val_data, val_split, cfg: TrainConfig):
 
 
 def _check_apart(train_items, val_items, data, split, val_data, val_split) -> None:
-    """A DataError when an image is both a training and a validation image: its score would
-    rank epochs by what they memorised, and the kept model would be chosen on its training data."""
+    """A DataError when two splits of one splits.json share an image: its score would rank
+    epochs by what they memorised, and the kept model would be chosen on its training data."""
+    if not (isinstance(data, (str, os.PathLike)) and val_data is None and val_split is not None):
+        return        # validation data given apart (val_data=) is the caller's choice, even the same folder
+
     def key(item):
-        return Path(item.image).resolve() if hasattr(item, "image") else None
-    shared = {key(i) for i in train_items} & {key(i) for i in val_items} - {None}
+        return Path(item.image).resolve()
+    shared = {key(i) for i in train_items} & {key(i) for i in val_items}
     if shared:
-        where = Path(data) / "splits.json" if isinstance(data, (str, os.PathLike)) and split and val_split and \
-            val_data is None else "the training and validation data"
+        where = Path(data) / "splits.json"
         names = sorted(p.stem for p in shared)
+        if split is None:
+            raise DataError(f"training on every pair of {data} includes the validation split {val_split!r} of {where} "
+                            f"({len(shared)} images); name the training split too (split=, --split)")
         raise DataError(f"{len(shared)} image(s) are in both the training split {split or '(all pairs)'!r} and the "
                         f"validation split {val_split or '(given)'!r} of {where}: {', '.join(names[:5])}"
                         f"{', ...' if len(names) > 5 else ''}; a validation image must not be trained on, so "

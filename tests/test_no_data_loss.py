@@ -486,3 +486,13 @@ def test_training_on_every_pair_with_a_validation_split_is_refused(sample_folder
                  "--out", str(sample_folder / "m.safetensors")]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert "--split" in line and "splits.json" in line and not (sample_folder / "m.safetensors").exists()
+
+
+def test_a_pipe_given_as_a_file_is_refused_not_waited_on(sample_folder, tmp_path, capsys):
+    for name in ("model.safetensors", "image.png"):
+        os.mkfifo(tmp_path / name)
+    for args in (["--model", str(tmp_path / "model.safetensors"), str(sample_folder / "images")],
+                 ["--model", "ds_vrwkv_t", str(tmp_path / "image.png")]):
+        assert main(["segment", *args, "--out", str(tmp_path / "out")]) == 2
+        assert "not a regular file" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()

@@ -464,7 +464,9 @@ def test_a_stack_works_on_the_slice_shown_and_carries_to_its_neighbours(make_wid
     # a click on another slice starts a new object there
     click(qtbot, widget, 45, 50)
     viewer.dims.set_current_step(0, 5)
-    click(qtbot, widget, 20, 60)
+    click(qtbot, widget, 20, 60, wait=False)
+    assert "the one on slice 3 was not committed" in widget.status.text()
+    idle(qtbot, widget)
     assert viewer.layers[PROMPTS].data.tolist() == [[5, 20, 60]]
     assert not (viewer.layers[PREVIEW].data[3] > 0).any()
 

@@ -153,6 +153,7 @@ class ClickToFixWidget(QWidget):
         self._shown_slice: Optional[int] = None
         self._cache: Dict[tuple, np.ndarray] = {}
         self._commit_when_ready = False
+        self._note = ""                   # said before the status of the current object's prompts
         # requests
         self._number = 0                  # the newest request; answers to older ones are dropped
         self._pending: Optional[_Job] = None               # the newest prompts' request, not yet running
@@ -500,12 +501,15 @@ class ClickToFixWidget(QWidget):
                              f"{'click' if what == 'The click' else 'point'} on the image.")
         return (coords[0] if ndim == 3 else None), coords[-2], coords[-1]
 
-    def _enter_slice(self, index: Optional[int]):
-        """Prompts belong to one slice: a prompt on another slice starts a new object there."""
+    def _enter_slice(self, index: Optional[int]) -> str:
+        """Prompts belong to one slice: a prompt on another slice starts a new object there (and
+        the returned note says so)."""
+        note = ""
         if index != self._slice and (self._actions or self._fix_id is not None):
+            note = f"Slice {index}: a new object (the one on slice {self._slice} was not committed). "
             self._clear_object()
-            self.status.setText(f"Slice {index}: a new object (the one on slice {self._slice} was not committed).")
         self._slice = index
+        return note
 
     def add_point(self, world_position, positive: bool = True) -> bool:
         """A prompt at a world position (what a click does); False with a message when outside the image."""
@@ -516,7 +520,7 @@ class ClickToFixWidget(QWidget):
         except ValueError as err:
             self._error(str(err))
             return False
-        self._enter_slice(index)
+        self._note = self._enter_slice(index)
         self._actions.append(("point", (row, col, bool(positive))))
         self.viewer.layers.selection.active = self._prompts      # the keys act on it
         self._update()
@@ -539,7 +543,7 @@ class ClickToFixWidget(QWidget):
             index = self._to_pixel(world_corner)[0] if _spatial_ndim(self._image) == 3 else None
         except ValueError:                            # a corner outside the image: the slice is still the one shown
             index = self._current_slice()
-        self._enter_slice(index)
+        self._note = self._enter_slice(index)
         self._actions.append(("box", (r0, c0, r1, c1)))
         self.viewer.layers.selection.active = self._prompts
         self._update()
@@ -569,6 +573,7 @@ class ClickToFixWidget(QWidget):
             self.status.setText(f"No prompt to undo{hint}.")
             return
         self._actions.pop()
+        self._note = ""
         self._update()
 
     def reset(self) -> None:
@@ -583,6 +588,7 @@ class ClickToFixWidget(QWidget):
         self._pending = self._awaiting = None
         self._commit_when_ready = False
         self._actions, self._start_mask, self._fix_id, self._slice = [], None, None, None
+        self._note = ""
         self._cache.clear()
         self._show(None, self._state())
         self._draw_prompts()
@@ -660,7 +666,8 @@ class ClickToFixWidget(QWidget):
                              mask=mask)
         self._awaiting = self._number
         loaded = (source, self._pending.device) in self._models
-        self.status.setText("Refining…" if loaded else f"Loading {_short(source)} (the first click only)…")
+        self.status.setText(self._note + ("Refining…" if loaded else
+                                          f"Loading {_short(source)} (the first click only)…"))
         self._run_next()
 
     def _plane(self, index: Optional[int]) -> np.ndarray:
@@ -720,7 +727,7 @@ class ClickToFixWidget(QWidget):
         parts = [f"{positive} inside", f"{len(points) - positive} outside"] + (["a box"] if self._box() else [])
         size = int(self._mask.sum()) if self._mask is not None else 0
         fixing = f"Fixing object {self._fix_id}: " if self._fix_id is not None else ""
-        return f"{fixing}{', '.join(parts)}; the object has {size} pixels. C commits it."
+        return f"{self._note}{fixing}{', '.join(parts)}; the object has {size} pixels. C commits it."
 
     # ------------------------------------------------------------------ drawing
     def _show(self, mask: Optional[np.ndarray], key: Optional[tuple]):

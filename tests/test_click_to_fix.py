@@ -356,7 +356,7 @@ def test_fix_picks_the_object_under_the_cursor_and_commit_replaces_it(make_widge
 
 def test_a_newer_click_drops_the_stale_answer(make_widget, qtbot, fake):
     widget = make_widget()
-    fake.delays = [1.0, 0.0, 0.0]               # the first answer comes late
+    fake.delays = [2.0, 0.0, 0.0]               # the first answer comes late
     shown, show = [], widget._show
     widget._show = lambda mask, key: (shown.append(None if mask is None else mask.copy()), show(mask, key))
     click(qtbot, widget, 30, 40, wait=False)
@@ -370,7 +370,7 @@ def test_a_newer_click_drops_the_stale_answer(make_widget, qtbot, fake):
     assert len(shown) == 1 and np.array_equal(shown[0], expected)     # the first answer never appeared
 
     # three quick clicks while one runs: the middle request never runs at all
-    fake.delays = [1.0, 0.0, 0.0]
+    fake.delays = [2.0, 0.0, 0.0]
     key(qtbot, widget, "R")
     click(qtbot, widget, 10, 10, wait=False)
     qtbot.waitUntil(lambda: widget.worker is not None and len(fake.calls) == 3)

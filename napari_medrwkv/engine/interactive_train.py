@@ -223,7 +223,7 @@ def promptable_start(start, device="cpu", input_size: int = INPUT_SIZE) -> Segme
                        num_classes=model.info.num_classes, **model.info.arch_kwargs)
     add_prompt_inputs(model.net, net)
     info = replace(model.info, prompt_channels=PROMPT_CHANNELS, tile_size=int(input_size), input_scale=1.0,
-                   inference={}, metrics={}, training={})
+                   class_names=["background", "object"], inference={}, metrics={}, training={})
     return SegmentationModel(net.to(model.device).eval(), info, model.source, model.device)
 
 

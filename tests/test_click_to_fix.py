@@ -143,13 +143,13 @@ def click(qtbot, widget, row, col, button=Qt.MouseButton.LeftButton, modifier=Qt
         idle(qtbot, widget)
 
 
-def hover(widget, row, col):
-    """The mouse moved over the pixel (row, col) of the image, as Qt tells the canvas."""
+def hover(widget, row, col, buttons=Qt.MouseButton.NoButton):
+    """The mouse moved over the pixel (row, col) of the image (with ``buttons`` held), as Qt tells the canvas."""
     viewer = widget.viewer
     canvas = _canvas(viewer).native
     local = QPointF(_screen(viewer, viewer.layers["cells"], [row, col]))
     event = QMouseEvent(QEvent.Type.MouseMove, local, QPointF(canvas.mapToGlobal(local.toPoint())),
-                        Qt.MouseButton.NoButton, Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier)
+                        Qt.MouseButton.NoButton, buttons, Qt.KeyboardModifier.NoModifier)
     QApplication.sendEvent(canvas, event)
 
 
@@ -219,7 +219,8 @@ def test_clicks_build_the_object_and_commit_adds_a_new_id_over_background_only(m
     click(qtbot, widget, 30, 38, modifier=Qt.KeyboardModifier.ShiftModifier)      # outside: Shift+click
     points = viewer.layers[PROMPTS]
     assert [tuple(p) for p in points.data] == [(30, 30), (27, 24), (34, 34), (30, 38)]
-    np.testing.assert_allclose(points.face_color[:, :3], [click_to_fix.POSITIVE[:3]] * 2 + [click_to_fix.NEGATIVE[:3]] * 2)
+    colours = [click_to_fix.POSITIVE[:3]] * 2 + [click_to_fix.NEGATIVE[:3]] * 2
+    np.testing.assert_allclose(points.face_color[:, :3], colours)
     last_mask = fake.calls[-1][2]
     expected = FakeRefine.answer(before.shape, [(30, 30, True), (27, 24, True), (34, 34, False), (30, 38, False)],
                                  mask=last_mask)
@@ -412,6 +413,22 @@ def test_bad_input_says_what_is_wrong(make_widget, qtbot, fake, errors):
     assert widget.labels_combo.currentText() == "cells objects"
     names = [layer.name for layer in viewer.layers]
     assert names.index("cells objects") < names.index(PREVIEW) < names.index(PROMPTS)
+
+
+def test_a_drag_pans_and_adds_no_point(make_widget, qtbot, fake):
+    widget = make_widget()
+    viewer = widget.viewer
+    canvas, layer = _canvas(viewer).native, viewer.layers["cells"]
+    centre = np.array(viewer.camera.center)
+    qtbot.mousePress(canvas, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
+                     _screen(viewer, layer, [30, 30]))
+    for step in range(1, 6):
+        hover(widget, 30 + 3 * step, 30 + 3 * step, Qt.MouseButton.LeftButton)
+    qtbot.mouseRelease(canvas, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
+                       _screen(viewer, layer, [45, 45]))
+    idle(qtbot, widget)
+    assert len(viewer.layers[PROMPTS].data) == 0 and not fake.calls
+    qtbot.waitUntil(lambda: not np.allclose(viewer.camera.center, centre))   # the view moved instead
 
 
 def test_ctrl_drag_draws_a_box(make_widget, qtbot, fake):

@@ -149,7 +149,7 @@ def test_fine_tune_registers_saves_and_resegments_only_unreviewed_slices(loop, q
     assert segment.model_combo.currentText() == checkpoint     # the user's choice is kept
     assert widget.model_combo.currentText() == str(out)        # the next round starts from it
     text = widget.result_label.text()
-    assert text.startswith("Dice on held-out reviewed pairs: before ") and " → after " in text
+    assert text.startswith("Dice on 1 held-out reviewed pair (one image") and " → after " in text
     # "before" and the epochs are scored as "after" is: what is kept never reads worse than the start
     before, after = (float(t) for t in text.split("before ")[1].split(" → after "))
     assert after >= before and after == float(f"{widget.result.best_val_dice:.2f}")
@@ -193,7 +193,9 @@ def test_a_fine_tuning_that_only_hurts_gives_the_starting_model_back(loop, qtbot
     _wait(widget, qtbot)
     assert not errors, errors
     assert widget.result.best_epoch == 0 and widget.result.start_val_dice > 0.5
-    assert "no epoch beat the starting model on held-out reviewed pairs" in widget.status.text()
+    assert "no epoch beat the starting model on 1 held-out reviewed pair" in widget.status.text()
+    # The before/after Dice says what it rests on: one held-out image here.
+    assert widget.result_label.text().startswith("Dice on 1 held-out reviewed pair (one image: a rough guide")
     assert "Re-segment" not in widget.status.text()          # the same model would change nothing
     before, after = widget.result_label.text().split("before ")[1].split(" → after ")
     assert before == after
@@ -402,4 +404,5 @@ def test_the_time_budget_leaves_room_for_the_last_validations(slow_to_validate, 
     validation = log[0].elapsed
     steps = [p.elapsed for p in log if p.epoch >= 1 and p.val_dice is None]
     longest_step = max(b - a for a, b in zip(steps, steps[1:])) if len(steps) > 1 else steps[0] - validation
-    assert steps[-1] <= budget - 2 * validation + longest_step + 0.1, (steps[-1], validation, longest_step)
+    # (The first step is taken whatever the time: on a loaded machine one validation may take most of the budget.)
+    assert steps[-1] <= max(budget - 2 * validation, steps[0]) + longest_step + 0.1, (steps, validation)

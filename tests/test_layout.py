@@ -60,7 +60,8 @@ def _reachable(widget, control):
     top_left = control.mapTo(area.viewport(), control.rect().topLeft())
     bottom_right = control.mapTo(area.viewport(), control.rect().bottomRight())
     assert area.viewport().rect().contains(top_left) and area.viewport().rect().contains(bottom_right), \
-        (type(widget).__name__, control.text() if hasattr(control, "text") else control)
+        (type(widget).__name__, control.text() if hasattr(control, "text") else control, area.viewport().size(),
+         area.widget().size(), area.widget().minimumSizeHint(), control.size(), area.horizontalScrollBar().value())
 
 
 @pytest.mark.parametrize("names, area, tabify", [

@@ -203,6 +203,7 @@ def test_the_model_trained_on_images_like_the_opened_one_is_suggested_and_select
     viewer.add_image(_alien_image(), name="alien")
     widget.image_combo.setCurrentText("alien")
     assert "None of these models" in widget.suggestion.text()
+    assert "fine-tune it on a few corrected slices" in widget.suggestion.text()          # what to do instead
     assert widget.model_combo.currentText() == "rwkv_unet_t-dsb2018"
     # Once the user picks a model, later images only get the suggestion in words.
     index = widget.model_combo.findText("rwkv_unet_t-busi")

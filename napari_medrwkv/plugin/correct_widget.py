@@ -18,7 +18,7 @@ from qtpy.QtWidgets import (QComboBox, QFormLayout, QGridLayout, QGroupBox, QHBo
 
 from ..engine import edit
 from . import review
-from .qt_helpers import fit_dock, refill, scrolling_body
+from .qt_helpers import add_shortcut, fit_dock, refill, scrolling_body, shortcut_legend
 
 DELETE, KEEP = "delete", "keep"
 PAN_ZOOM = "pan_zoom"
@@ -102,7 +102,17 @@ class CorrectWidget(QWidget):
         layout.addWidget(tidy_box)
         layout.addWidget(review_box)
         layout.addWidget(self.status)
+        keys = [("Shift+D", "delete"), ("Shift+K", "keep"), ("Shift+F", "fill holes"), ("Shift+R", "remove small"),
+                ("Shift+B", "smooth"), ("Shift+M", "mark reviewed"), ("Shift+U", "unmark")]
+        layout.addWidget(shortcut_legend(keys))
         layout.addStretch()
+        self.small_button.setToolTip("Remove objects with fewer pixels than the size beside it")
+        self.smooth_button.setToolTip("Open then close each object with a disk of the radius beside it; "
+                                      "neighbouring objects never merge")
+        buttons = (self.delete_button, self.keep_button, self.fill_button, self.small_button, self.smooth_button,
+                   self.mark_button, self.unmark_button)
+        for button, (key, _) in zip(buttons, keys):
+            add_shortcut(self, button, key)
         fit_dock(self)
 
         self.fill_button.clicked.connect(self.fill_holes)
@@ -113,6 +123,7 @@ class CorrectWidget(QWidget):
         self.labels_combo.currentTextChanged.connect(self._on_layer_chosen)
 
         layers = self.viewer.layers
+        review.follow_renames(layers)       # reviewed pairs survive renaming their image
         layers.events.inserted.connect(self._on_inserted)
         layers.events.removed.connect(self._on_removed)
         layers.events.moved.connect(self._refresh_layers)
@@ -201,7 +212,7 @@ class CorrectWidget(QWidget):
             layer = layer if layer is not None else self._labels_layer()
             index = index if index is not None else self._slice_index(layer)
         except ValueError as err:
-            show_error(str(err))
+            self._error(str(err))
             return 0
         before = np.asarray(layer.data if layer.ndim == 2 else layer.data[index])
         after = func(before)
@@ -218,6 +229,11 @@ class CorrectWidget(QWidget):
         self.status.setText(f"{title}: {count} pixel{'s' if count != 1 else ''} changed in {layer.name}{where}. "
                             "Undo with Ctrl+Z.")
         return count
+
+    def _error(self, message: str) -> None:
+        """An error the user must act on: in the status line (which stays) and as a notification."""
+        self.status.setText(message)
+        show_error(message)
 
     def fill_holes(self) -> int:
         return self._edit("Fill holes", edit.fill_holes)
@@ -238,7 +254,7 @@ class CorrectWidget(QWidget):
         try:
             index = self._slice_index(layer, world_position)
         except ValueError as err:
-            show_error(str(err))
+            self._error(str(err))
             return 0
         data_position = layer.world_to_data(world_position)
         y, x = (int(v) for v in np.round(data_position[-2:]))
@@ -268,7 +284,7 @@ class CorrectWidget(QWidget):
             try:
                 layer = self._labels_layer()
             except ValueError as err:
-                show_error(str(err))
+                self._error(str(err))
                 mode = None
         self._click_mode = mode
         for name, button in self._mode_buttons.items():
@@ -324,7 +340,7 @@ class CorrectWidget(QWidget):
             layer = self._labels_layer()
             index = self._slice_index(layer)
         except ValueError as err:
-            show_error(str(err))
+            self._error(str(err))
             return
         if value and review.linked_image(layer) not in self.viewer.layers:
             image = self._guess_image(layer)

@@ -21,8 +21,8 @@ from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
 from ..engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
 from ..engine.memory import retain_freed_memory
 from . import review, session
-from .qt_helpers import (BROWSE, Section, WorkerRelay, connect_while_alive, fit_dock, follow_layer_list, refill,
-                         scrolling_body, stop_jobs_on_quit, unwrap_outcome)
+from .qt_helpers import (BROWSE, Section, WorkerRelay, add_shortcut, connect_while_alive, fit_dock, follow_layer_list,
+                         refill, scrolling_body, shortcut_legend, stop_jobs_on_quit, unwrap_outcome)
 from .review import KEY as METADATA_KEY
 from .training_curve import TrainingCurve
 
@@ -82,6 +82,13 @@ def default_output(base: str, now: Optional[datetime] = None) -> str:
     while path.expanduser().exists():
         path, i = folder / f"{name}-{i}.safetensors", i + 1
     return str(path)
+
+
+def _held_out_words(count: int) -> str:
+    """What the before/after Dice rests on, e.g. "1 held-out reviewed pair (one image: a rough guide)"."""
+    if count == 1:
+        return "1 held-out reviewed pair (one image: a rough guide; review more slices for a surer figure)"
+    return f"{count} held-out reviewed pairs"
 
 
 class FineTuneWidget(QWidget):
@@ -192,6 +199,9 @@ class FineTuneWidget(QWidget):
         layout.addWidget(self.result_label)
         layout.addWidget(self.resegment_button)
         layout.addWidget(self.save_pairs_button)
+        layout.addWidget(shortcut_legend([("Shift+T", "fine-tune")]))
+        self.run_button.setToolTip("Fine-tune the base model on the reviewed pairs")
+        add_shortcut(self, self.run_button, "Shift+T")
         fit_dock(self)
 
         self._relay = WorkerRelay()
@@ -208,6 +218,7 @@ class FineTuneWidget(QWidget):
         self.model_combo.activated.connect(self._on_model_chosen)
         self.model_combo.currentTextChanged.connect(self._suggest_output)
         follow_layer_list(self, self.viewer.layers, self.refresh_pairs)
+        review.follow_renames(self.viewer.layers)   # reviewed pairs survive renaming their image
         connect_while_alive(self, session.changed, self._on_session_changed)
         stop_jobs_on_quit(self, self.viewer)
         self._fill_models_and_devices()
@@ -325,7 +336,7 @@ class FineTuneWidget(QWidget):
                 raise ValueError("Choose a base model or a checkpoint file first.")
             out = self._output_path()
         except ValueError as err:
-            show_error(str(err))
+            self._error(str(err))
             return
         if out is None:
             return
@@ -335,8 +346,8 @@ class FineTuneWidget(QWidget):
         train_items = [as_items[i] for i in train_idx]
         held_out = [as_items[i] for i in held_idx]
         compare = held_out or train_items                 # before/after set
-        self._compare_kind = "held-out reviewed pairs" if held_out else \
-            "the training pairs (fewer than 3 reviewed pairs, none held out)" if compare else ""
+        self._compare_kind = _held_out_words(len(held_out)) if held_out else \
+            f"the {len(compare)} training pair(s) (fewer than 3 reviewed pairs, none held out)" if compare else ""
         settings = dict(lr=self.lr_spin.value(), patch_size=self.patch_spin.value(),
                         batch_size=self.batch_spin.value(), samples_per_epoch=self.samples_spin.value(),
                         seed=HOLD_OUT_SEED)
@@ -357,6 +368,11 @@ class FineTuneWidget(QWidget):
         self.worker.returned.connect(self._on_trained)
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
+
+    def _error(self, message: str) -> None:
+        """An error the user must act on: in the status line (which stays) and as a notification."""
+        self.status.setText(message)
+        show_error(message)
 
     def cancel(self):
         """Stop: training keeps (and saves) the best model so far; a re-segmentation changes nothing."""
@@ -509,7 +525,7 @@ class FineTuneWidget(QWidget):
             show_info("The Fine-tune widget is busy; wait or cancel first.")
             return
         if self.result is None:
-            show_error("Fine-tune a model first.")
+            self._error("Fine-tune a model first.")
             return
         targets = unreviewed_slices(self.viewer.layers)
         count = sum(len(indices) for _, _, indices in targets)
@@ -595,7 +611,7 @@ class FineTuneWidget(QWidget):
         """Write the reviewed pairs as images/ + masks/ for `medrwkv train`."""
         pairs = self._reviewed_pairs()
         if not pairs:
-            show_error("No reviewed pairs to save: mark corrected slices as reviewed first.")
+            self._error("No reviewed pairs to save: mark corrected slices as reviewed first.")
             return
         folder = QFileDialog.getExistingDirectory(self, "Save the reviewed pairs as a training folder")
         if not folder:
@@ -603,7 +619,7 @@ class FineTuneWidget(QWidget):
         try:
             review.save_training_folder(pairs, folder)
         except (OSError, ValueError) as err:
-            show_error(f"Could not save the training folder: {err}")
+            self._error(f"Could not save the training folder: {err}")
             return
         self.status.setText(f"Saved {len(pairs)} reviewed pair(s) to {folder} (images/ + masks/); "
                             f"train on it with: medrwkv train --model M --data {folder} --out FILE")

@@ -5,8 +5,9 @@ import time
 import weakref
 
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
-from qtpy.QtWidgets import (QAbstractSpinBox, QComboBox, QDockWidget, QFrame, QMainWindow, QMessageBox, QScrollArea,
-                            QSizePolicy, QToolButton, QVBoxLayout, QWidget)
+from qtpy.QtGui import QKeySequence
+from qtpy.QtWidgets import (QAbstractButton, QAbstractSpinBox, QComboBox, QDockWidget, QFrame, QLabel, QMainWindow,
+                            QMessageBox, QScrollArea, QShortcut, QSizePolicy, QToolButton, QVBoxLayout, QWidget)
 
 BROWSE = "Checkpoint file…"
 
@@ -41,8 +42,8 @@ def connect_while_alive(widget: QWidget, signal, method) -> None:
 
 
 def follow_layer_list(widget: QWidget, layers, method) -> None:
-    """Call ``method`` whenever layers are added to, removed from or reordered in ``layers``."""
-    for event in (layers.events.inserted, layers.events.removed, layers.events.moved):
+    """Call ``method`` whenever layers are added to, removed from, reordered in or renamed in ``layers``."""
+    for event in (layers.events.inserted, layers.events.removed, layers.events.moved, layers.events.renamed):
         connect_while_alive(widget, event, method)
 
 
@@ -77,6 +78,9 @@ def fit_dock(widget: QWidget) -> None:
     area = widget.findChild(QScrollArea, "medrwkv-scroll")
     for spin in widget.findChildren(QAbstractSpinBox):      # room for the longest value and its unit
         spin.setMinimumWidth(max(spin.minimumSizeHint().width(), spin.sizeHint().width()))
+    for combo in widget.findChildren(QComboBox):            # a long checkpoint path must not widen the widget
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(16)
     body = area.widget()
     area.setMinimumWidth(body.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
     area.setMinimumHeight(min(body.sizeHint().height(), MIN_DOCK_HEIGHT))
@@ -148,6 +152,29 @@ class Section(QWidget):
 
     def expanded(self) -> bool:
         return self.toggle.isChecked()
+
+
+# ---------------------------------------------------------------------------- keyboard shortcuts
+def add_shortcut(widget: QWidget, button: QAbstractButton, keys: str) -> QShortcut:
+    """``keys`` (e.g. "Shift+S") presses ``button`` while the window the widget is docked in is
+    active, wherever the focus is (the canvas included); a disabled button does nothing.  The keys
+    are added to the button's tooltip.  Shift and a letter: napari binds none of the ones used."""
+    shortcut = QShortcut(QKeySequence(keys), widget)
+    shortcut.setContext(Qt.ShortcutContext.WindowShortcut)
+    shortcut.activated.connect(button.click)
+    tip = button.toolTip()
+    button.setToolTip(f"{tip} ({keys})" if tip else keys)
+    return shortcut
+
+
+def shortcut_legend(pairs) -> QLabel:
+    """A small line showing the widget's keys: ``[("Shift+S", "segment"), ...]``."""
+    label = QLabel("Keys: " + ", ".join(f"<b>{keys}</b> {what}" for keys, what in pairs))
+    label.setObjectName("medrwkv-keys")
+    label.setWordWrap(True)
+    label.setTextFormat(Qt.TextFormat.RichText)
+    label.setEnabled(False)                 # drawn in the muted colour of the theme
+    return label
 
 
 def refill(combo: QComboBox, items, choices, tooltips=None) -> None:

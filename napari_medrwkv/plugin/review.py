@@ -34,6 +34,45 @@ def link(labels_layer, image_name: str) -> None:
     labels_layer.metadata.setdefault(KEY, {})["image"] = image_name
 
 
+_FOLLOWED = []                  # layer lists whose image renames are followed (weakly, see follow_renames)
+
+
+def follow_renames(layers) -> None:
+    """Keep links to an image layer when the user renames it: the Labels layers that annotate it
+    (their reviewed slices are pairs for fine-tuning) follow the new name.  Once per layer list."""
+    import weakref
+    if any(ref() is layers for ref in _FOLLOWED):
+        return
+    _FOLLOWED[:] = [ref for ref in _FOLLOWED if ref() is not None] + [weakref.ref(layers)]
+    names = {}                  # id(image layer) -> its name before the rename
+
+    def watch(layer):
+        if getattr(layer, "_type_string", "") == "image" and id(layer) not in names:
+            names[id(layer)] = layer.name
+            # First in line: the layer list's own "renamed" (which widgets follow) comes after it.
+            layer.events.name.connect(lambda event, layer=layer: renamed(layer), position="first")
+
+    def renamed(image_layer):
+        old, new = names.get(id(image_layer)), image_layer.name
+        names[id(image_layer)] = new
+        if old is None or old == new:
+            return
+        for layer in layers:
+            if getattr(layer, "_type_string", "") == "labels" and linked_image(layer) == old:
+                link(layer, new)
+
+    def inserted(event):
+        watch(event.value)
+
+    def removed(event):
+        names.pop(id(event.value), None)
+
+    layers.events.inserted.connect(inserted)
+    layers.events.removed.connect(removed)
+    for layer in layers:
+        watch(layer)
+
+
 def linked_image(labels_layer):
     return labels_layer.metadata.get(KEY, {}).get("image")
 

@@ -50,8 +50,9 @@ def main(argv=None) -> int:
 def _report(command: str, err: BaseException) -> int:
     """A failure as one line on stderr; returns the exit status."""
     if isinstance(err, KeyboardInterrupt):
-        print(f"medrwkv {command}: interrupted; files written so far are complete, nothing half-written was left",
-              file=sys.stderr)
+        finish = "; rerun with --skip-existing to segment the rest" if command == "segment" else ""
+        print(f"medrwkv {command}: interrupted; files written so far are complete, nothing half-written was left"
+              f"{finish}", file=sys.stderr)
         return 130
     if isinstance(err, OSError):
         print(f"medrwkv {command}: error: {_os_error(err)}", file=sys.stderr)

@@ -73,8 +73,9 @@ def test_keyboard_shortcuts_work_from_the_canvas_and_are_shown(docked, qtbot, er
     canvas.setFocus()
     qtbot.keyClick(canvas, Qt.Key.Key_M, Qt.KeyboardModifier.ShiftModifier)        # Mark reviewed
     assert review.reviewed(result) == [0]
+    assert finetune.pairs_label.text().startswith("Reviewed pairs: 1")              # counted without Refresh
     qtbot.keyClick(canvas, Qt.Key.Key_U, Qt.KeyboardModifier.ShiftModifier)        # Unmark
-    assert review.reviewed(result) == []
+    assert review.reviewed(result) == [] and finetune.pairs_label.text().startswith("Reviewed pairs: 0")
     qtbot.keyClick(canvas, Qt.Key.Key_D, Qt.KeyboardModifier.ShiftModifier)        # Delete-object mode
     assert correct.delete_button.isChecked()
     qtbot.keyClick(canvas, Qt.Key.Key_D, Qt.KeyboardModifier.ShiftModifier)

@@ -220,14 +220,16 @@ class FineTuneWidget(QWidget):
         follow_layer_list(self, self.viewer.layers, self.refresh_pairs)
         review.follow_renames(self.viewer.layers)   # reviewed pairs survive renaming their image
         connect_while_alive(self, session.changed, self._on_session_changed)
+        connect_while_alive(self, review.changed, self.refresh_pairs)    # a slice marked or unmarked anywhere
         stop_jobs_on_quit(self, self.viewer)
         self._fill_models_and_devices()
         self.refresh_pairs()
 
     # ------------------------------------------------------------------ data
     def refresh_pairs(self, event=None) -> int:
-        """Recount the reviewed pairs in the viewer's Labels layers (metadata changes send no event);
-        counting reads no pixels, so it stays cheap for large or lazy images."""
+        """Recount the reviewed pairs in the viewer's Labels layers (on every layer-list change and
+        every mark; the Refresh button for anything else); counting reads no pixels, so it stays
+        cheap for large or lazy images."""
         counts = [len(review.reviewed(layer)) for layer in self.viewer.layers
                   if getattr(layer, "_type_string", "") == "labels"
                   and review.linked_image(layer) in self.viewer.layers]

@@ -12,8 +12,18 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+from psygnal import Signal
 
 KEY = "napari_medrwkv"
+
+
+class _Events:
+    changed = Signal(object)         # the Labels layer whose reviewed slices changed
+
+
+_events = _Events()
+#: Emitted with the Labels layer after its reviewed slices change (metadata changes send no napari event).
+changed = _events.changed
 
 
 @dataclass
@@ -118,8 +128,11 @@ def set_reviewed(labels_layer, index: int, value: bool = True) -> None:
     if not 0 <= index < slice_count(labels_layer):
         raise ValueError(f"slice {index} is outside {labels_layer.name} (0..{slice_count(labels_layer) - 1})")
     marks = set(reviewed(labels_layer))
+    before = set(marks)
     marks.add(index) if value else marks.discard(index)
     labels_layer.metadata.setdefault(KEY, {})["reviewed"] = sorted(marks)
+    if marks != before:
+        changed.emit(labels_layer)
 
 
 def replace_slices(labels_layer, planes: Dict[int, np.ndarray]) -> int:

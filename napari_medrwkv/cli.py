@@ -36,6 +36,7 @@ LARGEST_HELP = "binary models: keep only the largest object of each image or sli
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)      # the run's provenance
     retain_freed_memory()        # before any thread starts, so that every one shares the kept memory
     restore = _terminate_as_interrupt()
     try:
@@ -202,6 +203,13 @@ def _parser():
     tr.add_argument("--in-chans", type=POSITIVE_INT, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=POSITIVE_INT, default=1, help="classes for a bare architecture (1 = binary)")
     tr.add_argument("--class-names", help="comma-separated class names for a bare architecture, or new names for a checkpoint's classes")
+    tr.add_argument("--interactive", action="store_true",
+                    help="train a prompt-aware model for click to fix (nm.refine) from --model, by simulated users "
+                         "clicking the objects of the masks; needs --max-minutes")
+    tr.add_argument("--extra-data", action="append", metavar="FOLDER",
+                    help="with --interactive: another dataset folder to train on with --data (repeatable)")
+    tr.add_argument("--window", type=_number(int, MIN_TILE),
+                    help="with --interactive: the square window the network sees, in pixels (default 160)")
     tr.set_defaults(run=_train)
 
     ev = sub.add_parser("evaluate", help="Dice / IoU / HD95 on a dataset folder")
@@ -452,6 +460,11 @@ def _is_stack(path) -> bool:
 
 
 def _train(args) -> int:
+    if args.interactive:
+        return _train_interactive(args)
+    for name in ("extra_data", "window"):
+        if getattr(args, name) is not None:
+            raise ValueError(f"--{name.replace('_', '-')} goes with --interactive")
     from .engine.infer import Cancelled
     from .engine.model import load_model
     from .engine.train import TrainConfig, _check_out, train
@@ -480,7 +493,7 @@ def _train(args) -> int:
         else:
             bar.write(f"epoch {p.epoch}: loss {p.loss:.4f}, val Dice {p.val_dice:.4f}, {p.elapsed / 60:.1f} min")
 
-    command = _command_line("train")
+    command = _command_line(args)
     with _StopGently(bar) as stop:
         try:
             result = train(model, args.data, out=args.out, epochs=args.epochs, max_minutes=args.max_minutes,
@@ -514,6 +527,41 @@ def _train(args) -> int:
               "instead", file=sys.stderr)
         return 1
     return 130 if result.cancelled else 0
+
+
+#: What `medrwkv train --interactive` does not take: its examples are objects cut as refine cuts them.
+_NOT_INTERACTIVE = ("epochs", "patch_size", "samples_per_epoch", "input_scale", "freeze", "foreground",
+                    "augment_strength", "blend", "workers", "val_include")
+
+
+def _train_interactive(args) -> int:
+    from .engine.interactive_train import InteractiveConfig, train_interactive
+    from .engine.train import _check_out
+    given = [f"--{name.replace('_', '-')}" for name in _NOT_INTERACTIVE if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} do(es) not apply to --interactive training; leave them out")
+    if args.max_minutes is None:
+        raise ValueError("--interactive training runs for a time: give --max-minutes")
+    _check_out(args.out)
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(errno.EEXIST, "exists; pass --overwrite to replace it, or choose another --out",
+                              args.out)
+    cfg = InteractiveConfig()
+    for name, field in (("lr", "lr"), ("batch_size", "batch_size"), ("seed", "seed"), ("ema", "ema"),
+                        ("window", "input_size")):
+        if getattr(args, name) is not None:
+            setattr(cfg, field, getattr(args, name))
+    folders = [args.data] + list(args.extra_data or [])
+    bar = _LazyBar("train", "step")
+    with _StopGently(bar) as stop:
+        out, score = train_interactive(args.model, folders, args.out, args.max_minutes, split=args.split,
+                                       val_split=args.val_split, config=cfg, device=args.device,
+                                       progress=bar.write, cancel=stop.requested, command=_command_line(args),
+                                       overwrite=args.overwrite)
+    bar.close()
+    how = "interrupted; saved the best weights so far" if stop.requested() else "wrote"
+    print(f"{how} {out} (mean IoU over the first {cfg.val_clicks} clicks of the validation objects: {score:.4f})")
+    return 130 if stop.requested() else 0
 
 
 class _StopGently:
@@ -614,9 +662,9 @@ def _record(path: Path, scores: dict, data: str, split, include) -> None:
     print(f"recorded as {prefix}_* in {path}")
 
 
-def _command_line(command: str) -> str:
-    """How this run was started, for a checkpoint's provenance."""
-    return "medrwkv " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else f"medrwkv {command}"
+def _command_line(args) -> str:
+    """How this run was started (the arguments ``main`` was given), for a checkpoint's provenance."""
+    return "medrwkv " + " ".join(shlex.quote(str(a)) for a in args.argv)
 
 
 def describe_inference(settings: dict) -> list:
@@ -669,7 +717,7 @@ def _calibrate(args) -> int:
     info.inference = dict(result["inference"])
     where = _described_data(args.data, args.split, result["n"], include)
     info.metrics.update(calibrated_on=where, calibrated_dice=result["dice"], uncalibrated_dice=result["baseline_dice"])
-    info.training["calibration"] = _command_line("calibrate")
+    info.training["calibration"] = _command_line(args)
     write_info(source, info, out, overwrite=args.overwrite)
     chosen = ", ".join(describe_inference(info.inference)) or "the defaults (no flips, threshold 0.5, every object)"
     print(f"chose {chosen}: Dice {result['dice']:.4f} against {result['baseline_dice']:.4f} with the defaults, "
@@ -687,7 +735,7 @@ def _average(args) -> int:
         shares = [float(s) for s in args.shares.split(",")] if args.shares else None
     except ValueError:
         raise ValueError(f"--shares {args.shares!r}: give one number per checkpoint, e.g. 0.5,0.5") from None
-    model = average_models(args.inputs, shares, command=_command_line("average"))
+    model = average_models(args.inputs, shares, command=_command_line(args))
     save_checkpoint(model.net, out, model.info, overwrite=args.overwrite)
     weights = ", ".join(f"{Path(a['source']).stem} {a['share']:.0%}" for a in model.info.training["averaged"])
     print(f"wrote {out}: the weights of {weights}, with default inference settings (run calibrate on validation "
@@ -709,7 +757,7 @@ def _appearance(args) -> int:
     n = len(profile["samples"])
     measured = (f"{n} of them measured, evenly spaced",) if n < len(pairs) else ()
     measured_on = _described_data(args.data, args.split, len(pairs), include, measured)
-    info.training["appearance"] = {**profile, "measured_on": measured_on, "command": _command_line("appearance")}
+    info.training["appearance"] = {**profile, "measured_on": measured_on, "command": _command_line(args)}
     write_info(path, info)
     print(f"recorded the appearance of {measured_on} in {path}")
     return 0

@@ -202,3 +202,33 @@ def test_training_rounds_add_the_clickers_click_and_feed_the_prediction_back(pro
     assert x.shape == (3, 3 + PROMPT_CHANNELS, 64, 64)
     assert all(len(e.points) <= b + 2 for e, b in zip(examples, before))
     assert all(e.mask is not None and e.mask.shape == (64, 64) for e in examples)
+
+
+# --------------------------------------------------------------------------- the command line
+def test_medrwkv_train_interactive_writes_a_prompt_aware_checkpoint(sample_folder, tmp_path, prompt_checkpoint, capsys):
+    from napari_medrwkv.cli import main
+    _, start = prompt_checkpoint
+    out = tmp_path / "clicks.safetensors"
+    assert main(["train", "--interactive", "--model", start, "--data", str(sample_folder), "--max-minutes", "0.05",
+                 "--batch-size", "2", "--window", "64", "--device", "cpu", "--out", str(out)]) == 0
+    info = read_info(out)
+    assert info.prompt_channels == PROMPT_CHANNELS and info.tile_size == 64
+    assert info.class_names == ["background", "object"]
+    assert info.training["interactive"] and info.training["command"].startswith("medrwkv train --interactive")
+    assert str(out) in capsys.readouterr().out
+    image = read_image(SAMPLES / "nuclei_fluorescence.png")
+    assert refine(image, points=[(100, 100, True)], model=str(out)).shape == image.shape[:2]
+
+
+def test_medrwkv_train_interactive_refuses_what_does_not_apply(sample_folder, tmp_path, prompt_checkpoint, capsys):
+    from napari_medrwkv.cli import main
+    _, start = prompt_checkpoint
+    out = tmp_path / "never.safetensors"
+    base = ["train", "--model", start, "--data", str(sample_folder), "--out", str(out)]
+    assert main(base + ["--interactive", "--max-minutes", "1", "--patch-size", "64"]) != 0
+    assert "--patch-size do(es) not apply to --interactive" in capsys.readouterr().err
+    assert main(base + ["--interactive"]) != 0
+    assert "give --max-minutes" in capsys.readouterr().err
+    assert main(base + ["--epochs", "1", "--window", "64"]) != 0
+    assert "--window goes with --interactive" in capsys.readouterr().err
+    assert not out.exists()

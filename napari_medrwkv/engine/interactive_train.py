@@ -42,7 +42,7 @@ class InteractiveConfig:
     input_size: int = INPUT_SIZE
     max_rounds: int = 3                  # clicks added without gradients before a step
     ema: float = 0.995
-    validate_every_minutes: float = 10.0
+    validate_every_minutes: float = 12.0
     val_objects: int = 20                # per dataset folder
     val_clicks: int = 5
     seed: int = 0
@@ -285,9 +285,12 @@ def validate(model: SegmentationModel, objects, clicks: int) -> float:
 def train_interactive(start, folders: Sequence, out, max_minutes: float, split: str = "train",
                       val_split: Optional[str] = "val", config: InteractiveConfig = InteractiveConfig(),
                       device="cpu", progress: Optional[Callable[[str], None]] = None,
-                      cancel: Optional[Callable[[], bool]] = None, command: str = "") -> Tuple[Path, float]:
+                      cancel: Optional[Callable[[], bool]] = None, command: str = "",
+                      overwrite: bool = True) -> Tuple[Path, float]:
     """Train a prompt-aware model from ``start`` on the objects of ``folders``; save the EMA
-    weights that scored best on the validation objects to ``out``.  Returns (out, best score)."""
+    weights that scored best on the validation objects to ``out`` (each better score replaces the
+    last; ``overwrite=False``: a file at ``out`` made by anyone else is never replaced).
+    Returns (out, best score)."""
     say = progress or (lambda text: None)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
@@ -302,7 +305,7 @@ def train_interactive(start, folders: Sequence, out, max_minutes: float, split: 
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     budget, begun = max_minutes * 60, time.monotonic()
     names = sorted(train_items)
-    best, history, step, last_val = -1.0, [], 0, begun
+    best, history, step, last_val, saved = -1.0, [], 0, begun, []
     in_chans = model.info.in_chans
 
     def evaluate_and_keep():
@@ -318,7 +321,8 @@ def train_interactive(start, folders: Sequence, out, max_minutes: float, split: 
                 "val_split": val_split, "steps": step, "minutes": round((time.monotonic() - begun) / 60, 1),
                 "val_score": score, "val_metric": f"mean IoU over the first {config.val_clicks} clicks",
                 "config": config.__dict__, "command": command, "history": list(history)})
-            save_checkpoint(copy.deepcopy(average.net).cpu(), out, info)
+            save_checkpoint(copy.deepcopy(average.net).cpu(), out, info, overwrite=bool(overwrite or saved))
+            saved.append(out)
 
     while time.monotonic() - begun < budget and not (cancel and cancel()):
         for group in optimizer.param_groups:

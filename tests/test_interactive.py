@@ -232,3 +232,11 @@ def test_medrwkv_train_interactive_refuses_what_does_not_apply(sample_folder, tm
     assert main(base + ["--epochs", "1", "--window", "64"]) != 0
     assert "--window goes with --interactive" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_whole_mask_training_refuses_a_prompt_aware_model(prompt_checkpoint, sample_folder, tmp_path):
+    import napari_medrwkv as nm
+    path, _ = prompt_checkpoint
+    with pytest.raises(ValueError, match="prompt-aware model .* medrwkv train --interactive"):
+        nm.train(path, sample_folder, out=tmp_path / "x.safetensors", epochs=1)
+    assert not (tmp_path / "x.safetensors").exists()

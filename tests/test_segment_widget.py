@@ -470,3 +470,10 @@ def test_the_image_menu_follows_the_layer_just_opened_or_selected(make_napari_vi
     assert widget.image_combo.currentText() == "opened"
     _click_layer(viewer, qtbot, "first [nuclei-test]")
     assert widget.image_combo.currentText() == "first"
+
+
+def test_the_model_menu_lists_no_model_that_needs_clicks(widget):
+    from napari_medrwkv.engine.model import list_automatic, list_shipped, read_model_info
+    items = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
+    for name in list_shipped():
+        assert (name in items) == (name in list_automatic()) == (read_model_info(name).prompt_channels == 0)

@@ -96,6 +96,12 @@ def list_shipped() -> List[str]:
     return sorted(p.stem for p in weights_dir().glob("*.safetensors"))
 
 
+def list_automatic() -> List[str]:
+    """The shipped models that segment whole images on their own (not the prompt-aware ones, which
+    take clicks: ``refine``)."""
+    return [name for name in list_shipped() if not read_info(shipped_path(name)).prompt_channels]
+
+
 def shipped_path(name: str) -> Path:
     """The file of the shipped checkpoint ``name`` (one of :func:`list_shipped`)."""
     return weights_dir() / f"{name}.safetensors"

@@ -175,6 +175,9 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     np.random.seed(cfg.seed)
 
     model = load_model(model_or_name, device=device)
+    if model.info.prompt_channels:
+        raise ValueError(f"{model.name} is a prompt-aware model (click to fix): it learns from clicks, not whole "
+                         "masks; train it with medrwkv train --interactive")
     model = SegmentationModel(copy.deepcopy(model.net), copy.deepcopy(model.info), model.source, model.device)
     train_items, val_items = _split_items(data, split, val_data, val_split, cfg)
     _check_apart(train_items, val_items, data, split, val_data, val_split)

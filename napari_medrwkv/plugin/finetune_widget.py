@@ -265,10 +265,10 @@ class FineTuneWidget(QWidget):
 
     # ------------------------------------------------------------------ models
     def _fill_models_and_devices(self):
-        from ..engine.model import available_devices, list_shipped
+        from ..engine.model import available_devices, list_automatic
         model, device = self.model_combo.currentText(), self.device_combo.currentText()
         gone = session.forgotten()
-        sources = [source for source in dict.fromkeys(list_shipped() + session.registered() + session.opened()
+        sources = [source for source in dict.fromkeys(list_automatic() + session.registered() + session.opened()
                                                       + self._extra_sources) if source not in gone]
         refill(self.model_combo, sources + [BROWSE], [model] if model in sources else [])
         self.device_combo.clear()

@@ -155,10 +155,10 @@ class SegmentWidget(QWidget):
     def _fill_models_and_devices(self):
         """(Re)list the models, keeping the current one (a change resets the inference settings the
         user set for it), and the devices."""
-        from ..engine.model import available_devices, list_shipped
+        from ..engine.model import available_devices, list_automatic
         current = self.model_combo.currentText()
         gone = session.forgotten()
-        sources = [source for source in dict.fromkeys(list_shipped() + session.registered() + session.opened()
+        sources = [source for source in dict.fromkeys(list_automatic() + session.registered() + session.opened()
                                                       + self._extra_sources) if source not in gone]
         refill(self.model_combo, sources + [BROWSE], [current] if current in sources else [],
                {source: _description(source) for source in sources})

@@ -4,7 +4,8 @@
 #
 #   scripts/reproduce_weights.sh [--dry-run] NAME [WORKDIR]
 #
-# NAME is a file stem in weights/ (rwkv_unet_t-dsb2018, rwkv_unet_t-kvasir, rwkv_unet_t-busi).
+# NAME is a file stem in weights/ (rwkv_unet_t-dsb2018, rwkv_unet_t-kvasir, rwkv_unet_t-busi,
+# rwkv_unet_t-interactive).
 # Each step continues from the previous step's checkpoint; the steps and the final file go to
 # WORKDIR (default runs/NAME), never over weights/.  Data are read from $MEDRWKV_DATA
 # (default ../shared/data, as for development).  The steps without --device ran on CPU with
@@ -18,7 +19,7 @@
 set -euo pipefail
 set -f      # no file-name expansion: stem patterns such as benign_* are arguments, not globs
 
-usage() { echo "usage: $0 [--dry-run] NAME [WORKDIR]   (NAME: rwkv_unet_t-dsb2018 | rwkv_unet_t-kvasir | rwkv_unet_t-busi)" >&2; exit 2; }
+usage() { echo "usage: $0 [--dry-run] NAME [WORKDIR]   (NAME: rwkv_unet_t-dsb2018 | rwkv_unet_t-kvasir | rwkv_unet_t-busi | rwkv_unet_t-interactive)" >&2; exit 2; }
 
 # A command as a shell would need it typed: benign_* stays a pattern, a path with spaces one word.
 show() {
@@ -82,6 +83,17 @@ rwkv_unet_t-busi)
     # One lesion per image: the threshold, largest-object filter and flips chosen on the val
     # images with a lesion, as the epochs were (a normal image scores Dice 1 or 0).
     CALIBRATE="--split val --include benign_*,malignant_* --try-flips"
+    ;;
+rwkv_unet_t-interactive)
+    DATASET=kvasir-seg
+    # Click to fix, for any kind of image: the polyp model grown into a prompt-aware one (its
+    # recipe runs first), trained by simulated users on the objects of all three sets (polyps,
+    # lesions, every nucleus its own object).  One CPU thread, beside other work.
+    BASE=rwkv_unet_t-kvasir
+    CLASSES=background,object
+    STEPS=(
+        "--interactive --extra-data $DATA_ROOT/busi --extra-data $DATA_ROOT/dsb2018 --window 160 --lr 5e-4 --batch-size 8 --ema 0.995 --max-minutes 85"
+    )
     ;;
 *)
     echo "[medrwkv] unknown checkpoint '$NAME'" >&2; usage ;;

@@ -14,6 +14,7 @@ from napari_medrwkv.engine.checkpoint import read_info
 from napari_medrwkv.engine.datasets import find_pairs
 from napari_medrwkv.engine.imageio import read_image, read_mask
 from napari_medrwkv.engine.metrics import dice
+from napari_medrwkv.engine.model import list_automatic
 from napari_medrwkv._resources import weights_dir
 from napari_medrwkv.cli import _parser
 
@@ -85,7 +86,7 @@ def test_polyp_and_ultrasound_models_on_unseen_test_images(name, shared_data):
 # One command per checkpoint (docs/shipped-weights.md): scripts/reproduce_weights.sh NAME runs the chain of
 # `medrwkv train` steps.  Its last step must be the command recorded in the shipped file, so
 # the script cannot drift from the weights it claims to reproduce.
-SHIPPED = ["rwkv_unet_t-dsb2018", "rwkv_unet_t-kvasir", "rwkv_unet_t-busi"]
+SHIPPED = ["rwkv_unet_t-dsb2018", "rwkv_unet_t-kvasir", "rwkv_unet_t-busi", "rwkv_unet_t-interactive"]
 
 
 def _reproduce_script(*args, env=None):
@@ -134,10 +135,20 @@ def test_reproduce_script_ends_with_the_command_recorded_in_the_shipped_file(nam
         assert info.metrics["calibrated_dice"] >= info.metrics["uncalibrated_dice"]
 
     recorded = _train_args(shlex.split(info.training["command"]))
-    ignore = {"model", "out", "device", "data", "run"}                 # paths of the machine it ran on
+    ignore = {"model", "out", "device", "data", "extra_data", "run"}   # paths of the machine it ran on
     assert {k: v for k, v in steps[-1].items() if k not in ignore} == \
            {k: v for k, v in recorded.items() if k not in ignore}
     assert Path(steps[-1]["data"]).name == Path(recorded["data"]).name
+    assert [Path(f).name for f in steps[-1]["extra_data"] or []] == [Path(f).name for f in recorded["extra_data"] or []]
+
+
+def test_the_click_to_fix_model_is_shipped_with_its_provenance():
+    name = "rwkv_unet_t-interactive"
+    info = read_info(weights_dir() / f"{name}.safetensors")
+    assert info.prompt_channels == 4 and info.class_names == ["background", "object"]
+    assert info.training["interactive"] and info.training["command"].startswith("medrwkv train")
+    assert sorted(Path(f).name for f in info.training["data"]) == ["busi", "dsb2018", "kvasir-seg"]
+    assert name in nm.list_shipped() and name not in list_automatic()     # it takes clicks: refine, not segment
 
 
 def test_reproduce_script_keeps_a_work_folder_with_spaces_and_quotes_in_one_word(tmp_path):

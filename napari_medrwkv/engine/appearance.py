@@ -158,11 +158,12 @@ def effective_distance(profile: dict, features: np.ndarray) -> float:
 
 
 def suggest_model(image, sources: Optional[List[str]] = None) -> Optional[Suggestion]:
-    """The model among ``sources`` (default: the shipped ones) whose training images look most
-    like ``image``, or None when the image fits none of them (see :func:`fit_threshold`)."""
-    from .model import list_shipped, read_model_info
+    """The model among ``sources`` (default: the shipped models that segment on their own) whose
+    training images look most like ``image``, or None when the image fits none of them (see
+    :func:`fit_threshold`)."""
+    from .model import list_automatic, read_model_info
     profiles, bases = {}, {}
-    for source in list_shipped() if sources is None else sources:
+    for source in list_automatic() if sources is None else sources:
         try:
             info = read_model_info(source)
         except ValueError:           # a damaged file is not a candidate; loading it says what is wrong

@@ -75,26 +75,6 @@ def paint_object(before: np.ndarray, mask: np.ndarray, object_id: int, overwrite
     return after
 
 
-def write_planes(layer: Labels, planes: Dict[int, np.ndarray]) -> int:
-    """Write ``{slice index: labels}`` (slice 0 of a 2-D layer) into ``layer`` as ONE step of napari's
-    undo, as the user's own edits are: review marks stay as they are.  The number of pixels changed."""
-    data = layer.data
-    where, values = [], []
-    for index, plane in sorted(planes.items()):
-        before = np.asarray(data if data.ndim == 2 else data[index])
-        changed = np.nonzero(before != plane)
-        if changed[0].size == 0:
-            continue
-        values.append(plane[changed])
-        where.append(changed if data.ndim == 2 else (np.full(changed[0].size, index, np.intp),) + changed)
-    if not where:
-        return 0
-    indices = tuple(np.concatenate(axis) for axis in zip(*where))
-    with layer.block_history():                 # everything inside is one undo step
-        layer.data_setitem(indices, np.concatenate(values).astype(data.dtype, copy=False))
-    return int(indices[0].size)
-
-
 def prompt_aware(source: str) -> bool:
     """Whether a shipped name or a checkpoint file takes clicks (False for anything unreadable)."""
     from ..engine.model import read_model_info
@@ -838,7 +818,7 @@ class ClickToFixWidget(QWidget):
             before = np.asarray(target.data if index is None else target.data[index])
             planes[0 if index is None else index] = paint_object(before, mask, plan["object_id"],
                                                                  plan["overwrite"], plan["replace"])
-        changed = write_planes(target, planes)
+        _, changed = review.write_slices(target, planes)
         target.refresh()
         slices = "" if plan["index"] is None else \
             f" on slice{'s' if len(masks) > 1 else ''} {', '.join(str(i) for i in sorted(masks))}"

@@ -135,14 +135,14 @@ def set_reviewed(labels_layer, index: int, value: bool = True) -> None:
         changed.emit(labels_layer)
 
 
-def replace_slices(labels_layer, planes: Dict[int, np.ndarray]) -> int:
-    """Write ``{slice index: labels}`` into ``labels_layer`` as ONE step of napari's undo, and unmark
-    every slice whose labels changed (nobody has reviewed the new labels).  Returns the number of
-    pixels changed.  A 2-D layer is slice 0."""
+def write_slices(labels_layer, planes: Dict[int, np.ndarray]):
+    """Write ``{slice index: labels}`` into ``labels_layer`` as ONE step of napari's undo, as the
+    user's own edits are: review marks stay as they are.  A 2-D layer is slice 0.  Returns (the
+    slices that changed, the number of pixels changed)."""
     data = labels_layer.data
     indices, values, changed_slices = [], [], []
     for index, plane in sorted(planes.items()):
-        before = data if data.ndim == 2 else data[index]
+        before = np.asarray(data if data.ndim == 2 else data[index])
         if before.shape != plane.shape:
             raise ValueError(f"labels of shape {plane.shape} do not fit slice {index} of {labels_layer.name} "
                              f"({before.shape})")
@@ -150,18 +150,23 @@ def replace_slices(labels_layer, planes: Dict[int, np.ndarray]) -> int:
         if where[0].size == 0:
             continue
         changed_slices.append(index)
-        if data.ndim == 3:
-            where = (np.full(where[0].size, index, dtype=np.intp),) + where
-        indices.append(where)
-        values.append(plane[where[-2:]])
+        values.append(plane[where])
+        indices.append(where if data.ndim == 2 else (np.full(where[0].size, index, dtype=np.intp),) + where)
     if not indices:
-        return 0
+        return [], 0
     where = tuple(np.concatenate(axis) for axis in zip(*indices))
     with labels_layer.block_history():          # everything inside is one undo step
         labels_layer.data_setitem(where, np.concatenate(values).astype(data.dtype, copy=False))
+    return changed_slices, int(where[0].size)
+
+
+def replace_slices(labels_layer, planes: Dict[int, np.ndarray]) -> int:
+    """:func:`write_slices` for labels the plugin computed: every slice whose labels changed is
+    unmarked (nobody has reviewed the new labels).  Returns the number of pixels changed."""
+    changed_slices, pixels = write_slices(labels_layer, planes)
     for index in changed_slices:
         set_reviewed(labels_layer, index, False)
-    return int(where[0].size)
+    return pixels
 
 
 def reviewed_pairs(layers) -> List[ReviewedPair]:

@@ -151,7 +151,7 @@ def test_read_errors_name_the_file(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:200])
     bad_tif = tmp_path / "bad.tif"
     bad_tif.write_bytes(b"II*\x00" + b"\x00" * 10)
-    other = tmp_path / "scan.nii"
+    other = tmp_path / "table.csv"
     other.write_bytes(b"x")
     missing = tmp_path / "missing.png"
     for path, words in [(corrupt, "cannot read"), (truncated, "cannot read"), (bad_tif, "cannot read"),

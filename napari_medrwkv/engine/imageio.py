@@ -42,7 +42,7 @@ def _check_file(path: Path, what: str) -> None:
     if not path.is_file():
         raise DataError(f"{what} {path} is not a regular file (a pipe, socket or device); save the image to a file "
                         "and give that")
-    if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+    if path.suffix.lower() not in SUPPORTED_EXTENSIONS and not _scan_suffix(path):
         raise DataError(f"{what} {path} has an unsupported extension {path.suffix!r}; "
                         f"supported: {', '.join(SUPPORTED_EXTENSIONS)}. Convert it to PNG or TIFF")
 
@@ -149,6 +149,9 @@ def read_image(path: PathLike) -> np.ndarray:
     missing, unsupported, unreadable or corrupt.
     """
     path = Path(path)
+    if _scan_suffix(path) or _is_dicom_folder(path):    # NIfTI, NRRD, MetaImage, DICOM: engine/scans.py
+        from .scans import read_scan
+        return read_scan(path).array
     array = _read_array(path, "image")
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
@@ -164,7 +167,9 @@ def list_image_files(paths: Sequence[PathLike]) -> List[Path]:
     for path in map(Path, paths):
         if path.is_dir():
             inside = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")
-                      and p.suffix.lower() in SUPPORTED_EXTENSIONS]
+                      and (p.suffix.lower() in SUPPORTED_EXTENSIONS or _scan_suffix(p) not in ("", ".dcm"))]
+            if not inside and _is_dicom_folder(path):   # a DICOM series is read whole, from its folder
+                inside = [path]
             if not inside:
                 raise DataError(f"folder {path} has no image files ({', '.join(SUPPORTED_EXTENSIONS)}); "
                                 "choose the folder that holds the images")
@@ -173,6 +178,19 @@ def list_image_files(paths: Sequence[PathLike]) -> List[Path]:
             _check_file(path, "image")
             files.append(path)
     return files
+
+
+def _scan_suffix(path: Path) -> str:
+    from .scans import scan_suffix
+    return scan_suffix(path)
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    from .scans import is_dicom_folder
+    try:
+        return is_dicom_folder(path)
+    except ImportError:             # no SimpleITK: not read as a scan, so said to hold no images
+        return False
 
 
 def read_mask(path: PathLike, num_classes: int) -> np.ndarray:

@@ -199,9 +199,6 @@ def _parser():
                     help="from trained weights: keep this share of the best epoch's weights, the rest the "
                          "start's (e.g. 0.75 for a few-shot fine-tuning; default 1, the epoch alone)")
     tr.add_argument("--workers", type=_number(int, 0), help="DataLoader worker processes")
-    tr.add_argument("--instances", choices=["border"],
-                    help="train an instance model (one label per object) from instance masks: 'border' adds a "
-                         "touching-border output to a binary model (see docs/reference.md, Instances)")
     tr.add_argument("--overwrite", action="store_true", help="replace --out if it exists (it may be --model itself)")
     tr.add_argument("--in-chans", type=POSITIVE_INT, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=POSITIVE_INT, default=1, help="classes for a bare architecture (1 = binary)")
@@ -222,10 +219,6 @@ def _parser():
     ev.add_argument("--tile", type=_number(int, MIN_TILE))
     ev.add_argument("--include", help="comma-separated stem patterns to score, e.g. 'benign_*,malignant_*' "
                                       "(default: every pair of the split)")
-    ev.add_argument("--instances", action=argparse.BooleanOptionalAction, default=None,
-                    help="also score objects against instance masks: accuracy at IoU 0.5 and 0.75, DSB2018 score, "
-                         "panoptic quality (default: on for an instance model; a binary model's objects are its "
-                         "connected components)")
     _inference_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ev.add_argument("--record", action="store_true",
@@ -482,7 +475,7 @@ def _train(args) -> int:
                                             "another --out", args.out)
     cfg = TrainConfig()
     for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale", "freeze",
-                 "foreground", "augment_strength", "ema", "blend", "instances"):
+                 "foreground", "augment_strength", "ema", "blend"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.workers is not None:
@@ -538,7 +531,7 @@ def _train(args) -> int:
 
 #: What `medrwkv train --interactive` does not take: its examples are objects cut as refine cuts them.
 _NOT_INTERACTIVE = ("epochs", "patch_size", "samples_per_epoch", "input_scale", "freeze", "foreground",
-                    "augment_strength", "blend", "workers", "val_include", "instances")
+                    "augment_strength", "blend", "workers", "val_include")
 
 
 def _train_interactive(args) -> int:
@@ -610,17 +603,12 @@ def _evaluate(args) -> int:
     include = _patterns(args.include)
     record_into = _checkpoint_file(args.model) if args.record else None     # fail before the long part
     scores = evaluate(args.model, args.data, split=args.split, device=args.device, tile=args.tile,
-                      progress=progress, include=include, instances=args.instances, **_inference_kwargs(args))
+                      progress=progress, include=include, **_inference_kwargs(args))
     bar.close()
     if record_into is not None:
         _record(record_into, scores, args.data, args.split, include)
     print(f"n={scores['n']}  Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
           + (f"  (HD95 undefined for {scores['hd95_undefined']})" if scores["hd95_undefined"] else ""))
-    if "dsb" in scores:
-        print(f"objects: accuracy@0.5 {scores['accuracy50']:.4f}  accuracy@0.75 {scores['accuracy75']:.4f}  "
-              f"DSB score {scores['dsb']:.4f}  PQ {scores['pq']:.4f}  (means over images; pooled: accuracy@0.5 "
-              f"{scores['accuracy50_pooled']:.4f}, accuracy@0.75 {scores['accuracy75_pooled']:.4f}, "
-              f"PQ {scores['pq_pooled']:.4f})")
     if args.json:
         print(json.dumps(_json_safe(scores), allow_nan=False))
     return 0
@@ -651,8 +639,6 @@ def _checkpoint_file(model: str, why: str = "--record stores the scores in a che
 
 #: What ``evaluate --record`` stores per split, as PREFIX_key.
 RECORDED_KEYS = ("dice", "iou", "hd95", "n", "split")
-#: ... and, when objects were scored (--instances), these too.
-INSTANCE_KEYS = ("accuracy50", "accuracy75", "dsb", "pq", "accuracy50_pooled")
 
 
 def _patterns(text):
@@ -671,7 +657,7 @@ def _record(path: Path, scores: dict, data: str, split, include) -> None:
     prefix = split or "all"
     described = _described_data(data, split, scores["n"], include, describe_inference(scores["inference"]))
     values = {key: (None if isinstance(scores[key], float) and math.isnan(scores[key]) else scores[key])
-              for key in RECORDED_KEYS[:-1] + INSTANCE_KEYS if key in scores}
+              for key in RECORDED_KEYS[:-1]}
     record_metrics(path, {f"{prefix}_{key}": value for key, value in {**values, "split": described}.items()})
     print(f"recorded as {prefix}_* in {path}")
 
@@ -708,7 +694,7 @@ def _new_checkpoint_path(out: str, overwrite: bool, note: str = "") -> Path:
 
 def _calibrate(args) -> int:
     from .engine.calibrate import calibrate
-    from .engine.checkpoint import write_info
+    from .engine.checkpoint import update_info
     from .engine.model import load_model
     source = _checkpoint_file(args.model, "calibrate writes the chosen settings into a copy of a checkpoint file")
     out = _new_checkpoint_path(args.out, args.overwrite, " (it may be --model itself)")
@@ -726,13 +712,17 @@ def _calibrate(args) -> int:
     for row in result["grid"]:
         words = ", ".join(describe_inference(row)) or "defaults"
         print(f"  Dice {row['dice']:.4f}  {words}")
-    info = model.info
-    stale = _drop_recorded_scores(info.metrics)
-    info.inference = dict(result["inference"])
     where = _described_data(args.data, args.split, result["n"], include)
-    info.metrics.update(calibrated_on=where, calibrated_dice=result["dice"], uncalibrated_dice=result["baseline_dice"])
-    info.training["calibration"] = _command_line(args)
-    write_info(source, info, out, overwrite=args.overwrite)
+    stale = []
+
+    def calibrated(info):      # applied to the header as it is when writing, not as it was at the start
+        stale.extend(_drop_recorded_scores(info.metrics))
+        info.inference = dict(result["inference"])
+        info.metrics.update(calibrated_on=where, calibrated_dice=result["dice"],
+                            uncalibrated_dice=result["baseline_dice"])
+        info.training["calibration"] = _command_line(args)
+
+    info = update_info(source, calibrated, out, overwrite=args.overwrite)
     chosen = ", ".join(describe_inference(info.inference)) or "the defaults (no flips, threshold 0.5, every object)"
     print(f"chose {chosen}: Dice {result['dice']:.4f} against {result['baseline_dice']:.4f} with the defaults, "
           f"on {where}; wrote {out}")
@@ -759,7 +749,7 @@ def _average(args) -> int:
 
 def _appearance(args) -> int:
     from .engine.appearance import pairs_profile
-    from .engine.checkpoint import read_info, write_info
+    from .engine.checkpoint import read_info, update_info
     from .engine.datasets import find_pairs, pairs_matching
     path = _checkpoint_file(args.model, "appearance stores the profile in a checkpoint file")
     info = read_info(path)            # a damaged file fails before the images are read
@@ -771,8 +761,8 @@ def _appearance(args) -> int:
     n = len(profile["samples"])
     measured = (f"{n} of them measured, evenly spaced",) if n < len(pairs) else ()
     measured_on = _described_data(args.data, args.split, len(pairs), include, measured)
-    info.training["appearance"] = {**profile, "measured_on": measured_on, "command": _command_line(args)}
-    write_info(path, info)
+    recorded = {**profile, "measured_on": measured_on, "command": _command_line(args)}
+    update_info(path, lambda current: current.training.update(appearance=recorded))
     print(f"recorded the appearance of {measured_on} in {path}")
     return 0
 

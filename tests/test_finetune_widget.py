@@ -406,3 +406,54 @@ def test_the_time_budget_leaves_room_for_the_last_validations(slow_to_validate, 
     longest_step = max(b - a for a, b in zip(steps, steps[1:])) if len(steps) > 1 else steps[0] - validation
     # (The first step is taken whatever the time: on a loaded machine one validation may take most of the budget.)
     assert steps[-1] <= max(budget - 2 * validation, steps[0]) + longest_step + 0.1, (steps, validation)
+
+
+def test_a_file_made_at_the_output_while_training_is_kept_and_the_model_saved_beside_it(loop, qtbot, tmp_path,
+                                                                                        errors):
+    # The output did not exist when the user pressed Fine-tune, so nobody agreed to replace it.
+    widget = loop
+    out = tmp_path / "mine.safetensors"
+    theirs = b"a model another program saved there meanwhile"
+    _tiny(widget, out, epochs=1)
+    from qtpy.QtCore import Qt
+    # Direct: in the training thread, while it trains (not queued until after it saved).
+    widget._relay.progressed.connect(lambda p: out.exists() or out.write_bytes(theirs),
+                                     Qt.ConnectionType.DirectConnection)
+    widget.run()
+    _wait(widget, qtbot)
+    assert not errors, errors
+    assert out.read_bytes() == theirs
+    beside = tmp_path / "mine.1.safetensors"
+    read_info(beside)
+    assert str(beside) in widget.status.text() and "left as it is" in widget.status.text()
+    assert session.registered() == [str(beside)]
+
+
+def test_finished_weights_that_no_folder_takes_are_kept_until_saved_with_save_as(loop, qtbot, tmp_path, monkeypatch,
+                                                                               errors):
+    import shutil
+    import tempfile
+    widget = loop
+    usb, gone = tmp_path / "usb", tmp_path / "gone"
+    for folder in (usb, gone):
+        folder.mkdir()
+    # Every place the weights could go vanishes while training runs: the output's folder, the
+    # temporary folder, the home folder and the working folder.
+    monkeypatch.setattr(tempfile, "tempdir", str(gone / "tmp"))
+    monkeypatch.setenv("HOME", str(gone / "home"))
+    monkeypatch.chdir(gone)
+    _tiny(widget, usb / "m.safetensors", epochs=1)
+    from qtpy.QtCore import Qt
+    widget._relay.progressed.connect(lambda p: [shutil.rmtree(f, ignore_errors=True) for f in (usb, gone)],
+                                     Qt.ConnectionType.DirectConnection)
+    widget.run()
+    _wait(widget, qtbot)
+    assert len(errors) == 1 and "could not be saved" in errors[0] and "Save as" in errors[0]
+    assert "not be saved" in widget.busy()                 # quitting now would ask first
+    assert session.registered() == []
+    chosen = tmp_path / "rescued.safetensors"
+    monkeypatch.setattr(finetune_widget.QFileDialog, "getSaveFileName", lambda *a, **k: (str(chosen), ""))
+    widget._browse_output()
+    assert read_info(chosen).training["history"]           # the trained run, with its provenance
+    assert widget.busy() == "" and session.registered() == [str(chosen)]
+    assert "Saved " + str(chosen) in widget.status.text()

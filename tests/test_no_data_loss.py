@@ -155,6 +155,101 @@ def test_a_folder_gone_at_the_end_of_training_sends_the_weights_to_the_temporary
     load_checkpoint(result.path)
 
 
+def test_the_weights_of_a_run_no_folder_takes_come_back_to_the_caller(sample_folder, tmp_path, monkeypatch):
+    import shutil
+    from napari_medrwkv.engine.checkpoint import save_checkpoint
+    from napari_medrwkv.engine.train import TrainConfig, WeightsNotSaved, train
+    usb, gone = tmp_path / "usb", tmp_path / "gone"
+    for folder in (usb, gone):
+        folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(gone / "tmp"))
+    monkeypatch.setenv("HOME", str(gone / "home"))
+    monkeypatch.chdir(gone)
+
+    def progress(p):                       # every place the weights could go vanishes
+        for folder in (usb, gone):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    with pytest.raises(WeightsNotSaved) as caught:
+        train("ds_vrwkv_t", str(sample_folder), out=usb / "m.safetensors", epochs=1, device="cpu", progress=progress,
+              config=TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=4, num_workers=0))
+    message = str(caught.value)
+    assert "nothing was saved" in message and str(usb / "m.safetensors") in message and str(gone / "tmp") in message
+    assert not usb.exists() and not gone.exists()
+    model, result = caught.value.model, caught.value.result
+    assert len(result.history) == 1
+    save_checkpoint(model.net, tmp_path / "later.safetensors", model.info)      # what a caller that lives on does
+    assert load_checkpoint(tmp_path / "later.safetensors")[1].training["history"]
+
+
+def test_too_little_room_for_the_checkpoint_is_refused_before_training(sample_folder, tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: usage(10 << 30, 10 << 30, 300 << 10)
+                        if Path(where).resolve() == tmp_path.resolve() else real(where))
+    started = time.monotonic()
+    assert main(["train", "--model", "ds_vrwkv_t", "--data", str(sample_folder), *FAST_TRAIN, "--epochs", "50",
+                 "--out", str(tmp_path / "m.safetensors")]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "MiB free" in line and str(tmp_path / "m.safetensors") in line and "free some space" in line
+    assert not list(tmp_path.glob("*m.*")) and time.monotonic() - started < 60
+
+
+# ------------------------------------------------------------------- two writers of one model file
+
+def _record_many(args):
+    """In a child process: record ``count`` scores of its own into one checkpoint, one call each."""
+    from napari_medrwkv.engine.checkpoint import record_metrics
+    path, worker, count, start = args
+    while time.time() < start:
+        pass
+    for i in range(count):
+        record_metrics(path, {f"w{worker}_{i}": i})
+
+
+def _save_many(args):
+    """In a child process: save ``count`` new models over one checkpoint; the last one's weights."""
+    import torch
+    from napari_medrwkv.engine.checkpoint import read_info, save_checkpoint
+    from napari_medrwkv.models import create_model
+    path, count, start = args
+    info = read_info(path)
+    net = create_model(info.architecture, num_classes=info.num_classes)
+    while time.time() < start:
+        pass
+    for i in range(count):
+        with torch.no_grad():
+            next(net.parameters()).fill_(float(i + 1))
+        save_checkpoint(net, path, info, overwrite=True)
+    return float(next(net.parameters()).flatten()[0])
+
+
+def test_two_header_updates_at_once_both_land(tmp_path):
+    import multiprocessing
+    from napari_medrwkv.engine.checkpoint import read_info
+    path = Path(untrained_checkpoint(tmp_path / "m.safetensors"))
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        start = time.time() + 0.3
+        pool.map(_record_many, [(path, 0, 15, start), (path, 1, 15, start)], chunksize=1)
+    metrics = read_info(path).metrics
+    assert {f"w{w}_{i}" for w in (0, 1) for i in range(15)} <= set(metrics), sorted(metrics)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]          # and no lock or temporary file
+
+
+def test_a_header_update_never_writes_back_weights_replaced_meanwhile(tmp_path):
+    import multiprocessing
+    path = Path(untrained_checkpoint(tmp_path / "m.safetensors"))
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        start = time.time() + 0.3
+        saving = pool.apply_async(_save_many, [(path, 12, start)])
+        pool.apply(_record_many, [(path, 0, 12, start)])
+        last = saving.get(timeout=300)
+    net, _ = load_checkpoint(path)
+    assert float(next(net.parameters()).flatten()[0]) == last == 12
+
+
 # ------------------------------------------------------------------- interrupts and kills
 
 def test_ctrl_c_during_train_keeps_the_best_weights_so_far(sample_folder, tmp_path):

@@ -9,12 +9,18 @@ value is a JSON object (:class:`ModelInfo`).  Loading never unpickles anything:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Callable, Dict, List, Tuple, Union
+
+try:
+    import fcntl
+except ImportError:   # Windows: no advisory locks, so two header updates at once can still lose one
+    fcntl = None
 
 import torch
 import torch.nn as nn
@@ -24,7 +30,6 @@ import safetensors.torch
 
 from .. import __version__
 from .imageio import atomic_file
-from .instances import check_kind, extra_channels
 
 __all__ = [
     "CheckpointError",
@@ -34,6 +39,7 @@ __all__ = [
     "save_checkpoint",
     "read_info",
     "write_info",
+    "update_info",
     "load_checkpoint",
 ]
 
@@ -119,9 +125,6 @@ class ModelInfo:
     # A prompt-aware model (engine/interactive.py) takes this many prompt maps after the image's
     # ``in_chans`` channels; 0 for an automatic model.
     prompt_channels: int = 0
-    # "border": an instance model (engine/instances.py), one output channel more than its classes
-    # (the border between touching objects), labels 1..N per object; "" for any other model.
-    instances: str = ""
     inference: Dict[str, Any] = field(default_factory=lambda: dict(INFERENCE_DEFAULTS))
     training: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
@@ -139,10 +142,6 @@ class ModelInfo:
                 or self.prompt_channels < 0:
             raise ValueError(f"prompt_channels must be an integer >= 0, got {self.prompt_channels!r}")
         self.input_scale = check_input_scale(self.input_scale)
-        self.instances = check_kind(self.instances)
-        if self.instances and self.num_classes != 1:
-            raise ValueError(f"instances={self.instances!r} needs a binary model (num_classes=1), "
-                             f"got num_classes={self.num_classes}")
         self.inference = check_inference(self.inference or {}, self.num_classes)
         self.arch_kwargs = dict(self.arch_kwargs or {})
         self.normalization = dict(self.normalization or {})
@@ -164,11 +163,6 @@ class ModelInfo:
     @property
     def binary(self) -> bool:
         return self.num_classes == 1
-
-    @property
-    def out_channels(self) -> int:
-        """The network's output channels: one per class (one for a binary model), plus an instance model's."""
-        return self.num_classes + extra_channels(self.instances)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -269,19 +263,64 @@ def save_checkpoint(model: nn.Module, path: PathLike, info: ModelInfo, half: boo
         )
     if path.is_dir():
         raise CheckpointError(f"cannot save checkpoint {path}: it is a folder; give a file name ending in .safetensors")
-    _write_atomically(_tensors_for_file(model, half), info, path, overwrite)
+    tensors = _tensors_for_file(model, half)
+    with _locked(path) if overwrite else contextlib.nullcontext():
+        _write_atomically(tensors, info, path, overwrite)
     return path
 
 
-def record_metrics(path: PathLike, metrics: Dict[str, Any]) -> ModelInfo:
-    """Add ``metrics`` to those in a checkpoint's header (same keys are replaced), atomically.
+@contextlib.contextmanager
+def _locked(path: Path):
+    """While the block runs, no other writer of this module replaces the checkpoint at ``path``.
 
-    The weights are copied as stored, byte for byte; only the metadata changes.
-    """
-    info = read_info(path)
-    info.metrics.update(metrics)
-    write_info(path, info)
+    An advisory lock on the file itself, so nothing is left behind.  Writers replace a
+    checkpoint by renaming a new file over its name, so after waiting for the lock the name
+    may point at a newer file than the one locked: then lock that one instead."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY) if fcntl is not None else None
+        except OSError:            # no file yet (nothing to protect) or not ours to open
+            fd = None
+        if fd is None:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                yield
+                return
+        finally:
+            os.close(fd)               # releases the lock
+
+
+def update_info(path: PathLike, change: Callable[[ModelInfo], None], out: PathLike = None,
+                overwrite: bool = True) -> ModelInfo:
+    """Read a checkpoint's :class:`ModelInfo`, let ``change`` edit it, and write the result to
+    ``out`` (default: over ``path``) with the weights as stored, byte for byte.
+
+    Reading and writing happen under one lock on ``path``: two updates at once (two
+    ``evaluate --record`` runs, or one beside a training that saves over the file) both land,
+    one after the other, instead of the later one writing back a header that misses the
+    earlier one's change (or weights that were replaced meanwhile)."""
+    path = Path(path)
+    out = Path(out) if out is not None else path
+    with _locked(path):
+        info = read_info(path)
+        change(info)
+        same = out.exists() and path.exists() and os.path.samefile(out, path)
+        with contextlib.nullcontext() if same or not overwrite else _locked(out):
+            write_info(path, info, out, overwrite)
     return info
+
+
+def record_metrics(path: PathLike, metrics: Dict[str, Any]) -> ModelInfo:
+    """Add ``metrics`` to those in a checkpoint's header (same keys are replaced), atomically
+    and under a lock (:func:`update_info`).  The weights are copied as stored, byte for byte."""
+    return update_info(path, lambda info: info.metrics.update(metrics))
 
 
 def write_info(path: PathLike, info: ModelInfo, out: PathLike = None, overwrite: bool = True) -> Path:
@@ -408,7 +447,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         )
     try:
         model = create_model(info.architecture, in_chans=info.in_chans + info.prompt_channels,
-                             num_classes=info.out_channels, **info.arch_kwargs)
+                             num_classes=info.num_classes, **info.arch_kwargs)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"checkpoint {path}: cannot build {info.architecture!r} with in_chans={info.in_chans}, "

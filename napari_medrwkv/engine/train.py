@@ -29,9 +29,8 @@ from .imageio import DataError
 from .datasets import IGNORE_INDEX, SegmentationDataset, augmentation, check_pair, find_pairs, pairs_matching
 from .defaults import FEW_SHOT
 from .infer import Cancelled, segment
-from .instances import decode_targets, instance_pair
-from .metrics import instance_scores, mean_dice
-from .model import SegmentationModel, load_model, with_instances
+from .metrics import mean_dice
+from .model import SegmentationModel, load_model
 
 
 @dataclass
@@ -57,7 +56,6 @@ class TrainConfig:
     ema: float = 0.0                      # decay of the weight average validated and kept; 0 = off
     blend: float = 1.0                    # the best epoch's share of the kept weights, the rest the trained
                                           # start's (with validation data, only if it scores as high as the epoch)
-    instances: str = ""                   # "border": make a binary model an instance model (engine/instances.py)
 
     @classmethod
     def few_shot(cls, **overrides) -> "TrainConfig":
@@ -122,6 +120,19 @@ class TrainingDiverged(ValueError):
     """The loss became NaN or infinite: the weights are lost, and nothing was saved."""
 
 
+class WeightsNotSaved(CheckpointError):
+    """Training finished, but its weights could be written nowhere (``out``, the temporary
+    folder, the home folder and the working folder all refused).  ``model`` holds them and
+    ``result`` the run, so that a caller that lives on (the Fine-tune widget) can save them
+    once the user names a place that works."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.model = None
+        self.result = None
+
+
+
 def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="auto",
           progress: Optional[Callable[[TrainProgress], None]] = None, cancel: Optional[Callable[[], bool]] = None,
           *, split: Optional[str] = None, val_data=None, val_split: Optional[str] = None,
@@ -181,8 +192,6 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         raise ValueError(f"{model.name} is a prompt-aware model (click to fix): it learns from clicks, not whole "
                          "masks; train it with medrwkv train --interactive")
     model = SegmentationModel(copy.deepcopy(model.net), copy.deepcopy(model.info), model.source, model.device)
-    if cfg.instances:
-        model = with_instances(model, cfg.instances)
     train_items, val_items = _split_items(data, split, val_data, val_split, cfg)
     _check_apart(train_items, val_items, data, split, val_data, val_split)
     if val_include:
@@ -196,10 +205,9 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     train_set = SegmentationDataset(train_items, info.in_chans, info.num_classes, cfg.patch_size, augment=cfg.augment,
                                     samples_per_epoch=cfg.samples_per_epoch or max(len(train_items), 4 * cfg.batch_size),
                                     seed=cfg.seed, input_scale=info.input_scale, foreground=cfg.foreground,
-                                    instances=bool(info.instances), **augment_ranges)
+                                    **augment_ranges)
     # Read once, checked as training pairs are, and segmented whole as the trained model will be.
-    val_pairs = [instance_pair(item) if info.instances else check_pair(item, info.num_classes)
-                 for item in val_items] or None
+    val_pairs = [check_pair(item, info.num_classes) for item in val_items] or None
     info.tile_size = max(info.tile_size, cfg.patch_size)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True, drop_last=True,
@@ -258,7 +266,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = _step(net, optimizer, scaler, amp_dtype, x.to(model.device, memory_format=layout),
-                         y.to(model.device), info.num_classes, cfg.dice_weight, info.instances)
+                         y.to(model.device), info.num_classes, cfg.dice_weight)
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"training diverged at epoch {epoch}, step {step + 1}: the loss is {loss}, so the weights are lost; "
@@ -322,7 +330,11 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     model.source = str(out) if out is not None else model.source
     model._fused = None
     if out is not None:
-        result.path, result.moved = save_trained(net, out, model.info, overwrite)
+        try:
+            result.path, result.moved = save_trained(net, out, model.info, overwrite)
+        except WeightsNotSaved as exc:
+            exc.model, exc.result = model, result
+            raise
         model.source = str(result.path)
     return result
 
@@ -332,28 +344,50 @@ def save_trained(net: nn.Module, out: Path, info, overwrite: bool) -> Tuple[Path
 
     ``overwrite=False`` and ``out`` taken (by another run, while this one trained): a free
     name beside it, ``NAME.1.safetensors``, ``NAME.2.safetensors`` ...  ``out``'s folder not
-    writable (a full disk, a folder made read-only): the same names in the temporary folder.
-    Returns (the path written, why it is not ``out``, or "")."""
+    writable (a full disk, a folder made read-only or unplugged): the same names in the
+    temporary folder, else the home folder, else the working folder.  Returns (the path
+    written, why it is not ``out``, or ""); :class:`WeightsNotSaved` when no place took them."""
     out = Path(out)
     try:
         return Path(save_checkpoint(net, out, info, overwrite=overwrite)), ""
     except FileExistsError:
         why, folders = f"{out} was made by someone else while training ran, and was left as it is", [out.parent]
     except CheckpointError as exc:
-        why, folders = f"{exc}", [Path(tempfile.gettempdir())]
+        why, folders = f"{exc}", _rescue_folders()
+    failures = []
     for folder in folders:
-        for n in range(1, 1000):
-            candidate = folder / f"{out.stem}.{n}{out.suffix}"
-            if candidate.exists():
-                continue
-            try:
-                return Path(save_checkpoint(net, candidate, info, overwrite=False)), why
-            except FileExistsError:
-                continue
-            except CheckpointError as exc:
-                raise CheckpointError(f"{why}; nor could the weights be saved to {candidate} ({exc}); "
-                                      "nothing was saved") from None
-    raise CheckpointError(f"{why}; no free name for the weights beside it; nothing was saved")
+        try:
+            return _save_under_free_name(net, out, info, folder), why
+        except CheckpointError as exc:
+            failures.append(str(exc))
+    raise WeightsNotSaved(f"{why}; nor could the weights be saved elsewhere ({'; '.join(failures)}): "
+                          "nothing was saved")
+
+
+def _rescue_folders() -> List[Path]:
+    """Where finished weights go when ``out``'s folder refuses them, in order, each once."""
+    folders = []
+    for where in (tempfile.gettempdir, Path.home, Path.cwd):
+        try:
+            folder = Path(where()).resolve()
+        except (OSError, RuntimeError):   # a working folder that was deleted, no home folder
+            continue
+        if folder not in folders:
+            folders.append(folder)
+    return folders
+
+
+def _save_under_free_name(net: nn.Module, out: Path, info, folder: Path) -> Path:
+    """``folder/NAME.N.safetensors`` for the first free N, never replacing a file."""
+    for n in range(1, 1000):
+        candidate = folder / f"{out.stem}.{n}{out.suffix}"
+        if candidate.exists():
+            continue
+        try:
+            return Path(save_checkpoint(net, candidate, info, overwrite=False))
+        except FileExistsError:
+            continue
+    raise CheckpointError(f"no free name for {out.name} in {folder}")
 
 
 def check_config(cfg: "TrainConfig") -> None:
@@ -488,21 +522,12 @@ def validate(net, val_pairs, model: SegmentationModel, cancel: Optional[Callable
     # Epochs, the start and the blend are compared by what the user will get: a calibrated
     # model (e.g. threshold 0.3 and one object per image) ranks weights differently from logits > 0.
     judged = SegmentationModel(net, model.info, model.source, model.device)
-    if model.info.instances:      # an instance model is ranked by what it is for: the DSB2018 score
-        return float(np.mean([instance_scores(segment(image, model=judged, cancel=cancel), labels)["dsb"]
-                              for image, labels in val_pairs]))
     return float(np.mean([mean_dice(segment(image, model=judged, cancel=cancel), mask, model.info.num_classes)
                           for image, mask in val_pairs]))
 
 
-def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5, instances: str = ""):
-    """(1 - dice_weight) * cross-entropy + dice_weight * soft Dice; pixels labelled -1 are ignored.
-    An instance model's target is encoded (engine/instances.py): the same loss on its foreground
-    and on its touching-border channel, added."""
-    if instances:
-        foreground, border, valid = decode_targets(target)
-        return sum(_binary_loss(logits[:, c], truth, valid, dice_weight)
-                   for c, truth in enumerate((foreground, border)))
+def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5):
+    """(1 - dice_weight) * cross-entropy + dice_weight * soft Dice; pixels labelled -1 are ignored."""
     valid = target != IGNORE_INDEX
     if num_classes == 1:
         logit = logits[:, 0]
@@ -519,13 +544,6 @@ def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5
     return (1 - dice_weight) * ce + dice_weight * (1 - soft_dice)
 
 
-def _binary_loss(logit, truth, valid, dice_weight):
-    truth = truth.float()
-    ce = F.binary_cross_entropy_with_logits(logit[valid], truth[valid]) if valid.any() else logit.sum() * 0
-    soft_dice = _soft_dice((torch.sigmoid(logit) * valid)[:, None], (truth * valid)[:, None])
-    return (1 - dice_weight) * ce + dice_weight * (1 - soft_dice)
-
-
 def _soft_dice(probs, truth, eps: float = 1.0):
     # Summed over the batch per class so that empty images do not dominate.
     dims = (0, 2, 3)
@@ -533,11 +551,11 @@ def _soft_dice(probs, truth, eps: float = 1.0):
     return ((2 * overlap + eps) / (probs.sum(dims) + truth.sum(dims) + eps)).mean()
 
 
-def _step(net, optimizer, scaler, amp_dtype, x, y, num_classes, dice_weight, instances="") -> float:
+def _step(net, optimizer, scaler, amp_dtype, x, y, num_classes, dice_weight) -> float:
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = net(x)
-    loss = segmentation_loss(logits.float(), y, num_classes, dice_weight, instances)
+    loss = segmentation_loss(logits.float(), y, num_classes, dice_weight)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)

@@ -105,6 +105,7 @@ class FineTuneWidget(QWidget):
         self._base_chosen = False         # True once the user (or code) picked a base model
         self._suggested_output = ""
         self._confirmed_output = ""
+        self._unsaved = None              # (model, result, before, after) of a run whose weights no place took
         self._last_step: Optional[Tuple[int, int]] = None
         self._compare_kind = ""
 
@@ -320,6 +321,23 @@ class FineTuneWidget(QWidget):
                 path += ".safetensors"
             self.output_edit.setText(path)
             self._confirmed_output = str(Path(path).expanduser())   # the dialog asked about replacing
+            if self._unsaved is not None:
+                self._save_unsaved(Path(self._confirmed_output))
+
+    def _save_unsaved(self, path: Path) -> None:
+        """Save the weights of a finished run that no place took before, at ``path`` (chosen
+        with Save as…, which asked about replacing)."""
+        from ..engine.checkpoint import CheckpointError, save_checkpoint
+        model, result, before, after = self._unsaved
+        try:
+            save_checkpoint(model.net, path, model.info, overwrite=True)
+        except CheckpointError as err:
+            self._error(f"The trained model is still not saved: {err}. Choose another place with Save as….")
+            return
+        self._confirmed_output = ""
+        self._unsaved = None
+        result.path, result.moved = path, ""
+        self._on_trained(("done", (result, before, after)))
 
     # ------------------------------------------------------------------ fine-tuning
     def run(self):
@@ -336,12 +354,13 @@ class FineTuneWidget(QWidget):
                                  "or choose a dataset folder (images/ + masks/).")
             if not source or source == BROWSE:
                 raise ValueError("Choose a base model or a checkpoint file first.")
-            out = self._output_path()
+            chosen = self._output_path()
         except ValueError as err:
             self._error(str(err))
             return
-        if out is None:
+        if chosen is None:
             return
+        out, replace = chosen
         train_idx, held_idx = split_held_out(len(pairs))
         # Copies of the masks: the user may keep correcting while the worker reads them.
         as_items = [(p.image, np.array(p.mask, copy=True)) for p in pairs]
@@ -365,7 +384,7 @@ class FineTuneWidget(QWidget):
         self.status.setText(f"Fine-tuning {Path(source).stem if source.endswith('.safetensors') else source} "
                             f"on {len(train_items)} reviewed pair(s){' + ' + folder if folder else ''}…")
         self.worker = self._make_train_worker(
-            source, self.device_combo.currentText(), train_items, folder or None, compare, str(out),
+            source, self.device_combo.currentText(), train_items, folder or None, compare, str(out), replace,
             self.epochs_spin.value() or None, self.minutes_spin.value(), settings, command)
         self.worker.returned.connect(self._on_trained)
         self.worker.finished.connect(self._on_finished)
@@ -383,13 +402,16 @@ class FineTuneWidget(QWidget):
             self.status.setText("Cancelling… (the best model so far is kept)")
 
     def busy(self) -> str:
-        """What runs, for the question napari asks on quitting ("" when idle)."""
+        """What runs, or what quitting would lose, for the question napari asks on quitting ("" when idle)."""
+        if self._unsaved is not None:
+            return "Fine-tune: a trained model that could not be saved (quitting discards it; use Save as…)"
         return f"Fine-tune: {self.status.text()}" if self.worker is not None else ""
 
     def stop_for_quit(self) -> None:
         self.cancel()
 
-    def _output_path(self) -> Optional[Path]:
+    def _output_path(self) -> Optional[Tuple[Path, bool]]:
+        """Where to save, and whether the user agreed to replace a file there; None when they did not."""
         text = self.output_edit.text().strip()
         if not text:
             raise ValueError("Choose where to save the fine-tuned model (Save as…).")
@@ -403,13 +425,17 @@ class FineTuneWidget(QWidget):
         except OSError as err:
             raise ValueError(f"Cannot create the folder {out.parent}: {err}") from None
         confirmed, self._confirmed_output = self._confirmed_output, ""   # Save as… answers for one round
-        if out.exists() and str(out) != confirmed:
+        if not out.exists():
+            # Replacing was not agreed to: a file another program makes there while training runs
+            # is kept, and the weights go beside it (the status line says where).
+            return out, False
+        if str(out) != confirmed:
             answer = QMessageBox.question(self, "Replace checkpoint?", f"{out} exists. Replace it?",
                                           QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
                                           QMessageBox.StandardButton.No)
             if answer != QMessageBox.StandardButton.Yes:
                 return None
-        return out
+        return out, True
 
     @staticmethod
     def _provenance(pairs, train_idx, held_idx, folder) -> str:
@@ -420,7 +446,7 @@ class FineTuneWidget(QWidget):
             text += f" + dataset folder {folder}"
         return text + f"; held out: {names(held_idx)}"
 
-    def _make_train_worker(self, source, device, train_items, folder, compare, out, epochs, minutes,
+    def _make_train_worker(self, source, device, train_items, folder, compare, out, replace, epochs, minutes,
                            settings, command):
         relay, cancel = self._relay, self._cancel
 
@@ -431,7 +457,7 @@ class FineTuneWidget(QWidget):
             from ..engine.datasets import find_pairs
             from ..engine.infer import Cancelled
             from ..engine.model import load_model
-            from ..engine.train import train
+            from ..engine.train import WeightsNotSaved, train
             try:
                 relay.phase.emit(f"Loading {source}…")
                 model = load_model(source, device=device)
@@ -442,12 +468,16 @@ class FineTuneWidget(QWidget):
                     relay.phase.emit("Training…")
                 result = train(model, items, out=out, epochs=epochs, max_minutes=minutes, device=device,
                                progress=relay.progressed.emit, cancel=cancel.is_set,
-                               val_data=compare or None, config=few_shot_config(**settings), command=command)
+                               val_data=compare or None, config=few_shot_config(**settings), command=command,
+                               overwrite=replace)
                 # train scores the start and the epochs on ``compare`` as evaluate would (segment
                 # with the model's settings): "before" is the start, "after" what it kept, never lower.
                 before, after = (result.start_val_dice, result.best_val_dice) if compare else (None, None)
             except Cancelled:
                 return "cancelled", None
+            except WeightsNotSaved as err:       # finished work, kept in memory until saved somewhere
+                before, after = (err.result.start_val_dice, err.result.best_val_dice) if compare else (None, None)
+                return "unsaved", (str(err), (err.model, err.result, before, after))
             except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed
                 return "error", str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
             return "done", (result, before, after)
@@ -474,6 +504,11 @@ class FineTuneWidget(QWidget):
                             f"loss {progress.loss:.3f} ({progress.elapsed:.0f} s)")
 
     def _on_trained(self, outcome):
+        if outcome[0] == "unsaved":
+            message, self._unsaved = outcome[1]
+            self._error(f"Training finished, but the model could not be saved: {message}. It is kept until you "
+                        "save it: choose a place with Save as….")
+            return
         value = unwrap_outcome(outcome, self.status, "Fine-tuning",
                                "Cancelled before training started; nothing was saved.", show_error)
         if value is None:
@@ -495,8 +530,9 @@ class FineTuneWidget(QWidget):
                 kept += f", blended with the starting model ({result.blend:.0%} the epoch's)"
             elif result.blend_val_dice is not None:
                 kept += f"; its blend with the starting model scored lower ({result.blend_val_dice:.2f})"
+        saved = f"Saved {path}" + (f" ({result.moved})" if result.moved else "")
         self.status.setText(f"{how}: {len(result.history)} epoch(s) in {result.minutes:.1f} min; {kept}. "
-                            f"Saved {path}; it is in the model lists of this session.")
+                            f"{saved}; it is in the model lists of this session.")
         self.curve.set_kept(result.best_val_dice)
         if before is not None and after is not None:
             self.result_label.setText(f"Dice on {self._compare_kind}: before {before:.2f} → after {after:.2f}")

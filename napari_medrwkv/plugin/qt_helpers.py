@@ -221,6 +221,8 @@ class _QuitGuard(QObject):
         for widget in busy:
             worker = widget.worker
             widget.stop_for_quit()
+            if worker is None:          # nothing runs: the user agreed to lose what busy() named
+                continue
             # Its outcome would reach widgets that are gone by then.
             for signal in (worker.returned, worker.finished):
                 try:
@@ -243,8 +245,8 @@ def _job_running(widget) -> bool:
 def _confirm_quit(window, jobs) -> bool:
     answer = QMessageBox.question(
         window, "Quit while MedRWKV is working?",
-        "Still running:\n• " + "\n• ".join(jobs) + "\n\nQuit stops them: a fine-tuning keeps and saves the best "
-        "model so far; a segmentation in progress is dropped.",
+        "Still running or not saved:\n• " + "\n• ".join(jobs) + "\n\nQuit stops them: a fine-tuning keeps and "
+        "saves the best model so far; a segmentation in progress is dropped.",
         QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
     return answer == QMessageBox.StandardButton.Yes
 

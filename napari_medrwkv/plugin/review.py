@@ -195,7 +195,8 @@ def save_training_folder(pairs: List[ReviewedPair], folder) -> Path:
 def write_training_pairs(folder, items) -> List[str]:
     """Write ``(stem, image, mask)`` items as ``folder/images/<stem>.tif`` + ``folder/masks/<stem>.tif``,
     the layout ``medrwkv train`` reads; every file atomically.  Existing files with the same
-    names are an error, checked before anything is written: nothing is ever overwritten."""
+    names are an error, checked before anything is written, and again as each file is put in
+    place (another program may write there meanwhile): nothing is ever overwritten."""
     from ..engine.imageio import write_labels  # atomic; no torch
     folder = Path(folder)
     targets = [(folder / "images" / f"{stem}.tif", folder / "masks" / f"{stem}.tif", image, mask)
@@ -207,8 +208,8 @@ def write_training_pairs(folder, items) -> List[str]:
         (folder / sub).mkdir(parents=True, exist_ok=True)
     written = []
     for image_path, mask_path, image, mask in targets:
-        written.append(str(write_labels(image_path, np.asarray(image))))
-        written.append(str(write_labels(mask_path, _compact(np.asarray(mask)))))
+        written.append(str(write_labels(image_path, np.asarray(image), overwrite=False)))
+        written.append(str(write_labels(mask_path, _compact(np.asarray(mask)), overwrite=False)))
     return written
 
 

@@ -156,10 +156,14 @@ def _parser():
     _model_args(seg, "shipped name, checkpoint path, or architecture name; auto: per image, the shipped model "
                      "trained on images like it")
     seg.add_argument("inputs", nargs="+", metavar="INPUT",
-                     help="image files (PNG, JPEG, TIFF, BMP, GIF), or folders: every image file directly inside")
+                     help="image files (PNG, JPEG, TIFF, BMP, GIF), scans (NIfTI, NRRD, MetaImage, a DICOM series "
+                          "folder), or folders: every image file and scan directly inside")
     seg.add_argument("--out", required=True, help="folder for the label images (created if missing)")
     seg.add_argument("--tile", type=_number(int, MIN_TILE), help="tile size for large images (default: the model's)")
     seg.add_argument("--probabilities", action="store_true", help="also write float32 probability TIFFs")
+    seg.add_argument("--planes", choices=("acquired", "axial", "coronal", "sagittal"), default="acquired",
+                     help="scans: the planes to segment, slice after slice (default: those the scanner acquired); "
+                          "the labels are written in the scan's format (DICOM: .nii.gz) on its grid")
     _inference_args(seg)
     existing = seg.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace label files that already exist")
@@ -304,6 +308,7 @@ def _segment(args) -> int:
     from .engine.imageio import write_labels
     from .engine.model import load_model
     from .engine.postprocess import inference_settings
+    from .engine.scans import segment_scan, write_scan
     out = Path(args.out)
     _check_writable_folder(out)
     jobs = _segment_jobs(_segment_sources(args.inputs, out), out, args.probabilities)
@@ -329,18 +334,22 @@ def _segment(args) -> int:
     done = 0
     try:
         for i, ((source, labels_file, probs_file), name) in enumerate(zip(jobs, chosen)):
-            image = read_image(source)
+            scan = _read_scan_input(source, bar)
+            settings = dict(model=models[name], tile=args.tile, return_probabilities=True,
+                            progress=lambda d, total, i=i: bar.update_to(i + d / total, len(jobs)),
+                            **_inference_kwargs(args))
             try:
-                labels, probs = segment(image, model=models[name], tile=args.tile, return_probabilities=True,
-                                        progress=lambda d, total, i=i: bar.update_to(i + d / total, len(jobs)),
-                                        **_inference_kwargs(args))
+                labels, probs = segment(read_image(source), **settings) if scan is None else \
+                    segment_scan(scan, args.planes, **settings)
             except ValueError as err:          # the image's fault (its shape, its type): name the file
                 raise ValueError(f"{source}: {_one_line(err).removeprefix('segment: ')}") from None
             # Exclusive unless --overwrite: a file another run made meanwhile is never replaced.
-            if labels_file is not None:
-                write_labels(labels_file, labels, overwrite=args.overwrite)
-            if probs_file is not None:
-                write_labels(probs_file, probs.astype(np.float32), overwrite=args.overwrite)
+            # A scan's labels go on its own grid (spacing, origin, direction), in its format.
+            for target, array in ((labels_file, labels), (probs_file, probs.astype(np.float32))):
+                if target is not None and scan is not None:
+                    write_scan(target, array, scan.geometry, overwrite=args.overwrite)
+                elif target is not None:
+                    write_labels(target, array, overwrite=args.overwrite)
             done += 1
             bar.update_to(i + 1, len(jobs))
     except (Exception, KeyboardInterrupt) as err:
@@ -358,6 +367,17 @@ def _segment(args) -> int:
     skip = f"; skipped {skipped} whose label files existed" if skipped else ""
     print(f"wrote {len(jobs)} label image(s) to {out}{used}{skip}")
     return 0
+
+
+def _read_scan_input(source: Path, bar):
+    """The scan at ``source`` (saying which DICOM series was read, when there was a choice), or None."""
+    from .engine.scans import is_scan, read_scan
+    if not is_scan(source):
+        return None
+    scan = read_scan(source)
+    if scan.note:
+        bar.write(scan.note)
+    return scan
 
 
 def _refuse_inputs_as_outputs(jobs) -> None:
@@ -430,11 +450,12 @@ def _segment_sources(inputs, out: Path) -> list:
     less this command's own outputs when that folder is the output folder (a second run into the
     images' folder must not segment the first run's labels)."""
     from .engine.imageio import DataError, list_image_files
+    from .engine.scans import scan_stem
     sources = []
     for given in map(Path, inputs):
         files = list_image_files([given])
         if given.is_dir() and given.resolve() == out.resolve():
-            files = [f for f in files if not f.stem.endswith(("_labels", "_probabilities"))]
+            files = [f for f in files if not scan_stem(f).endswith(("_labels", "_probabilities"))]
             if not files:
                 raise DataError(f"folder {given} holds only label and probability files of earlier runs; "
                                 "name the folder of the images")
@@ -445,13 +466,17 @@ def _segment_sources(inputs, out: Path) -> list:
 def _segment_jobs(sources, out: Path, probabilities: bool) -> list:
     """(image, labels file, probabilities file or None) per source.  Two sources with one stem
     would write the same files, the second over the first: refused, naming both."""
+    from .engine.scans import is_scan, labels_name, scan_stem
     seen = {}
     for source in sources:
-        if source.stem in seen:
-            raise ValueError(f"{seen[source.stem]} and {source} share the name {source.stem!r}, so their label "
+        stem = scan_stem(source)
+        if stem in seen:
+            raise ValueError(f"{seen[stem]} and {source} share the name {stem!r}, so their label "
                              f"files in {out} would overwrite each other; segment them into different --out folders")
-        seen[source.stem] = source
-    return [(source, out / f"{source.stem}_labels{'.tif' if _is_stack(source) else '.png'}",
+        seen[stem] = source
+    return [(source, out / labels_name(source), out / labels_name(source, "probabilities") if probabilities else None)
+            if is_scan(source) else
+            (source, out / f"{source.stem}_labels{'.tif' if _is_stack(source) else '.png'}",
              out / f"{source.stem}_probabilities.tif" if probabilities else None) for source in sources]
 
 

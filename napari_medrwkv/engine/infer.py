@@ -5,6 +5,7 @@ network and its probabilities are blended into per-plane accumulators with a
 raised-cosine window, so seams vanish and a 4000x4000 image needs only a few
 full-size float32 planes.
 """
+import os
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
@@ -45,6 +46,8 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     """Integer labels with the spatial shape of ``image`` (0/1 for a binary model, class ids otherwise).
 
     ``image``: (Y, X), (Y, X, 3|4), or a stack (Z, Y, X[, 3|4]) segmented slice by slice; any dtype.
+    Or the name of a scan file (NIfTI, NRRD, MetaImage) or DICOM folder, segmented in the planes the
+    scanner acquired, its labels in the orientation ``scans.read_scan`` gives.
     ``model``: a :class:`SegmentationModel`, a shipped name or a checkpoint path.
     ``tile``: largest plane side run in one piece (default: the model's tile size), in the
     network's pixels (after resizing by the model's ``input_scale``); larger planes are tiled
@@ -59,6 +62,11 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     plane (one lesion per image).  Each of these three left as None takes the model's own
     setting (``model.info.inference``; off, 0.5, off unless ``medrwkv calibrate`` chose others).
     """
+    if isinstance(image, (str, os.PathLike)) and _is_scan(image):     # engine/scans.py
+        from .scans import read_scan, segment_scan      # in the planes the scanner acquired
+        return segment_scan(read_scan(image), model=model, device=device, tile=tile, progress=progress,
+                            cancel=cancel, return_probabilities=return_probabilities, flips=flips,
+                            threshold=threshold, largest_component=largest_component)
     if model is None:
         raise ValueError("segment: pass model= (a shipped name, a checkpoint path, or a loaded model)")
     model = model if isinstance(model, SegmentationModel) else load_model(model, device=device)
@@ -117,6 +125,11 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     if model.binary:
         return labels, probs[..., 0, :, :]
     return labels, np.moveaxis(probs, 1, 0) if stack_axes else probs
+
+
+def _is_scan(path) -> bool:
+    from .scans import is_scan
+    return is_scan(path)
 
 
 def _channels(model: SegmentationModel) -> int:

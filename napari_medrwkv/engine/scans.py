@@ -288,17 +288,26 @@ def write_scan(path: PathLike, array: np.ndarray, geometry: ScanGeometry, overwr
     return path
 
 
-def read_volume_planes(path: PathLike, axis: Optional[int] = None) -> np.ndarray:
-    """The scan at ``path`` as a stack of planes along ``axis`` (default: its slice axis), first."""
-    scan = read_scan(path)
-    return np.moveaxis(scan.array, scan.geometry.slice_axis if axis is None else axis, 0)
+#: The planes a scan can be segmented in, by the array axis they are stacked along.
+PLANES = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 
-def segment_scan(scan: Scan, axis: Optional[int] = None, **segment_args):
-    """:func:`.infer.segment` on every plane of ``scan`` along ``axis`` (default: the slice axis the
-    scanner acquired); labels (and probabilities, when asked) come back in the scan's orientation."""
+def plane_axis(geometry: ScanGeometry, planes: Optional[str] = None) -> int:
+    """The array axis to segment along: ``planes`` "axial", "coronal", "sagittal", or
+    "acquired"/None for the planes the scanner acquired (its slice axis)."""
+    if planes in (None, "acquired"):
+        return geometry.slice_axis
+    if planes not in PLANES:
+        raise ValueError(f"planes must be acquired, {', '.join(PLANES)}; got {planes!r}")
+    return PLANES[planes]
+
+
+def segment_scan(scan: Scan, planes: Optional[str] = None, **segment_args):
+    """:func:`.infer.segment` on every plane of ``scan`` (``planes``: see :func:`plane_axis`; default
+    those the scanner acquired); labels (and probabilities, when asked) come back in the scan's
+    orientation, with its shape."""
     from .infer import segment
-    axis = scan.geometry.slice_axis if axis is None else int(axis)
+    axis = plane_axis(scan.geometry, planes)
     if scan.array.ndim != 3:
         return segment(scan.array, **segment_args)
     result = segment(np.moveaxis(scan.array, axis, 0), rgb=False, **segment_args)

@@ -203,6 +203,9 @@ def _parser():
                     help="from trained weights: keep this share of the best epoch's weights, the rest the "
                          "start's (e.g. 0.75 for a few-shot fine-tuning; default 1, the epoch alone)")
     tr.add_argument("--workers", type=_number(int, 0), help="DataLoader worker processes")
+    tr.add_argument("--instances", choices=["border"],
+                    help="train an instance model (one label per object) from instance masks: 'border' adds a "
+                         "touching-border output to a binary model (see docs/reference.md, Instances)")
     tr.add_argument("--overwrite", action="store_true", help="replace --out if it exists (it may be --model itself)")
     tr.add_argument("--in-chans", type=POSITIVE_INT, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=POSITIVE_INT, default=1, help="classes for a bare architecture (1 = binary)")
@@ -223,6 +226,10 @@ def _parser():
     ev.add_argument("--tile", type=_number(int, MIN_TILE))
     ev.add_argument("--include", help="comma-separated stem patterns to score, e.g. 'benign_*,malignant_*' "
                                       "(default: every pair of the split)")
+    ev.add_argument("--instances", action=argparse.BooleanOptionalAction, default=None,
+                    help="also score objects against instance masks: accuracy at IoU 0.5 and 0.75, DSB2018 score, "
+                         "panoptic quality (default: on for an instance model; a binary model's objects are its "
+                         "connected components)")
     _inference_args(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ev.add_argument("--record", action="store_true",
@@ -500,7 +507,7 @@ def _train(args) -> int:
                                             "another --out", args.out)
     cfg = TrainConfig()
     for name in ("lr", "batch_size", "patch_size", "samples_per_epoch", "seed", "input_scale", "freeze",
-                 "foreground", "augment_strength", "ema", "blend"):
+                 "foreground", "augment_strength", "ema", "blend", "instances"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.workers is not None:
@@ -556,7 +563,7 @@ def _train(args) -> int:
 
 #: What `medrwkv train --interactive` does not take: its examples are objects cut as refine cuts them.
 _NOT_INTERACTIVE = ("epochs", "patch_size", "samples_per_epoch", "input_scale", "freeze", "foreground",
-                    "augment_strength", "blend", "workers", "val_include")
+                    "augment_strength", "blend", "workers", "val_include", "instances")
 
 
 def _train_interactive(args) -> int:
@@ -628,12 +635,17 @@ def _evaluate(args) -> int:
     include = _patterns(args.include)
     record_into = _checkpoint_file(args.model) if args.record else None     # fail before the long part
     scores = evaluate(args.model, args.data, split=args.split, device=args.device, tile=args.tile,
-                      progress=progress, include=include, **_inference_kwargs(args))
+                      progress=progress, include=include, instances=args.instances, **_inference_kwargs(args))
     bar.close()
     if record_into is not None:
         _record(record_into, scores, args.data, args.split, include)
     print(f"n={scores['n']}  Dice {scores['dice']:.4f}  IoU {scores['iou']:.4f}  HD95 {scores['hd95']:.2f} px"
           + (f"  (HD95 undefined for {scores['hd95_undefined']})" if scores["hd95_undefined"] else ""))
+    if "dsb" in scores:
+        print(f"objects: accuracy@0.5 {scores['accuracy50']:.4f}  accuracy@0.75 {scores['accuracy75']:.4f}  "
+              f"DSB score {scores['dsb']:.4f}  PQ {scores['pq']:.4f}  (means over images; pooled: accuracy@0.5 "
+              f"{scores['accuracy50_pooled']:.4f}, accuracy@0.75 {scores['accuracy75_pooled']:.4f}, "
+              f"PQ {scores['pq_pooled']:.4f})")
     if args.json:
         print(json.dumps(_json_safe(scores), allow_nan=False))
     return 0
@@ -664,6 +676,8 @@ def _checkpoint_file(model: str, why: str = "--record stores the scores in a che
 
 #: What ``evaluate --record`` stores per split, as PREFIX_key.
 RECORDED_KEYS = ("dice", "iou", "hd95", "n", "split")
+#: ... and, when objects were scored (--instances), these too.
+INSTANCE_KEYS = ("accuracy50", "accuracy75", "dsb", "pq", "accuracy50_pooled")
 
 
 def _patterns(text):
@@ -682,7 +696,7 @@ def _record(path: Path, scores: dict, data: str, split, include) -> None:
     prefix = split or "all"
     described = _described_data(data, split, scores["n"], include, describe_inference(scores["inference"]))
     values = {key: (None if isinstance(scores[key], float) and math.isnan(scores[key]) else scores[key])
-              for key in RECORDED_KEYS[:-1]}
+              for key in RECORDED_KEYS[:-1] + INSTANCE_KEYS if key in scores}
     record_metrics(path, {f"{prefix}_{key}": value for key, value in {**values, "split": described}.items()})
     print(f"recorded as {prefix}_* in {path}")
 

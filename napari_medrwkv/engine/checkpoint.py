@@ -30,6 +30,7 @@ import safetensors.torch
 
 from .. import __version__
 from .imageio import atomic_file
+from .instances import check_kind, extra_channels
 
 __all__ = [
     "CheckpointError",
@@ -125,6 +126,9 @@ class ModelInfo:
     # A prompt-aware model (engine/interactive.py) takes this many prompt maps after the image's
     # ``in_chans`` channels; 0 for an automatic model.
     prompt_channels: int = 0
+    # "border": an instance model (engine/instances.py), one output channel more than its classes
+    # (the border between touching objects), labels 1..N per object; "" for any other model.
+    instances: str = ""
     inference: Dict[str, Any] = field(default_factory=lambda: dict(INFERENCE_DEFAULTS))
     training: Dict[str, Any] = field(default_factory=dict)
     metrics: Dict[str, Any] = field(default_factory=dict)
@@ -142,6 +146,10 @@ class ModelInfo:
                 or self.prompt_channels < 0:
             raise ValueError(f"prompt_channels must be an integer >= 0, got {self.prompt_channels!r}")
         self.input_scale = check_input_scale(self.input_scale)
+        self.instances = check_kind(self.instances)
+        if self.instances and self.num_classes != 1:
+            raise ValueError(f"instances={self.instances!r} needs a binary model (num_classes=1), "
+                             f"got num_classes={self.num_classes}")
         self.inference = check_inference(self.inference or {}, self.num_classes)
         self.arch_kwargs = dict(self.arch_kwargs or {})
         self.normalization = dict(self.normalization or {})
@@ -163,6 +171,11 @@ class ModelInfo:
     @property
     def binary(self) -> bool:
         return self.num_classes == 1
+
+    @property
+    def out_channels(self) -> int:
+        """The network's output channels: one per class (one for a binary model), plus an instance model's."""
+        return self.num_classes + extra_channels(self.instances)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -447,7 +460,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         )
     try:
         model = create_model(info.architecture, in_chans=info.in_chans + info.prompt_channels,
-                             num_classes=info.num_classes, **info.arch_kwargs)
+                             num_classes=info.out_channels, **info.arch_kwargs)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"checkpoint {path}: cannot build {info.architecture!r} with in_chans={info.in_chans}, "

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .imageio import SUPPORTED_EXTENSIONS, DataError, PathLike, mask_classes, read_image, read_mask
+from .instances import encode_targets, instance_pair
 from .preprocess import image_to_channels, is_grey, resize_channels, resize_labels, scaled_size
 
 #: Mask value of padded pixels in training patches; losses must ignore it.
@@ -251,7 +252,7 @@ class SegmentationDataset(Dataset):
                  augment: bool = True, samples_per_epoch: Optional[int] = None, seed: int = 0, *,
                  scale: Optional[Tuple[float, float]] = (1 - _SCALE_JITTER, 1 + _SCALE_JITTER), flips: bool = True,
                  intensity: float = _INTENSITY, noise: float = _NOISE, input_scale: float = 1.0,
-                 foreground: float = 1 / 3):
+                 foreground: float = 1 / 3, instances: bool = False):
         self.pairs = list(pairs)
         if not self.pairs:
             raise ValueError("SegmentationDataset: no pairs given; check the dataset folder and split")
@@ -272,7 +273,11 @@ class SegmentationDataset(Dataset):
         self._images: List[np.ndarray] = []        # float32 (1 or in_chans, H, W); grey kept once
         self._masks: List[np.ndarray] = []         # int16 (H, W)
         for pair in self.pairs:
-            image, mask = check_pair(pair, self.num_classes)
+            if instances:       # an instance model's targets, packed in one map (engine/instances.py)
+                image, labels = instance_pair(pair)
+                mask = encode_targets(labels)
+            else:
+                image, mask = check_pair(pair, self.num_classes)
             try:
                 x = image_to_channels(image, 1 if is_grey(image) else self.in_chans)
             except DataError:

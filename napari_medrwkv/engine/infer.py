@@ -13,6 +13,7 @@ import torch
 
 from .preprocess import image_to_channels, plane_layout, resize_channels, scaled_size
 from .model import SegmentationModel, load_model
+from .instances import plane_instances
 from .postprocess import binary_labels, inference_settings
 
 Progress = Optional[Callable[[int, int], None]]
@@ -108,12 +109,18 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
         # Probabilities, not labels, go back to the image's size: smooth edges, no blocky labels.
         # Each plane becomes labels at once, so a stack holds its probabilities only when asked.
         probs = resize_channels(probs / weight, plane.shape[:2])
-        plane_labels = binary_labels(probs[0], settings["threshold"], settings["largest_component"]) \
-            if model.binary else _class_ids(probs)
+        # An instance model's objects are found on the whole stitched plane: tile seams cut none.
+        if model.info.instances:
+            plane_labels = plane_instances(probs, settings["threshold"], settings["largest_component"])
+        else:
+            plane_labels = binary_labels(probs[0], settings["threshold"], settings["largest_component"]) \
+                if model.binary else _class_ids(probs)
         if labels is None:
             labels = np.empty((len(planes),) + plane_labels.shape, plane_labels.dtype)
             if return_probabilities:
                 probabilities = np.empty((len(planes),) + probs.shape, np.float32)      # (Z, K, Y, X)
+        if plane_labels.dtype.itemsize > labels.dtype.itemsize:     # a plane of more than 65535 objects
+            labels = labels.astype(plane_labels.dtype)
         labels[z] = plane_labels
         if return_probabilities:
             probabilities[z] = probs
@@ -133,7 +140,7 @@ def _is_scan(path) -> bool:
 
 
 def _channels(model: SegmentationModel) -> int:
-    return model.info.num_classes
+    return model.info.out_channels
 
 
 #: Test-time flips: the spatial axes of a (1, C, H, W) batch flipped by each view.

@@ -149,3 +149,70 @@ def per_class_scores(pred, target, num_classes: int, spacing: Spacing = None) ->
         "hd95": mean_finite(s["hd95"] for s in per_class.values())[0],
         "per_class": per_class,
     }
+
+
+# --------------------------------------------------------------------------- instances
+#
+# Object-level scores of instance labels (0 background, one id per object), as the field
+# reports them (Caicedo et al. 2019; StarDist's ``matching``).  A predicted object matches a
+# true one when their IoU exceeds the threshold t; for t >= 0.5 a match is unique (two objects
+# cannot both overlap one by more than half of their union), so no assignment is needed.
+# An image with no true and no predicted object scores 1 (nothing to find, nothing found).
+
+#: The 2018 Data Science Bowl's IoU thresholds: 0.5, 0.55, ..., 0.95.
+DSB_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+
+
+def object_ious(pred, target) -> Tuple[np.ndarray, int, int]:
+    """``(ious, n_pred, n_true)``: the IoU of every overlapping (true, predicted) pair of objects,
+    one row per pair; objects that overlap nothing have no row."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+    p_ids, p = np.unique(pred, return_inverse=True)
+    t_ids, t = np.unique(target, return_inverse=True)
+    p, t = p.ravel(), t.ravel()
+    p_area, t_area = np.bincount(p, minlength=p_ids.size), np.bincount(t, minlength=t_ids.size)
+    pair, overlap = np.unique(t.astype(np.int64) * p_ids.size + p, return_counts=True)
+    ti, pi = pair // p_ids.size, pair % p_ids.size
+    real = (t_ids[ti] != 0) & (p_ids[pi] != 0)
+    ti, pi, overlap = ti[real], pi[real], overlap[real]
+    ious = overlap / (t_area[ti] + p_area[pi] - overlap)
+    return ious, int(np.count_nonzero(p_ids)), int(np.count_nonzero(t_ids))
+
+
+def object_matches(pred, target, thresholds: Sequence[float] = DSB_THRESHOLDS) -> Dict[float, Dict[str, float]]:
+    """Per IoU threshold t (each >= 0.5): ``{"tp", "fp", "fn", "accuracy", "sum_iou"}``, where
+    accuracy = TP / (TP + FP + FN) and ``sum_iou`` adds the IoUs of the matched pairs (for
+    panoptic quality)."""
+    ious, n_pred, n_true = object_ious(pred, target)
+    out = {}
+    for t in thresholds:
+        if t < 0.5:
+            raise ValueError(f"IoU threshold {t}: matches are unique only from 0.5 up")
+        hit = ious > t
+        tp = int(hit.sum())
+        fp, fn = n_pred - tp, n_true - tp
+        total = tp + fp + fn
+        out[float(t)] = {"tp": tp, "fp": fp, "fn": fn, "accuracy": tp / total if total else 1.0,
+                         "sum_iou": float(ious[hit].sum())}
+    return out
+
+
+def panoptic_quality(tp: int, fp: int, fn: int, sum_iou: float) -> float:
+    """PQ = (sum of matched IoUs) / (TP + FP/2 + FN/2) (Kirillov et al. 2019), at IoU 0.5; 1 when nothing to find nor found."""
+    denominator = tp + 0.5 * fp + 0.5 * fn
+    return sum_iou / denominator if denominator else 1.0
+
+
+def instance_scores(pred, target) -> Dict[str, float]:
+    """One image's object scores: accuracy at IoU 0.5 and 0.75, the DSB2018 score (mean accuracy
+    over IoU 0.5:0.05:0.95), panoptic quality, and the counts at 0.5 and 0.75 (for pooling over
+    images): ``tp50``, ``fp50``, ``fn50``, ``sum_iou50``, ``tp75``, ``fp75``, ``fn75``."""
+    m = object_matches(pred, target, DSB_THRESHOLDS)
+    half, three_quarters = m[0.5], m[0.75]
+    return {"accuracy50": half["accuracy"], "accuracy75": three_quarters["accuracy"],
+            "dsb": float(np.mean([m[t]["accuracy"] for t in DSB_THRESHOLDS])),
+            "pq": panoptic_quality(half["tp"], half["fp"], half["fn"], half["sum_iou"]),
+            **{f"{key}50": half[key] for key in ("tp", "fp", "fn", "sum_iou")},
+            **{f"{key}75": three_quarters[key] for key in ("tp", "fp", "fn")}}

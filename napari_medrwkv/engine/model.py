@@ -132,6 +132,38 @@ def describe_model(info: ModelInfo) -> str:
     return "; ".join(parts)
 
 
+def with_instances(model: SegmentationModel, kind: str = "border") -> SegmentationModel:
+    """A copy of a binary ``model`` made an instance model of ``kind`` (engine/instances.py):
+    the same network with the extra output channel(s) the kind needs, every trained weight
+    kept; the new channels start at "no border" (weights 0, bias -3), so the copy first segments as
+    the original did, each object its own label.  An instance model of that kind comes back as it is."""
+    from dataclasses import replace as replaced
+    from .instances import check_kind
+    kind = check_kind(kind)
+    if model.info.instances == kind:
+        return model
+    if model.info.instances or not model.binary or model.info.prompt_channels:
+        raise ValueError(f"{model.name} cannot become an instance model: only a binary (foreground) model can "
+                         f"(it has {model.info.num_classes} classes"
+                         f"{', prompts' if model.info.prompt_channels else ''}, instances={model.info.instances!r})")
+    info = replaced(model.info, instances=kind)
+    net = create_model(info.architecture, in_chans=info.in_chans, num_classes=info.out_channels, **info.arch_kwargs)
+    old, new = model.net.state_dict(), net.state_dict()
+    with torch.no_grad():
+        for key, value in new.items():
+            trained = old[key]
+            if trained.shape == value.shape:
+                value.copy_(trained)
+            elif trained.shape[1:] == value.shape[1:] and trained.shape[0] == model.info.num_classes:
+                value[:trained.shape[0]] = trained          # the output layer: its class rows kept
+                value[trained.shape[0]:] = -3.0 if key.endswith("bias") else 0.0
+            else:
+                raise ValueError(f"{model.name}: cannot widen {key} from {tuple(trained.shape)} to "
+                                 f"{tuple(value.shape)} for an instance model")
+    net.to(model.device).eval()
+    return SegmentationModel(net, info, model.source, model.device)
+
+
 def load_model(name_or_path, device="auto", *, in_chans: int = 3, num_classes: int = 1,
                class_names: Optional[List[str]] = None) -> SegmentationModel:
     """A shipped name, a ``.safetensors`` checkpoint path, or an architecture name.

@@ -29,8 +29,9 @@ from .imageio import DataError
 from .datasets import IGNORE_INDEX, SegmentationDataset, augmentation, check_pair, find_pairs, pairs_matching
 from .defaults import FEW_SHOT
 from .infer import Cancelled, segment
-from .metrics import mean_dice
-from .model import SegmentationModel, load_model
+from .instances import decode_targets, instance_pair
+from .metrics import instance_scores, mean_dice
+from .model import SegmentationModel, load_model, with_instances
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TrainConfig:
     ema: float = 0.0                      # decay of the weight average validated and kept; 0 = off
     blend: float = 1.0                    # the best epoch's share of the kept weights, the rest the trained
                                           # start's (with validation data, only if it scores as high as the epoch)
+    instances: str = ""                   # "border": make a binary model an instance model (engine/instances.py)
 
     @classmethod
     def few_shot(cls, **overrides) -> "TrainConfig":
@@ -192,6 +194,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         raise ValueError(f"{model.name} is a prompt-aware model (click to fix): it learns from clicks, not whole "
                          "masks; train it with medrwkv train --interactive")
     model = SegmentationModel(copy.deepcopy(model.net), copy.deepcopy(model.info), model.source, model.device)
+    if cfg.instances:
+        model = with_instances(model, cfg.instances)
     train_items, val_items = _split_items(data, split, val_data, val_split, cfg)
     _check_apart(train_items, val_items, data, split, val_data, val_split)
     if val_include:
@@ -205,9 +209,10 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     train_set = SegmentationDataset(train_items, info.in_chans, info.num_classes, cfg.patch_size, augment=cfg.augment,
                                     samples_per_epoch=cfg.samples_per_epoch or max(len(train_items), 4 * cfg.batch_size),
                                     seed=cfg.seed, input_scale=info.input_scale, foreground=cfg.foreground,
-                                    **augment_ranges)
+                                    instances=bool(info.instances), **augment_ranges)
     # Read once, checked as training pairs are, and segmented whole as the trained model will be.
-    val_pairs = [check_pair(item, info.num_classes) for item in val_items] or None
+    val_pairs = [instance_pair(item) if info.instances else check_pair(item, info.num_classes)
+                 for item in val_items] or None
     info.tile_size = max(info.tile_size, cfg.patch_size)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True, drop_last=True,
@@ -266,7 +271,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = _step(net, optimizer, scaler, amp_dtype, x.to(model.device, memory_format=layout),
-                         y.to(model.device), info.num_classes, cfg.dice_weight)
+                         y.to(model.device), info.num_classes, cfg.dice_weight, info.instances)
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"training diverged at epoch {epoch}, step {step + 1}: the loss is {loss}, so the weights are lost; "
@@ -522,12 +527,21 @@ def validate(net, val_pairs, model: SegmentationModel, cancel: Optional[Callable
     # Epochs, the start and the blend are compared by what the user will get: a calibrated
     # model (e.g. threshold 0.3 and one object per image) ranks weights differently from logits > 0.
     judged = SegmentationModel(net, model.info, model.source, model.device)
+    if model.info.instances:      # an instance model is ranked by what it is for: the DSB2018 score
+        return float(np.mean([instance_scores(segment(image, model=judged, cancel=cancel), labels)["dsb"]
+                              for image, labels in val_pairs]))
     return float(np.mean([mean_dice(segment(image, model=judged, cancel=cancel), mask, model.info.num_classes)
                           for image, mask in val_pairs]))
 
 
-def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5):
-    """(1 - dice_weight) * cross-entropy + dice_weight * soft Dice; pixels labelled -1 are ignored."""
+def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5, instances: str = ""):
+    """(1 - dice_weight) * cross-entropy + dice_weight * soft Dice; pixels labelled -1 are ignored.
+    An instance model's target is encoded (engine/instances.py): the same loss on its foreground
+    and on its touching-border channel, added."""
+    if instances:
+        foreground, border, valid = decode_targets(target)
+        return sum(_binary_loss(logits[:, c], truth, valid, dice_weight)
+                   for c, truth in enumerate((foreground, border)))
     valid = target != IGNORE_INDEX
     if num_classes == 1:
         logit = logits[:, 0]
@@ -544,6 +558,13 @@ def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5
     return (1 - dice_weight) * ce + dice_weight * (1 - soft_dice)
 
 
+def _binary_loss(logit, truth, valid, dice_weight):
+    truth = truth.float()
+    ce = F.binary_cross_entropy_with_logits(logit[valid], truth[valid]) if valid.any() else logit.sum() * 0
+    soft_dice = _soft_dice((torch.sigmoid(logit) * valid)[:, None], (truth * valid)[:, None])
+    return (1 - dice_weight) * ce + dice_weight * (1 - soft_dice)
+
+
 def _soft_dice(probs, truth, eps: float = 1.0):
     # Summed over the batch per class so that empty images do not dominate.
     dims = (0, 2, 3)
@@ -551,11 +572,11 @@ def _soft_dice(probs, truth, eps: float = 1.0):
     return ((2 * overlap + eps) / (probs.sum(dims) + truth.sum(dims) + eps)).mean()
 
 
-def _step(net, optimizer, scaler, amp_dtype, x, y, num_classes, dice_weight) -> float:
+def _step(net, optimizer, scaler, amp_dtype, x, y, num_classes, dice_weight, instances="") -> float:
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         logits = net(x)
-    loss = segmentation_loss(logits.float(), y, num_classes, dice_weight)
+    loss = segmentation_loss(logits.float(), y, num_classes, dice_weight, instances)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)

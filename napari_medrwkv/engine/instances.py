@@ -1,0 +1,198 @@
+"""Instances: one label per object (nuclei, cells), from a model that predicts what separates them.
+
+An *instance model* (``ModelInfo.instances == "border"``) is a binary model with one output
+channel more: channel 0 is the object (foreground) probability as in any binary model,
+channel 1 the probability of a *touching border*, the thin strip where two objects meet.
+That is the design of the 2018 Data Science Bowl winners (selimsef/dsb2018_topcoders;
+torch-em's ``watershed_from_components``): seeds are the object pixels away from any touching
+border, and a seeded watershed on the object probability grows each seed to its object.
+
+Training targets come from instance masks (uint16 labels, one id per object) automatically:
+:func:`encode_targets` packs the foreground and the touching border into one small integer
+map, so that scaling, cropping, flips and rotations of training patches treat them as any
+label map.  numpy, SciPy and scikit-image only.
+"""
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+#: The kinds of instance model: "" is a plain (foreground or class) model.
+INSTANCE_KINDS = {"": "foreground or classes, no instances",
+                  "border": "foreground + the border between touching objects, then a seeded watershed"}
+
+#: Bits of an encoded target (:func:`encode_targets`): foreground, touching border.
+FOREGROUND_BIT, BORDER_BIT = 1, 2
+
+#: Half-width in pixels of the touching-border strip: pixels whose (2w+1)² window holds two objects.
+BORDER_WIDTH = 2
+
+#: Seeds smaller than this (pixels, at the network's scale) are dropped: specks between two
+#: borders, not objects (the topcoders dropped components under ~12 px at 256² crops).
+MIN_SEED = 8
+
+_FOUR = ndimage.generate_binary_structure(2, 1)
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def check_kind(kind) -> str:
+    """``kind`` as a known instance kind ("" or "border"), else a ValueError naming it."""
+    kind = "" if kind is None else kind
+    if kind not in INSTANCE_KINDS:
+        raise ValueError(f"instances={kind!r}: use one of " + "; ".join(f"{k!r} ({v})" for k, v in INSTANCE_KINDS.items()))
+    return kind
+
+
+def extra_channels(kind: str) -> int:
+    """Output channels an instance kind adds to the model's class channels."""
+    return 1 if kind == "border" else 0
+
+
+def label_dtype(count: int) -> np.dtype:
+    """uint16 for up to 65535 objects, uint32 beyond (napari and TIFF take both)."""
+    return np.dtype(np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32)
+
+
+def relabel(labels: np.ndarray) -> np.ndarray:
+    """``labels`` with ids 1..N in order of first appearance kept sorted (0 stays 0), as uint16 or uint32."""
+    ids, inverse = np.unique(labels, return_inverse=True)
+    if ids.size and ids[0] == 0:
+        new = np.arange(ids.size)
+    else:
+        new = np.arange(1, ids.size + 1)
+    count = int(new.max()) if new.size else 0
+    return new.astype(label_dtype(count))[inverse.reshape(labels.shape)]
+
+
+# --------------------------------------------------------------------------- ground truth
+
+def instance_mask(array, name: str) -> np.ndarray:
+    """A 2-D instance label image (0 background, one id per object) from a mask array, checked.
+
+    A mask holding a single foreground value (0/255, 0/1: a binary mask, or one object) has
+    its objects found as 8-connected components: without ids there is nothing better to go
+    by.  Negative or fractional ids, stacks and colour masks are a DataError naming ``name``."""
+    from .imageio import DataError, channels_equal
+    array = np.asarray(array)
+    if array.ndim == 3 and array.shape[-1] in (1, 3, 4):
+        if array.shape[-1] > 1 and not channels_equal(array):
+            raise DataError(f"{name} is a colour image; save instance labels as one channel (0 = background, "
+                            "1..N = objects)")
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise DataError(f"{name} has shape {array.shape}; expected one 2-D label image")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise DataError(f"{name} has fractional or non-finite values; instance ids are whole numbers")
+    if array.size and array.min() < 0:
+        raise DataError(f"{name} has negative id {array.min():g}; instance ids are 0 (background) and 1..N")
+    values = np.unique(array)
+    values = values[values != 0]
+    if values.size == 1:
+        return ndimage.label(array != 0, structure=_EIGHT)[0]
+    return array.astype(np.int64)
+
+
+def read_instances(path) -> np.ndarray:
+    """The instance labels of a mask file (see :func:`instance_mask`)."""
+    from .imageio import _read_array
+    path = Path(path)
+    return instance_mask(_read_array(path, "mask", palette_index=True), f"mask {path}")
+
+
+def instance_pair(pair) -> Tuple[np.ndarray, np.ndarray]:
+    """(image, instance labels) of a training pair: a datasets.Pair of files or an (image, labels) tuple;
+    the sizes are checked as :func:`.datasets.check_pair` checks them."""
+    from .datasets import check_pair
+    if isinstance(pair, tuple):
+        image, _ = check_pair(pair, 1)
+        return image, instance_mask(pair[1], "the in-memory mask")
+    image, _ = check_pair(pair, 1)
+    return image, read_instances(pair.mask)
+
+
+# --------------------------------------------------------------------------- training targets
+
+def touching_border(labels: np.ndarray, width: int = BORDER_WIDTH) -> np.ndarray:
+    """Pixels whose (2*width+1)² window holds two different objects: the strip where objects touch
+    or nearly touch (background gaps of up to ~2*width pixels between them included)."""
+    labels = np.asarray(labels)
+    size = 2 * int(width) + 1
+    labels = labels.astype(np.int64)
+    top = ndimage.maximum_filter(labels, size=size)
+    empty = int(top.max()) + 1          # not int64's maximum: SciPy's filters lose it
+    bottom = ndimage.minimum_filter(np.where(labels > 0, labels, empty), size=size)
+    return (bottom != empty) & (top != bottom)
+
+
+def encode_targets(labels: np.ndarray, width: int = BORDER_WIDTH) -> np.ndarray:
+    """The training target of an instance model as one int16 map: bit 0 foreground, bit 1 touching border."""
+    labels = np.asarray(labels)
+    code = (labels > 0).astype(np.int16) * FOREGROUND_BIT
+    code[touching_border(labels, width)] |= BORDER_BIT
+    return code
+
+
+def decode_targets(code):
+    """(foreground, border, valid) of an encoded target (numpy or torch); padding (-1) is not valid."""
+    valid = code >= 0
+    return (code & FOREGROUND_BIT) > 0, (code & BORDER_BIT) > 0, valid
+
+
+# --------------------------------------------------------------------------- post-processing
+
+def instances_from_probabilities(foreground: np.ndarray, border: np.ndarray, threshold: float = 0.5,
+                                 seed_threshold: float = 0.5, min_seed: int = MIN_SEED) -> np.ndarray:
+    """Instance labels 1..N (uint16, uint32 beyond 65535 objects) of one plane's probabilities.
+
+    Objects are the pixels with ``foreground > threshold``; seeds the 4-connected components of
+    ``foreground * (1 - border) > seed_threshold`` of at least ``min_seed`` pixels; a seeded
+    watershed on ``-foreground`` inside the objects grows each seed to its object.  An object
+    with no seed (too small, or all border) keeps its own label."""
+    from skimage.segmentation import watershed
+    foreground = np.asarray(foreground, dtype=np.float32)
+    border = np.asarray(border, dtype=np.float32)
+    mask = foreground > threshold
+    if not mask.any():
+        return np.zeros(mask.shape, np.uint16)
+    seeds, count = ndimage.label((foreground * (1 - border) > seed_threshold) & mask, structure=_FOUR)
+    if count:
+        sizes = np.bincount(seeds.ravel())
+        small = sizes < min_seed
+        small[0] = False
+        if small.any():
+            keep = np.cumsum(~small) * ~small
+            keep[0] = 0
+            seeds = keep[seeds]
+            count = int(keep.max())
+    labels = watershed(-foreground, seeds, mask=mask) if count else np.zeros(mask.shape, np.int32)
+    # What the watershed could not reach: objects without a seed of their own.
+    orphans, extra = ndimage.label(mask & (labels == 0), structure=_EIGHT)
+    if extra:
+        labels = np.where(orphans > 0, orphans + count, labels)
+    return labels.astype(label_dtype(count + extra))
+
+
+def connected_objects(mask: np.ndarray) -> np.ndarray:
+    """The 8-connected components of a foreground mask as instance labels: what a foreground
+    model's output means as instances (touching objects become one)."""
+    labels, count = ndimage.label(np.asarray(mask) > 0, structure=_EIGHT)
+    return labels.astype(label_dtype(count))
+
+
+def keep_largest_instance(labels: np.ndarray) -> np.ndarray:
+    """Only the largest object of an instance label image, as id 1."""
+    sizes = np.bincount(labels.ravel())
+    if sizes.size <= 1 or sizes[1:].max() == 0:
+        return labels
+    return (labels == 1 + int(np.argmax(sizes[1:]))).astype(labels.dtype)
+
+
+def plane_instances(probs: np.ndarray, threshold: float = 0.5, largest_component: bool = False) -> np.ndarray:
+    """Instance labels of one plane's stitched probabilities (channels first: foreground, border),
+    as ``segment`` makes them for an instance model."""
+    labels = instances_from_probabilities(probs[0], probs[1], threshold)
+    return keep_largest_instance(labels) if largest_component else labels

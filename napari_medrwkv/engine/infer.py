@@ -43,7 +43,7 @@ def blend_window(tile_h: int, tile_w: int) -> np.ndarray:
 def segment(image, model=None, tile: Optional[int] = None, progress: Progress = None, cancel: Cancel = None,
             return_probabilities: bool = False, rgb: Optional[bool] = None, device="auto",
             flips: Optional[bool] = None, threshold: Optional[float] = None,
-            largest_component: Optional[bool] = None):
+            largest_component: Optional[bool] = None, out=None, block: Optional[int] = None, client=None):
     """Integer labels with the spatial shape of ``image`` (0/1 for a binary model, class ids otherwise).
 
     ``image``: (Y, X), (Y, X, 3|4), or a stack (Z, Y, X[, 3|4]) segmented slice by slice; any dtype.
@@ -62,7 +62,25 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     ``largest_component`` (binary models): keep only the largest 8-connected object of each
     plane (one lesion per image).  Each of these three left as None takes the model's own
     setting (``model.info.inference``; off, 0.5, off unless ``medrwkv calibrate`` chose others).
+
+    Images larger than memory: ``image`` may also be a zarr or Dask array, a memory map, or the
+    path of an OME-Zarr store or TIFF file; those are read block by block (only the tiles that
+    run), with the same results.  ``out`` (a path for a new zarr array, or an open zarr array;
+    with ``return_probabilities`` a pair of them, probabilities stored as uint8) receives the
+    results chunk by chunk and is returned; ``block`` is its chunk side (default 2048);
+    ``client`` (a ``dask.distributed.Client``) runs the blocks on a Dask cluster.  See
+    :mod:`.blocks`.
     """
+    if isinstance(image, (str, os.PathLike)) and _is_scan(image):     # engine/scans.py
+        from .scans import read_scan, segment_scan      # in the planes the scanner acquired
+        return segment_scan(read_scan(image), model=model, device=device, tile=tile, progress=progress,
+                            cancel=cancel, return_probabilities=return_probabilities, flips=flips,
+                            threshold=threshold, largest_component=largest_component)
+    if out is not None or block is not None or client is not None or _is_lazy(image):
+        from .blocks import segment_blocks
+        return segment_blocks(image, model, out, tile=tile, block=block, return_probabilities=return_probabilities,
+                              rgb=rgb, device=device, flips=flips, threshold=threshold,
+                              largest_component=largest_component, progress=progress, cancel=cancel, client=client)
     if isinstance(image, (str, os.PathLike)) and _is_scan(image):     # engine/scans.py
         from .scans import read_scan, segment_scan      # in the planes the scanner acquired
         return segment_scan(read_scan(image), model=model, device=device, tile=tile, progress=progress,
@@ -132,6 +150,20 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     if model.binary:
         return labels, probs[..., 0, :, :]
     return labels, np.moveaxis(probs, 1, 0) if stack_axes else probs
+
+
+def _is_scan(path) -> bool:
+    from .scans import is_scan
+    return is_scan(path)
+
+
+def _is_lazy(image) -> bool:
+    """A zarr store or TIFF path, a memory map, or a chunked array (zarr, Dask): read by blocks."""
+    import os
+    if isinstance(image, (str, os.PathLike)):
+        from .blocks import is_block_source
+        return is_block_source(image)
+    return isinstance(image, np.memmap) or hasattr(image, "chunks")
 
 
 def _is_scan(path) -> bool:

@@ -81,11 +81,6 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
         return segment_blocks(image, model, out, tile=tile, block=block, return_probabilities=return_probabilities,
                               rgb=rgb, device=device, flips=flips, threshold=threshold,
                               largest_component=largest_component, progress=progress, cancel=cancel, client=client)
-    if isinstance(image, (str, os.PathLike)) and _is_scan(image):     # engine/scans.py
-        from .scans import read_scan, segment_scan      # in the planes the scanner acquired
-        return segment_scan(read_scan(image), model=model, device=device, tile=tile, progress=progress,
-                            cancel=cancel, return_probabilities=return_probabilities, flips=flips,
-                            threshold=threshold, largest_component=largest_component)
     if model is None:
         raise ValueError("segment: pass model= (a shipped name, a checkpoint path, or a loaded model)")
     model = model if isinstance(model, SegmentationModel) else load_model(model, device=device)
@@ -150,11 +145,6 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     if model.binary:
         return labels, probs[..., 0, :, :]
     return labels, np.moveaxis(probs, 1, 0) if stack_axes else probs
-
-
-def _is_scan(path) -> bool:
-    from .scans import is_scan
-    return is_scan(path)
 
 
 def _is_lazy(image) -> bool:

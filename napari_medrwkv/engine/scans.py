@@ -68,6 +68,10 @@ def labels_name(path: PathLike, kind: str = "labels") -> str:
     return f"{scan_stem(path)}_{kind}{SCAN_SUFFIXES.get(scan_suffix(path), '.nii.gz')}"
 
 
+#: Where a napari layer keeps its scan's geometry (:meth:`ScanGeometry.to_metadata`).
+METADATA_KEY = "scan_geometry"
+
+
 @dataclass(frozen=True)
 class ScanGeometry:
     """Where a scan's voxels lie, in the orientation :func:`read_scan` gives.
@@ -114,6 +118,20 @@ class ScanGeometry:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"the scan geometry is incomplete or damaged ({type(err).__name__}: {err}); "
                              "read the scan again from its file") from None
+
+    @classmethod
+    def of_grid(cls, shape, spacing, origin) -> "ScanGeometry":
+        """The geometry of an array laid out as :func:`read_scan` lays scans out, from its shape and
+        napari's ``scale`` and ``translate`` only (direction: the axes themselves, stored as they are)."""
+        dim = len(shape)
+        if dim not in (2, 3) or len(spacing) != dim or len(origin) != dim:
+            raise ValueError(f"a scan grid is 2-D or 3-D with a spacing and origin per axis; got shape {tuple(shape)}, "
+                             f"scale {tuple(spacing)}, translate {tuple(origin)}")
+        return cls(spacing=tuple(map(float, spacing)), origin=tuple(map(float, origin)),
+                   direction=tuple(tuple(float(a + b == dim - 1) for b in range(dim)) for a in range(dim)), slice_axis=0,
+                   shape=tuple(map(int, shape)), stored_axes=tuple(range(dim)), stored_flips=(False,) * dim,
+                   stored_spacing=tuple(map(float, spacing[::-1])), stored_origin=tuple(map(float, origin[::-1])),
+                   stored_direction=tuple(float(a == b) for a in range(dim) for b in range(dim)))
 
     def to_stored(self, array: np.ndarray) -> np.ndarray:
         """``array`` (this orientation, any trailing channels) in the file's voxel order, numpy-style (z, y, x)."""

@@ -14,6 +14,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, Q
                             QMessageBox, QProgressBar, QPushButton, QSpinBox, QWidget)
 
 from ..engine.memory import retain_freed_memory
+from ..engine.scans import METADATA_KEY as SCAN_GEOMETRY
 from . import review, session
 from .qt_helpers import (BROWSE, Section, WorkerRelay, add_shortcut, connect_while_alive, fit_dock, follow_layer_list,
                          refill, scrolling_body, shortcut_legend, stop_jobs_on_quit, unwrap_outcome)
@@ -278,7 +279,8 @@ class SegmentWidget(QWidget):
         self._set_running(True)
         self.status.setText(f"Segmenting {image_layer.name} with {source}…")
         self.worker = self._make_worker(data, source, self.device_combo.currentText(), self.tile_spin.value() or None,
-                                        image_layer.rgb, self.inference_choices())
+                                        image_layer.rgb, self.inference_choices(),
+                                        _acquired_axis(image_layer) if slice_index is None else 0)
         self.worker.returned.connect(lambda outcome: self._on_outcome(outcome, image_layer, source, slice_index))
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
@@ -317,7 +319,9 @@ class SegmentWidget(QWidget):
     def stop_for_quit(self) -> None:
         self.cancel()
 
-    def _make_worker(self, data, source, device, tile, rgb, choices):
+    def _make_worker(self, data, source, device, tile, rgb, choices, axis=0):
+        """``axis``: the stack axis whose planes are segmented (a scan's acquired planes); the
+        result comes back in the layer's axis order."""
         relay, cancel, models = self._relay, self._cancel, self._models
 
         @thread_worker
@@ -331,8 +335,12 @@ class SegmentWidget(QWidget):
                 if key not in models:
                     models[key] = load_model(source, device=device)
                 model = models[key]
-                labels, probs = segment(data, model=model, tile=tile, rgb=rgb, return_probabilities=True,
+                planes = np.moveaxis(data, axis, 0) if axis else data
+                labels, probs = segment(planes, model=model, tile=tile, rgb=rgb, return_probabilities=True,
                                         progress=relay.tiles.emit, cancel=cancel.is_set, **choices)
+                if axis:
+                    labels = np.moveaxis(labels, 0, axis)
+                    probs = np.moveaxis(probs, probs.ndim - 3, probs.ndim - 3 + axis)
             except Cancelled:
                 return "cancelled", None
             except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed
@@ -408,8 +416,12 @@ class SegmentWidget(QWidget):
         if self.probability_check.isChecked() and model.binary:
             self._show_probability(f"{name} probability", probs, image_layer, slice_index, full_shape)
         self.viewer.layers.selection.active = layer          # the paint tools at hand, not the probabilities
-        found = f"{(labels > 0).mean():.1%} foreground" if model.binary else \
-            f"classes {', '.join(str(c) for c in np.unique(labels) if c)}"
+        if model.info.instances:             # one label per object, numbered per slice
+            found = f"{int(labels.max())} objects" if labels.ndim == 2 else \
+                f"{sum(int(plane.max()) for plane in labels)} objects in {len(labels)} slices"
+        else:
+            found = f"{(labels > 0).mean():.1%} foreground" if model.binary else \
+                f"classes {', '.join(str(c) for c in np.unique(labels) if c)}"
         undo = f"; {changed} pixels changed, Ctrl+Z undoes it" if changed else ""
         self.status.setText(f"Done: {name} ({found}{undo}){kept}.")
 
@@ -458,8 +470,10 @@ class SegmentWidget(QWidget):
         return next((key for key, button in buttons.items() if box.clickedButton() is button), "skip")
 
     def _new_labels(self, name, data, image_layer) -> Labels:
+        # A scan's geometry goes with its labels, so that they save back onto the scan's grid.
+        geometry = {key: image_layer.metadata[key] for key in (SCAN_GEOMETRY,) if key in image_layer.metadata}
         return self.viewer.add_labels(data, name=name, scale=image_layer.scale[-data.ndim:],
-                                      translate=image_layer.translate[-data.ndim:])
+                                      translate=image_layer.translate[-data.ndim:], metadata=geometry)
 
     def _show_probability(self, name, probs, image_layer, slice_index, full_shape):
         if slice_index is not None:
@@ -499,3 +513,11 @@ class SegmentWidget(QWidget):
         self.cancel_button.setEnabled(running)
         if running:
             self.progress_bar.setValue(0)
+
+
+def _acquired_axis(layer) -> int:
+    """The axis along which the scanner acquired a scan's slices (0 for anything but a scan)."""
+    geometry = layer.metadata.get(SCAN_GEOMETRY)
+    if not geometry or layer.rgb or np.ndim(layer.data) != 3:
+        return 0
+    return int(geometry.get("slice_axis", 0))

@@ -1,0 +1,108 @@
+"""Scans in napari (plugin/scan_io.py, pytest-qt under Xvfb): a scan opens with its spacing as the
+layer's scale and its origin as translate; Segment keeps them on its result and segments the planes
+the scanner acquired; labels save back onto the scan's grid."""
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+sitk = pytest.importorskip("SimpleITK")
+nib = pytest.importorskip("nibabel")
+
+from test_scans import itk_affine, lps_image, nuclei_scan, volume  # noqa: E402
+
+from napari_medrwkv.engine.scans import METADATA_KEY, read_scan, segment_scan  # noqa: E402
+from napari_medrwkv.plugin.scan_io import get_reader  # noqa: E402
+
+
+def open_scan(viewer, path):
+    layers = viewer.open(str(path), plugin="napari-medrwkv")
+    assert len(layers) == 1
+    return layers[0]
+
+
+def test_a_scan_opens_with_its_spacing_origin_and_geometry(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    data = volume()
+    sitk.WriteImage(lps_image(data, spacing=(0.7, 0.9, 3.0), origin=(-40.0, 25.5, 100.25)), str(tmp_path / "a.nrrd"))
+    layer = open_scan(viewer, tmp_path / "a.nrrd")
+    assert layer.name == "a" and np.array_equal(layer.data, data)
+    np.testing.assert_allclose(layer.scale, (3.0, 0.9, 0.7))
+    np.testing.assert_allclose(layer.translate, (100.25, 25.5, -40.0))
+    assert layer.metadata[METADATA_KEY]["slice_axis"] == 0
+    assert get_reader(str(tmp_path / "photo.png")) is None
+
+
+def test_a_scan_stored_ras_opens_as_the_same_layer_as_one_stored_lps(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    data = volume()
+    sitk.WriteImage(lps_image(data), str(tmp_path / "lps.nrrd"))
+    nz, ny, nx = data.shape
+    spacing, origin = (0.7, 0.9, 3.0), np.array((-40.0, 25.5, 100.25))
+    corner = origin + np.array(spacing) * [nx - 1, ny - 1, 0]
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-corner[0], -corner[1], corner[2]]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(data[:, ::-1, ::-1].transpose(2, 1, 0)), affine),
+             str(tmp_path / "ras.nii.gz"))
+    lps, ras = open_scan(viewer, tmp_path / "lps.nrrd"), open_scan(viewer, tmp_path / "ras.nii.gz")
+    assert np.array_equal(lps.data, ras.data)
+    np.testing.assert_allclose(ras.scale, lps.scale, rtol=1e-6)
+    np.testing.assert_allclose(ras.translate, lps.translate, rtol=1e-6, atol=1e-5)
+    assert np.allclose(viewer.layers.extent.world, lps.extent.world)       # one place in the 3-D view
+
+
+def test_segment_on_a_scan_keeps_its_grid_segments_the_acquired_planes_and_saves_onto_it(make_napari_viewer, qtbot,
+                                                                                          tmp_path):
+    from napari_medrwkv.plugin.segment_widget import SegmentWidget
+    viewer = make_napari_viewer()
+    path, planes = nuclei_scan(tmp_path)                  # acquired sagittally: slices along the last axis
+    image = open_scan(viewer, path)
+    assert image.metadata[METADATA_KEY]["slice_axis"] == 2
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.image_combo.setCurrentText(image.name)
+    widget.model_combo.setCurrentText("rwkv_unet_t-dsb2018")
+    widget.device_combo.setCurrentText("cpu")
+    widget.scope_combo.setCurrentText("all slices")
+    widget.probability_check.setChecked(True)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120000)
+    labels = viewer.layers[f"{image.name} [rwkv_unet_t-dsb2018]"]
+    np.testing.assert_allclose(labels.scale, image.scale)
+    np.testing.assert_allclose(labels.translate, image.translate)
+    prob = viewer.layers[f"{image.name} [rwkv_unet_t-dsb2018] probability"]
+    np.testing.assert_allclose(prob.scale, image.scale)
+    assert prob.data.shape == labels.data.shape == image.data.shape
+    expected = segment_scan(read_scan(path), model="rwkv_unet_t-dsb2018", device="cpu")
+    assert np.array_equal(labels.data, expected) and labels.data.any()
+    assert labels.metadata[METADATA_KEY] == image.metadata[METADATA_KEY]
+    # Saved as NIfTI: the scan's own voxel order and affine, read back by nibabel.
+    out = tmp_path / "cells_labels.nii.gz"
+    labels.save(str(out), plugin="napari-medrwkv")
+    back = nib.load(str(out))
+    stored = read_scan(path).geometry.to_stored(labels.data)
+    assert stored.shape == planes.shape
+    np.testing.assert_array_equal(np.asarray(back.dataobj).transpose(2, 1, 0), stored)
+    source = nib.load(str(path))
+    np.testing.assert_allclose(back.affine, source.affine, rtol=1e-6, atol=1e-5)
+    with pytest.raises(Exception, match="already exists"):
+        labels.save(str(out), plugin="napari-medrwkv")
+
+
+def test_labels_painted_on_a_new_layer_save_onto_the_grid_its_scale_and_translate_give(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    sitk.WriteImage(lps_image(volume()), str(tmp_path / "a.mha"))
+    image = open_scan(viewer, tmp_path / "a.mha")
+    painted = viewer.add_labels(np.zeros(image.data.shape, np.uint8), scale=image.scale, translate=image.translate)
+    painted.data[2, 3:6, 4:9] = 5
+    out = tmp_path / "painted.nrrd"
+    painted.save(str(out), plugin="napari-medrwkv")
+    back, source = read_scan(out), read_scan(tmp_path / "a.mha")
+    assert np.array_equal(back.array, painted.data)
+    np.testing.assert_allclose(back.geometry.spacing, source.geometry.spacing)
+    np.testing.assert_allclose(back.geometry.origin, source.geometry.origin)
+    image_itk = sitk.ReadImage(str(tmp_path / "a.mha"))
+    labels_itk = sitk.ReadImage(str(out))
+    # The painted voxel lands on the same physical point as the scan's voxel under it.
+    assert np.allclose(labels_itk.TransformIndexToPhysicalPoint((4, 3, 2)), image_itk.TransformIndexToPhysicalPoint((4, 3, 2)))
+    np.testing.assert_allclose(itk_affine(labels_itk.GetSpacing(), labels_itk.GetOrigin(), labels_itk.GetDirection()),
+                               itk_affine(image_itk.GetSpacing(), image_itk.GetOrigin(), image_itk.GetDirection()))

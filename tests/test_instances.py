@@ -195,6 +195,7 @@ def test_instance_model_labels_touching_nuclei_apart_and_stacks_per_plane(instan
     image = read_image(SAMPLES / "nuclei_fluorescence.png")
     labels = segment(image, model=instance_model)
     assert labels.dtype == np.uint16 and labels.max() > 50
+    assert len(np.unique(labels)) == labels.max() + 1              # 1..N, no id left out
     stack = segment(np.stack([image, image]), model=instance_model)
     assert stack.shape == (2,) + labels.shape
     np.testing.assert_array_equal(stack[0], labels)

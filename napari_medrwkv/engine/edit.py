@@ -195,6 +195,65 @@ def smooth(labels, radius: int) -> np.ndarray:
     return out
 
 
+def split_object(labels, seeds: Sequence[Point]) -> np.ndarray:
+    """The object under the first of two or more ``seeds`` split into one object per seed: a
+    seeded watershed on the distance to the object's edge (so the cuts run through its necks),
+    confined to the object.  The first seed's part keeps the object's id, the others take new
+    ids above the image's largest.  A seed on the background or on another object, two seeds
+    on one pixel, or ids beyond what the dtype holds are a ValueError."""
+    from skimage.segmentation import watershed
+    labels = _check(labels)
+    if len(seeds) < 2:
+        raise ValueError(f"split needs two or more seeds inside one object, got {len(seeds)}")
+    pixels = [_pixel(labels, seed) for seed in seeds]
+    mask = object_at(labels, pixels[0])
+    if not mask.any():
+        raise ValueError(f"the first seed {pixels[0]} is not on an object")
+    for pixel in pixels[1:]:
+        if not (0 <= pixel[0] < labels.shape[0] and 0 <= pixel[1] < labels.shape[1]) or not mask[pixel]:
+            raise ValueError(f"seed {pixel} is not inside the object of the first seed {pixels[0]}; put every "
+                             "seed inside the one object to split")
+    if len(set(pixels)) < len(pixels):
+        raise ValueError("two seeds are on the same pixel; give each part its own seed")
+    value = labels[pixels[0]]
+    top = int(_ids(labels).max())
+    new_ids = [int(value)] + [top + i for i in range(1, len(pixels))]
+    if labels.dtype != bool and new_ids[-1] > np.iinfo(labels.dtype).max:
+        raise ValueError(f"the labels are {labels.dtype} and hold no id above {np.iinfo(labels.dtype).max}; "
+                         "convert the layer to a wider type to split")
+    if labels.dtype == bool:
+        raise ValueError("a boolean mask has one id; convert it to integer labels to split objects")
+    rows, cols = np.nonzero(mask)
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    inside = mask[box]
+    markers = np.zeros(inside.shape, np.int32)
+    for k, (y, x) in enumerate(pixels, 1):
+        markers[y - box[0].start, x - box[1].start] = k
+    distance = ndimage.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+    parts = watershed(-distance, markers, mask=inside)
+    out = labels.copy()
+    region = out[box]
+    region[inside] = np.asarray(new_ids, dtype=labels.dtype)[parts[inside] - 1]
+    return out
+
+
+def merge_objects(labels, points: Sequence[Point]) -> np.ndarray:
+    """The objects under ``points`` (two or more different ids, each its whole id) given the first
+    one's id.  A point on the background is a ValueError; points on one id change nothing."""
+    labels = _check(labels)
+    values = []
+    for point in points:
+        y, x = _pixel(labels, point)
+        if not (0 <= y < labels.shape[0] and 0 <= x < labels.shape[1]) or labels[y, x] == 0:
+            raise ValueError(f"point {(y, x)} is not on an object; pick only objects to merge")
+        values.append(labels[y, x])
+    if len(points) < 2:
+        raise ValueError(f"merge needs two or more objects, got {len(points)} point(s)")
+    out = labels.copy()
+    out[np.isin(labels, values[1:])] = values[0]
+    return out
+
+
 def changed(before, after) -> Tuple[Tuple[np.ndarray, ...], np.ndarray]:
     """``(indices, values)``: the positions where ``after`` differs from ``before`` (a tuple of
     index arrays, as ``np.nonzero`` gives) and the new values there, so that

@@ -255,6 +255,8 @@ def write_labels(path, array: np.ndarray, overwrite: bool = True) -> Path:
         raise ValueError(f"{path}: write labels as .png (2D) or .tif (any)")
     if suffix == ".png" and (array.ndim != 2 or array.dtype.kind not in "ui"):
         raise ValueError(f"{path}: PNG holds 2D integer labels only; use .tif for {array.ndim}D {array.dtype}")
+    if suffix == ".png" and array.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError(f"{path}: {int(array.max())} objects do not fit a 16-bit PNG (65535 at most); use .tif")
     with atomic_file(path, overwrite, suffix) as tmp:
         if suffix == ".png":
             from PIL import Image

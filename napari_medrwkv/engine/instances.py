@@ -54,17 +54,6 @@ def label_dtype(count: int) -> np.dtype:
     return np.dtype(np.uint16 if count <= np.iinfo(np.uint16).max else np.uint32)
 
 
-def relabel(labels: np.ndarray) -> np.ndarray:
-    """``labels`` with ids 1..N in order of first appearance kept sorted (0 stays 0), as uint16 or uint32."""
-    ids, inverse = np.unique(labels, return_inverse=True)
-    if ids.size and ids[0] == 0:
-        new = np.arange(ids.size)
-    else:
-        new = np.arange(1, ids.size + 1)
-    count = int(new.max()) if new.size else 0
-    return new.astype(label_dtype(count))[inverse.reshape(labels.shape)]
-
-
 # --------------------------------------------------------------------------- ground truth
 
 def instance_mask(array, name: str) -> np.ndarray:
@@ -164,8 +153,7 @@ def instances_from_probabilities(foreground: np.ndarray, border: np.ndarray, thr
         small = sizes < min_seed
         small[0] = False
         if small.any():
-            keep = np.cumsum(~small) * ~small
-            keep[0] = 0
+            keep = (np.cumsum(~small) - 1) * ~small          # the kept seeds renumbered 1..n
             seeds = keep[seeds]
             count = int(keep.max())
     labels = watershed(-foreground, seeds, mask=mask) if count else np.zeros(mask.shape, np.int32)

@@ -1,8 +1,9 @@
 """Correct widget: fast fixes to a model's mask, and marking slices as reviewed.
 
 napari's own Labels tools paint, erase and fill; this widget adds object-level
-helpers (delete / keep the object under a click, fill holes, remove small
-objects, smooth outlines) computed by ``napari_medrwkv.engine.edit`` and written
+helpers (delete / keep the object under a click, split one object at the seeds
+clicked inside it, merge the objects clicked, fill holes, remove small objects,
+smooth outlines) computed by ``napari_medrwkv.engine.edit`` and written
 back through ``Labels.data_setitem`` inside ``Labels.block_history()``, so each
 helper action is ONE step of napari's undo (Ctrl+Z) and redo.  For a 3-D stack
 every helper acts on the slice shown.  Reviewed slices (``plugin.review``) are what
@@ -21,6 +22,7 @@ from . import review
 from .qt_helpers import add_shortcut, fit_dock, refill, scrolling_body, shortcut_legend
 
 DELETE, KEEP = "delete", "keep"
+SPLIT, MERGE = "split", "merge"          # click modes that collect clicks, then Apply acts on them all
 PAN_ZOOM = "pan_zoom"
 NO_LABELS = "No labels layer: segment an image first (Segment widget) or add a Labels layer."
 
@@ -35,13 +37,23 @@ class CorrectWidget(QWidget):
         self._hooked: Optional[Labels] = None      # the layer carrying our mouse callback
         self._mode_before: Optional[str] = None    # that layer's tool before a click mode
         self._watched = set()                      # ids of layers whose name changes we follow
+        self._picks = []                           # (slice, y, x) clicked in split / merge mode
 
         self.labels_combo = QComboBox()
         self.labels_combo.setToolTip("The Labels layer to correct (follows the selected Labels layer).")
 
         self.delete_button = QPushButton("Delete object")
         self.keep_button = QPushButton("Keep object")
-        self._mode_buttons = {DELETE: self.delete_button, KEEP: self.keep_button}
+        self.split_button = QPushButton("Split object")
+        self.merge_button = QPushButton("Merge objects")
+        self.apply_picks_button = QPushButton("Apply")
+        self._mode_buttons = {DELETE: self.delete_button, KEEP: self.keep_button, SPLIT: self.split_button,
+                              MERGE: self.merge_button}
+        self.split_button.setToolTip("While on, each click inside one object puts a seed; Apply splits the object "
+                                     "into one object per seed (a seeded watershed).")
+        self.merge_button.setToolTip("While on, each click picks an object; Apply gives them all the first one's id.")
+        self.apply_picks_button.setToolTip("Split or merge at the clicks so far (one undo step).")
+        self.apply_picks_button.setEnabled(False)
         self.delete_button.setToolTip("While on, a click on an object in the canvas deletes it.")
         self.keep_button.setToolTip("While on, a click on an object keeps it and deletes every other object "
                                     "(of the current slice).")
@@ -76,9 +88,16 @@ class CorrectWidget(QWidget):
         form.addRow("Labels", self.labels_combo)
 
         click_box = QGroupBox("Click an object")
-        click_row = QHBoxLayout(click_box)
+        click_layout = QVBoxLayout(click_box)
+        click_row = QHBoxLayout()
         click_row.addWidget(self.delete_button)
         click_row.addWidget(self.keep_button)
+        pick_row = QHBoxLayout()
+        pick_row.addWidget(self.split_button)
+        pick_row.addWidget(self.merge_button)
+        pick_row.addWidget(self.apply_picks_button)
+        click_layout.addLayout(click_row)
+        click_layout.addLayout(pick_row)
 
         tidy_box = QGroupBox("Clean up (current slice)")
         grid = QGridLayout(tidy_box)
@@ -103,19 +122,22 @@ class CorrectWidget(QWidget):
         layout.addWidget(review_box)
         layout.addWidget(self.status)
         keys = [("Shift+D", "delete"), ("Shift+K", "keep"), ("Shift+F", "fill holes"), ("Shift+R", "remove small"),
-                ("Shift+B", "smooth"), ("Shift+M", "mark reviewed"), ("Shift+U", "unmark")]
+                ("Shift+B", "smooth"), ("Shift+M", "mark reviewed"), ("Shift+U", "unmark"), ("Shift+X", "split"),
+                ("Shift+J", "merge (join)"), ("Shift+Return", "apply split / merge")]
         layout.addWidget(shortcut_legend(keys))
         layout.addStretch()
         self.small_button.setToolTip("Remove objects with fewer pixels than the size beside it")
         self.smooth_button.setToolTip("Open then close each object with a disk of the radius beside it; "
                                       "neighbouring objects never merge")
         buttons = (self.delete_button, self.keep_button, self.fill_button, self.small_button, self.smooth_button,
-                   self.mark_button, self.unmark_button)
+                   self.mark_button, self.unmark_button, self.split_button, self.merge_button,
+                   self.apply_picks_button)
         for button, (key, _) in zip(buttons, keys):
             add_shortcut(self, button, key)
         fit_dock(self)
 
         self.fill_button.clicked.connect(self.fill_holes)
+        self.apply_picks_button.clicked.connect(self.apply_picks)
         self.small_button.clicked.connect(self.remove_small)
         self.smooth_button.clicked.connect(self.smooth)
         self.mark_button.clicked.connect(lambda: self.mark_reviewed(True))
@@ -269,6 +291,57 @@ class CorrectWidget(QWidget):
         return self._edit(f"{'Delete' if mode == DELETE else 'Keep'} object {plane[y, x]}",
                           lambda p: func(p, (y, x)), layer, index)
 
+    def pick_at(self, layer: Labels, world_position) -> bool:
+        """In split or merge mode: add the clicked pixel to the picks (a seed, an object); whether it counted."""
+        try:
+            index = self._slice_index(layer, world_position)
+        except ValueError as err:
+            self._error(str(err))
+            return False
+        y, x = (int(v) for v in np.round(layer.world_to_data(world_position)[-2:]))
+        height, width = layer.data.shape[-2:]
+        if not (0 <= y < height and 0 <= x < width):
+            return False
+        plane = layer.data if layer.ndim == 2 else layer.data[index]
+        if plane[y, x] == 0:
+            self.status.setText("No object under the click (background); click inside an object.")
+            return False
+        if self._picks and self._picks[0][0] != index:       # another slice: start again there
+            self._picks = []
+        if self._click_mode == SPLIT and self._picks and plane[y, x] != plane[self._picks[0][1:]]:
+            self.status.setText(f"That is object {plane[y, x]}, not object {plane[self._picks[0][1:]]}: every "
+                                "seed goes inside the one object to split.")
+            return False
+        self._picks.append((index, y, x))
+        count = len(self._picks)
+        where = "" if layer.ndim == 2 else f" (slice {index})"
+        if self._click_mode == SPLIT:
+            what = f"{count} seed{'s' if count != 1 else ''} in object {plane[y, x]}{where}"
+        else:
+            ids = list(dict.fromkeys(int(plane[p[1:]]) for p in self._picks))
+            what = f"object{'s' if len(ids) != 1 else ''} {', '.join(map(str, ids))} picked{where}"
+        self.status.setText(f"{what}; {'Apply splits' if self._click_mode == SPLIT else 'Apply merges'} "
+                            f"{'it' if self._click_mode == SPLIT else 'them'} once there are two or more.")
+        self.apply_picks_button.setEnabled(count >= 2)
+        return True
+
+    def apply_picks(self) -> int:
+        """Split (or merge) at the picks so far, as one undo step; the number of pixels changed."""
+        picks, mode, layer = self._picks, self._click_mode, self._hooked
+        if mode not in (SPLIT, MERGE) or layer is None or len(picks) < 2:
+            self.status.setText("Turn on Split or Merge and click two or more times first.")
+            return 0
+        self._picks = []
+        self.apply_picks_button.setEnabled(False)
+        index, points = picks[0][0], [p[1:] for p in picks]
+        func = edit.split_object if mode == SPLIT else edit.merge_objects
+        title = f"Split into {len(points)}" if mode == SPLIT else "Merge"
+        try:
+            return self._edit(title, lambda plane: func(plane, points), layer, index)
+        except ValueError as err:
+            self._error(f"{title}: {err}")
+            return 0
+
     # ------------------------------------------------------------------ click modes
     def _on_mode_toggled(self, mode: str, checked: bool):
         if checked:
@@ -279,6 +352,8 @@ class CorrectWidget(QWidget):
     def _set_click_mode(self, mode: Optional[str]):
         """Turn a click mode on (on the chosen layer) or off (``None``)."""
         self._unhook()
+        self._picks = []
+        self.apply_picks_button.setEnabled(False)
         layer = None
         if mode is not None:
             try:
@@ -302,7 +377,9 @@ class CorrectWidget(QWidget):
         layer.mouse_drag_callbacks.append(self._on_click)
         layer.events.mode.connect(self._on_layer_mode)
         self.viewer.layers.selection.active = layer  # napari calls the active layer's callbacks
-        self.status.setText(f"Click an object in {layer.name} to {self._click_mode} it.")
+        self.status.setText({SPLIT: f"Click two or more seeds inside one object of {layer.name}, then Apply.",
+                             MERGE: f"Click two or more objects of {layer.name}, then Apply."}.get(
+            self._click_mode, f"Click an object in {layer.name} to {self._click_mode} it."))
 
     def _unhook(self):
         layer, self._hooked = self._hooked, None
@@ -326,7 +403,10 @@ class CorrectWidget(QWidget):
     def _on_click(self, layer, event):
         if event.type != "mouse_press" or self._click_mode is None or getattr(event, "button", 1) != 1:
             return
-        self.apply_at(self._click_mode, layer, event.position)
+        if self._click_mode in (SPLIT, MERGE):
+            self.pick_at(layer, event.position)
+        else:
+            self.apply_at(self._click_mode, layer, event.position)
 
     def hideEvent(self, event):
         if not event.spontaneous():                 # dock closed or hidden, not the window minimised

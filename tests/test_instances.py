@@ -232,3 +232,36 @@ def test_tile_seams_neither_cut_nor_merge_objects():
     tiled = segment(image, model=model, tile=128)
     assert whole.max() == len(centres) and instance_scores(whole, truth)["accuracy50"] == 1.0
     np.testing.assert_array_equal(tiled, whole)
+
+
+def test_fine_tuning_from_corrected_instance_labels_keeps_an_instance_model(tmp_path, instance_model):
+    """What the Fine-tune widget hands train(): in-memory (image, instance labels) pairs from the
+    corrected layers.  An instance model stays one (ranked by the DSB score on the held-out pair);
+    a binary model given instances="border" becomes one."""
+    from napari_medrwkv.engine.train import TrainConfig, train
+    image = read_image(SAMPLES / "nuclei_fluorescence.png")
+    truth = read_instances(SAMPLES / "nuclei_fluorescence_mask.png")
+    held = (read_image(SAMPLES / "nuclei_brightfield.png"), read_instances(SAMPLES / "nuclei_brightfield_mask.png"))
+    cfg = TrainConfig(patch_size=64, batch_size=2, samples_per_epoch=2, num_workers=0)
+    result = train(instance_model, [(image, truth)], out=tmp_path / "tuned.safetensors", epochs=1, device="cpu",
+                   val_data=[held], config=cfg)
+    assert result.model.info.instances == "border" and read_info(result.path).instances == "border"
+    expected = instance_scores(segment(held[0], model=instance_model), held[1])["dsb"]
+    assert result.start_val_dice == pytest.approx(expected)            # the score that ranks epochs
+    assert segment(image, model=result.model).max() > 50
+    plain = load_model("rwkv_unet_t-dsb2018", device="cpu")
+    made = train(plain, [(image, truth)], epochs=1, device="cpu", config=TrainConfig(
+        patch_size=64, batch_size=2, samples_per_epoch=2, num_workers=0, instances="border"))
+    assert made.model.info.instances == "border" and plain.info.instances == ""
+
+
+def test_medrwkv_segment_writes_instance_labels(tmp_path, instance_model):
+    from napari_medrwkv.cli import main
+    from napari_medrwkv.engine.imageio import _read_array
+    path = save_checkpoint(instance_model.net, tmp_path / "nuclei-instances.safetensors", instance_model.info)
+    assert main(["segment", str(SAMPLES / "nuclei_fluorescence.png"), "--model", str(path), "--out",
+                 str(tmp_path / "out"), "--device", "cpu"]) == 0
+    written = _read_array(tmp_path / "out" / "nuclei_fluorescence_labels.png", "labels")
+    assert written.max() > 50                  # one id per nucleus (uint8 in the PNG while there are <= 255)
+    expected = segment(read_image(SAMPLES / "nuclei_fluorescence.png"), model=load_model(str(path), device="cpu"))
+    np.testing.assert_array_equal(written, expected)

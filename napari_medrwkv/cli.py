@@ -2,6 +2,7 @@
 
     medrwkv models
     medrwkv segment --model M|auto [--device D] [--tile N] [--flips] [--threshold P] [--largest-component] INPUT... --out DIR
+        [--workers N | --scheduler ADDRESS | --scheduler-file F] [--block N] [--resume]
     medrwkv train --model M --data DIR [--split train] [--val-split val] [--epochs N] [--max-minutes X] --out FILE
     medrwkv evaluate --model M --data DIR [--split test] [--device D] [--flips] [--json] [--record]
     medrwkv calibrate --model M --data DIR [--split val] [--try-flips] --out FILE
@@ -167,9 +168,18 @@ def _parser():
     _inference_args(seg)
     existing = seg.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace label files that already exist")
-    existing.add_argument("--skip-existing", action="store_true",
+    existing.add_argument("--skip-existing", "--resume", action="store_true",
                           help="leave label files that already exist as they are and segment only the images "
                                "without them (to finish a run that stopped)")
+    big = seg.add_argument_group("large images and Dask (zarr / OME-Zarr stores and TIFFs of 8192x8192 or more "
+                                 "are segmented block by block into <stem>_labels.zarr, OME-Zarr labels)")
+    big.add_argument("--block", type=_number(int, 16), help="block side for those, one zarr chunk (default 2048)")
+    dask = big.add_mutually_exclusive_group()
+    dask.add_argument("--workers", type=_number(int, 1), metavar="N",
+                      help="spread files and blocks over N local Dask worker processes (one thread each)")
+    dask.add_argument("--scheduler", metavar="ADDRESS", help="run on a running Dask cluster, e.g. tcp://host:8786")
+    dask.add_argument("--scheduler-file", metavar="FILE", help="run on the Dask cluster this scheduler file names "
+                                                               "(e.g. one dask-jobqueue started)")
     seg.set_defaults(run=_segment)
 
     tr = sub.add_parser("train", help="train or fine-tune on a dataset folder")
@@ -309,13 +319,9 @@ def _models(args) -> int:
 
 
 def _segment(args) -> int:
-    import numpy as np
-    from .engine.imageio import read_image
-    from .engine.infer import segment
-    from .engine.imageio import write_labels
     from .engine.model import load_model
     from .engine.postprocess import inference_settings
-    from .engine.scans import segment_scan, write_scan
+    from .engine.scaleout import DaskRun
     out = Path(args.out)
     _check_writable_folder(out)
     jobs = _segment_jobs(_segment_sources(args.inputs, out), out, args.probabilities)
@@ -335,12 +341,47 @@ def _segment(args) -> int:
     models = {name: load_model(name, device=args.device) for name in dict.fromkeys(chosen)}
     for model in models.values():
         inference_settings(model.info, **_inference_kwargs(args))      # a bad --threshold fails before any work
+    with DaskRun(args.workers, args.scheduler, args.scheduler_file) as client:   # a dead scheduler: before any work
+        return _segment_jobs_run(args, jobs, chosen, models, skipped, client)
+
+
+def _segment_jobs_run(args, jobs, chosen, models, skipped, client) -> int:
+    import numpy as np
+    from functools import partial
+    from .engine.imageio import read_image, write_labels
+    from .engine.infer import segment
+    from .engine.scaleout import is_large_input, segment_files, segment_to_ome_zarr
+    from .engine.scans import segment_scan, write_scan
+    out = Path(args.out)
     made = _make_folder(out)
     # Counted in images, moving with the tiles inside each, so one large image shows progress too.
     bar = _LazyBar("segment", "image", "{l_bar}{bar}| {n:.1f}/{total} images [{elapsed}<{remaining}]")
     done = 0
+    large = [is_large_input(source) for source, _, _ in jobs]
+    spread = set()          # on Dask: whole files one task each, first; the large ones block by block below
     try:
+        if client is not None:
+            from .engine.scans import is_scan
+            spread = {i for i, (source, _, _) in enumerate(jobs) if not large[i] and not is_scan(source)}
+            for name in dict.fromkeys(chosen[i] for i in spread):
+                these = [jobs[i] for i in sorted(spread) if chosen[i] == name]
+                done += segment_files(client, these, models[name], partial(write_labels, overwrite=args.overwrite),
+                                      progress=lambda d, total, done=done: bar.update_to(done + d, len(jobs)),
+                                      tile=args.tile, **_inference_kwargs(args))
         for i, ((source, labels_file, probs_file), name) in enumerate(zip(jobs, chosen)):
+            if i in spread:
+                continue
+            if large[i]:
+                try:
+                    segment_to_ome_zarr(source, models[name], labels_file, name=Path(name).stem, tile=args.tile,
+                                        block=args.block, client=client, overwrite=args.overwrite,
+                                        progress=lambda d, total, base=done: bar.update_to(base + d / total, len(jobs)),
+                                        **_inference_kwargs(args))
+                except ValueError as err:
+                    raise ValueError(f"{source}: {_one_line(err).removeprefix('segment: ')}") from None
+                done += 1
+                bar.update_to(done, len(jobs))
+                continue
             scan = _read_scan_input(source, bar)
             settings = dict(model=models[name], tile=args.tile, return_probabilities=True,
                             progress=lambda d, total, i=i: bar.update_to(i + d / total, len(jobs)),
@@ -456,10 +497,14 @@ def _segment_sources(inputs, out: Path) -> list:
     """The image files to segment: each input file, and the image files inside each input folder,
     less this command's own outputs when that folder is the output folder (a second run into the
     images' folder must not segment the first run's labels)."""
+    from .engine.blocks import is_block_source
     from .engine.imageio import DataError, list_image_files
     from .engine.scans import scan_stem
     sources = []
     for given in map(Path, inputs):
+        if given.suffix.lower() == ".zarr" or (given.is_dir() and is_block_source(given)):
+            sources.append(given)             # a zarr store, read block by block
+            continue
         files = list_image_files([given])
         if given.is_dir() and given.resolve() == out.resolve():
             files = [f for f in files if not scan_stem(f).endswith(("_labels", "_probabilities"))]
@@ -481,7 +526,13 @@ def _segment_jobs(sources, out: Path, probabilities: bool) -> list:
             raise ValueError(f"{seen[stem]} and {source} share the name {stem!r}, so their label "
                              f"files in {out} would overwrite each other; segment them into different --out folders")
         seen[stem] = source
-    return [(source, out / labels_name(source), out / labels_name(source, "probabilities") if probabilities else None)
+    from .engine.scaleout import is_large_input, labels_store_name
+    large = [source for source in sources if is_large_input(source)]
+    if large and probabilities:
+        raise ValueError(f"--probabilities: {large[0]} is segmented block by block into OME-Zarr labels, which "
+                         "hold no probabilities; leave out --probabilities for zarr stores and large TIFFs")
+    return [(source, out / labels_store_name(source), None) if source in large else
+            (source, out / labels_name(source), out / labels_name(source, "probabilities") if probabilities else None)
             if is_scan(source) else
             (source, out / f"{source.stem}_labels{'.tif' if _is_stack(source) else '.png'}",
              out / f"{source.stem}_probabilities.tif" if probabilities else None) for source in sources]

@@ -6,7 +6,8 @@
 The user is RITM's clicker (engine.interactive.next_click, threshold 0.5): each click goes to the
 farthest point of the larger error region, through ``nm.refine``.  Objects: every test image of
 Kvasir-SEG, BUSI's benign and malignant test images, and the first ``--nuclei`` nuclei of the
-DSB2018 test images, each its own object.  Two starts: from nothing, and from the automatic
+DSB2018 test images, each its own object; with ``--sets volumes``, the labelled objects of the MRI
+scans in ``volumes/`` plane by plane (a kind of image the model never saw; from nothing only).  Two starts: from nothing, and from the automatic
 model's mask (its connected parts that overlap the object).  Reported per set and start: NoC@85
 and NoC@90 (clicks until IoU reaches 0.85 / 0.90; an object that never does counts
 ``--max-clicks``), the share of objects never reaching 0.90, mean IoU after clicks 1, 2, 3, 5, 10
@@ -39,8 +40,36 @@ AUTOMATIC = {"kvasir-seg": "rwkv_unet_t-kvasir", "busi": "rwkv_unet_t-busi", "ds
 CURVE_AT = (1, 2, 3, 5, 10, 20)
 
 
+#: Scans no model here was trained on (the held-out kind): their labelled objects, plane by plane.
+HELD_OUT = "volumes"
+#: Objects smaller than this (pixels of one plane) are left out of the held-out set: slivers where
+#: a tumour begins or ends, which no user would click.
+MIN_PLANE_AREA = 30
+
+
+def scan_objects(folder: Path, limit):
+    """(plane, target mask, name) of each labelled object in each acquired plane of the scans
+    ``folder/*_image.nrrd`` with ``*_label.nrrd``: MRI, which the prompt-aware model never saw."""
+    from napari_medrwkv.engine.scans import read_scan
+    found = []
+    for image_path in sorted(folder.glob("*_image.nrrd")):
+        image = read_scan(image_path)
+        labels = read_scan(image_path.with_name(image_path.name.replace("_image", "_label"))).array
+        axis = image.geometry.slice_axis
+        planes, label_planes = np.moveaxis(image.array, axis, 0), np.moveaxis(labels, axis, 0)
+        for z, (plane, label_plane) in enumerate(zip(planes, label_planes)):
+            objects, count = object_labels(label_plane)
+            for label in range(1, count + 1):
+                target = objects == label
+                if target.sum() >= MIN_PLANE_AREA:
+                    found.append((plane, target, f"{image_path.name}[{z}]"))
+    return found[:limit] if limit else found
+
+
 def objects_of(data: Path, name: str, nuclei: int, limit):
     """(image, target mask, stem) of the test objects of one set."""
+    if name == HELD_OUT:
+        return scan_objects(data / name, limit)
     found = []
     for pair in find_pairs(data / name, "test"):
         if name == "busi" and not pair.stem.startswith(("benign_", "malignant_")):
@@ -109,8 +138,11 @@ def main():
     rows = []
     for name in args.sets:
         objects = objects_of(Path(args.data), name, args.nuclei, args.limit)
-        automatic, cache = load_model(AUTOMATIC[name], device="cpu"), {}
+        automatic = load_model(AUTOMATIC[name], device="cpu") if name in AUTOMATIC else None
+        cache = {}
         for start_kind in args.starts:
+            if start_kind == "automatic" and automatic is None:     # no automatic model for this kind
+                continue
             curves = []
             for image, target, _ in objects:
                 start = np.zeros_like(target) if start_kind == "nothing" else \

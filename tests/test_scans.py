@@ -347,3 +347,53 @@ def test_medrwkv_segment_writes_a_scans_labels_in_its_format_on_its_grid(tmp_pat
                  "--out", str(out), "--overwrite"]) == 0
     axial, _ = nrrd.read(str(out / "cells_labels.nrrd"))
     assert axial.shape == data.shape and not np.array_equal(axial, data)
+
+
+# ------------------------------------------------------------------ training folders of scans
+
+
+def scan_folder(tmp_path, count=2):
+    """images/ and masks/ holding scans (NIfTI images, NRRD masks), a blob on the middle slices."""
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for n in range(count):
+        image = volume((4, 40, 48), seed=n)
+        mask = np.zeros(image.shape, np.uint8)
+        mask[1:3, 10:20, 12 + n:30] = 1
+        image[mask > 0] += 3000
+        sitk.WriteImage(lps_image(image), str(tmp_path / "images" / f"case{n}.nii.gz"))
+        sitk.WriteImage(lps_image(mask), str(tmp_path / "masks" / f"case{n}.nrrd"))
+    return tmp_path
+
+
+def test_a_training_folder_of_scans_is_read_slice_by_slice(tmp_path):
+    from napari_medrwkv.engine.datasets import SegmentationDataset, check_pair, find_pairs
+    folder = scan_folder(tmp_path)
+    (folder / "splits.json").write_text('{"train": ["case0"], "val": ["case1"]}')
+    pairs = find_pairs(folder)
+    assert [p.stem for p in pairs] == [f"case{n}_z{z:03d}" for n in range(2) for z in range(4)]
+    assert [p.stem for p in find_pairs(folder, "val")] == [f"case1_z{z:03d}" for z in range(4)]
+    image, mask = check_pair(pairs[5], 1)                    # case1, slice 1
+    np.testing.assert_array_equal(image, read_scan(folder / "images" / "case1.nii.gz").array[1])
+    assert mask.shape == (40, 48) and mask.sum() == 10 * 17 and mask.dtype == np.int64
+    dataset = SegmentationDataset(pairs, in_chans=3, num_classes=1, patch_size=32)
+    x, y = dataset.full_item(1)
+    assert tuple(x.shape) == (3, 40, 48) and int(y.sum()) == 10 * 18
+
+
+def test_training_and_evaluating_on_a_folder_of_scans(tmp_path):
+    import napari_medrwkv as nm
+    folder = scan_folder(tmp_path)
+    scores = nm.evaluate("rwkv_unet_t-busi", folder, device="cpu")
+    assert scores["n"] == 8 and 0 <= scores["dice"] <= 1
+    result = nm.train("rwkv_unet_t-busi", folder, epochs=1, device="cpu",
+                      config=nm.TrainConfig.few_shot(patch_size=32, samples_per_epoch=4))
+    assert len(result.history) == 1
+
+
+def test_a_scan_with_a_mask_on_another_grid_is_refused_naming_both(tmp_path):
+    from napari_medrwkv.engine.datasets import find_pairs
+    folder = scan_folder(tmp_path, count=1)
+    sitk.WriteImage(lps_image(np.zeros((4, 40, 48), np.uint8), spacing=(1, 1, 1)), str(folder / "masks" / "case0.nrrd"))
+    with pytest.raises(DataError, match=r"case0\.nii\.gz .*masks/case0\.nrrd .* not on one grid"):
+        find_pairs(folder)

@@ -2,7 +2,9 @@
 that serves augmented patches from them.
 
 A dataset folder holds ``images/`` and ``masks/`` whose files pair by stem, and optionally
-``splits.json`` (``{"train": [stems], "val": [...], "test": [...]}``).  Training patches pad
+``splits.json`` (``{"train": [stems], "val": [...], "test": [...]}``).  A pair of scans (NIfTI,
+NRRD, MetaImage; engine/scans.py) is a pair per slice the scanner acquired, ``<stem>_z<slice>``;
+splits name the scans' stems, so that no scan is split between training and validation.  Training patches pad
 masks with :data:`IGNORE_INDEX` (-1): losses and metrics must skip those pixels.
 """
 import fnmatch
@@ -17,6 +19,7 @@ from torch.utils.data import Dataset
 
 from .imageio import SUPPORTED_EXTENSIONS, DataError, PathLike, mask_classes, read_image, read_mask
 from .instances import encode_targets, instance_pair
+from .scans import scan_planes, scan_stem, scan_suffix
 from .preprocess import image_to_channels, is_grey, resize_channels, resize_labels, scaled_size
 
 #: Mask value of padded pixels in training patches; losses must ignore it.
@@ -30,17 +33,20 @@ class Pair:
     stem: str
     image: Path
     mask: Path
+    plane: Optional[int] = None      # a scan's slice (along the acquired axis); None: a 2-D image file
 
 
 def _list_by_stem(folder: Path, what: str) -> Dict[str, Path]:
     files: Dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+        if path.name.startswith(".") or not path.is_file() or (path.suffix.lower() not in SUPPORTED_EXTENSIONS
+                                                                and not scan_suffix(path)):
             continue
-        if path.stem in files:
-            raise DataError(f"two {what}s share the stem {path.stem!r}: {files[path.stem]} and {path}; "
+        stem = scan_stem(path)
+        if stem in files:
+            raise DataError(f"two {what}s share the stem {stem!r}: {files[stem]} and {path}; "
                             f"keep one of them (pairs are matched by file name without extension)")
-        files[path.stem] = path
+        files[stem] = path
     return files
 
 
@@ -117,7 +123,25 @@ def find_pairs(folder: PathLike, split: Optional[str] = None) -> List[Pair]:
             raise DataError(f"{folder / 'splits.json'} lists stems under {split!r} with no files in {images_dir}: "
                             f"{_some(absent)}; fix splits.json or add the files")
         stems = sorted(wanted)
-    return [Pair(stem, images[stem], masks[stem]) for stem in stems]
+    return [pair for stem in stems for pair in _slices(Pair(stem, images[stem], masks[stem]))]
+
+
+def _slices(pair: Pair) -> List[Pair]:
+    """A pair of scans as one pair per acquired slice; any other pair as it is."""
+    if not (scan_suffix(pair.image) or scan_suffix(pair.mask)):
+        return [pair]
+    if not (scan_suffix(pair.image) and scan_suffix(pair.mask)):
+        raise DataError(f"{pair.image} and {pair.mask}: a scan's mask must be a scan too (and an image's an image); "
+                        "save the mask in the scan's format, on its grid")
+    planes, geometry = scan_planes(pair.image)
+    mask_planes, mask_geometry = scan_planes(pair.mask)
+    if planes.shape[:3] != mask_planes.shape[:3] or not np.allclose(geometry.spacing, mask_geometry.spacing,
+                                                                    rtol=1e-4):
+        raise DataError(f"scan {pair.image} ({'x'.join(map(str, geometry.shape))} voxels of "
+                        f"{'x'.join(f'{v:g}' for v in geometry.spacing)} mm) and its mask {pair.mask} "
+                        f"({'x'.join(map(str, mask_geometry.shape))} of {'x'.join(f'{v:g}' for v in mask_geometry.spacing)}"
+                        " mm) are not on one grid; save the mask on the scan's grid")
+    return [Pair(f"{pair.stem}_z{z:03d}", pair.image, pair.mask, z) for z in range(len(planes))]
 
 
 def pairs_matching(items, patterns: Sequence[str], where, argument: str = "include") -> list:
@@ -133,6 +157,14 @@ def pairs_matching(items, patterns: Sequence[str], where, argument: str = "inclu
     return [item for item in items if any(fnmatch.fnmatchcase(item.stem, p) for p in patterns)]
 
 
+def read_pair(pair: Pair, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The image and mask of a pair of files, or of one slice of a pair of scans."""
+    if pair.plane is None:
+        return read_image(pair.image), read_mask(pair.mask, num_classes)
+    image, mask = scan_planes(pair.image)[0][pair.plane], scan_planes(pair.mask)[0][pair.plane]
+    return image, mask_classes(mask, num_classes, f"mask {pair.mask} (slice {pair.plane})")
+
+
 def check_pair(pair, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     """Read and validate one pair (a :class:`Pair` of files, or an ``(image, mask)`` tuple of arrays);
     returns ``(image, mask)`` as :func:`read_image` / :func:`read_mask` give them.
@@ -144,6 +176,9 @@ def check_pair(pair, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
     if isinstance(pair, tuple):      # in-memory (image, mask), e.g. reviewed layers in napari
         image, mask = np.asarray(pair[0]), mask_classes(np.asarray(pair[1]), num_classes, "the in-memory mask")
         image_name, mask_name = "the in-memory image", "its mask"
+    elif pair.plane is not None:    # a slice of a scan
+        image, mask = read_pair(pair, num_classes)
+        image_name, mask_name = f"slice {pair.plane} of scan {pair.image}", f"its mask {pair.mask}"
     else:
         image, mask = read_image(pair.image), read_mask(pair.mask, num_classes)
         image_name, mask_name = f"image {pair.image}", f"its mask {pair.mask}"

@@ -5,8 +5,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .datasets import find_pairs, pairs_matching
-from .imageio import mask_classes, read_image, read_mask
+from .datasets import find_pairs, pairs_matching, read_pair
+from .imageio import mask_classes, read_image
 from .infer import Cancelled, segment
 from .instances import connected_objects, instance_mask, read_instances
 from .metrics import instance_scores, mean_finite, per_class_scores
@@ -103,4 +103,4 @@ def load_pair(item, index, num_classes):
     if isinstance(item, tuple):
         image, mask = item
         return f"pair {index}", np.asarray(image), mask_classes(np.asarray(mask), num_classes, f"the mask of pair {index}")
-    return item.stem, read_image(item.image), read_mask(item.mask, num_classes)
+    return (item.stem, *read_pair(item, num_classes))     # a file pair, or a slice of a pair of scans

@@ -12,6 +12,7 @@ Headless, on SimpleITK (the ``medical`` extra), imported only when a scan is rea
   same voxel order, spacing, origin and direction, so they overlay the scan in 3D Slicer,
   ITK-SNAP or a planning system.
 """
+import functools
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -304,6 +305,22 @@ def write_scan(path: PathLike, array: np.ndarray, geometry: ScanGeometry, overwr
     with atomic_file(path, overwrite, suffix) as tmp:
         sitk.WriteImage(image, tmp, True)
     return path
+
+
+def scan_planes(path: PathLike):
+    """``(planes, geometry)``: the scan at ``path`` as a stack of the planes the scanner acquired
+    (first axis), read once while the file is unchanged (a training folder reads it slice by slice)."""
+    path = Path(path)
+    stat = path.stat() if path.is_file() else None
+    return _cached_planes(str(path), stat.st_mtime_ns if stat else None, stat.st_size if stat else None)
+
+
+@functools.lru_cache(maxsize=2)            # an image volume and its mask
+def _cached_planes(path: str, mtime, size):
+    scan = read_scan(path)
+    planes = np.moveaxis(scan.array, scan.geometry.slice_axis, 0)
+    planes.setflags(write=False)           # shared by every reader of the file
+    return planes, scan.geometry
 
 
 #: The planes a scan can be segmented in, by the array axis they are stacked along.

@@ -577,10 +577,12 @@ def _train(args) -> int:
             bar.write(f"epoch {p.epoch}: loss {p.loss:.4f}, val Dice {p.val_dice:.4f}, {p.elapsed / 60:.1f} min")
 
     command = _command_line(args)
+    rank = int(os.environ.get("RANK", "0"))        # under torchrun: rank 0 reports, the others train quietly
     with _StopGently(bar) as stop:
         try:
             result = train(model, args.data, out=args.out, epochs=args.epochs, max_minutes=args.max_minutes,
-                           device=args.device, progress=progress, cancel=stop.requested, split=args.split,
+                           device=args.device, progress=progress if rank == 0 else None, cancel=stop.requested,
+                           split=args.split,
                            val_split=args.val_split, val_include=_patterns(args.val_include), config=cfg,
                            command=command, overwrite=args.overwrite)
         except Cancelled:
@@ -588,6 +590,8 @@ def _train(args) -> int:
             print("medrwkv train: interrupted before the first training step; nothing was written", file=sys.stderr)
             return 130
     bar.close()
+    if rank != 0:
+        return 130 if result.cancelled else 0
     best = f"{result.best_val_dice:.4f}" if result.best_val_dice is not None else "n/a"
     if result.cancelled:
         print(f"medrwkv train: interrupted after {result.minutes:.1f} min; saved the best weights so far (epoch "

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..models import list_models
 from .appearance import pairs_profile
+from . import ddp
 from .checkpoint import CheckpointError, check_input_scale, save_checkpoint
 from .imageio import check_target
 from .imageio import DataError
@@ -188,7 +189,21 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
                          "(e.g. 0.995 averages over about 200 steps; 0 switches it off)")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
+    ranks = ddp.setup(device)             # run by torchrun: one rank of several (engine/ddp.py)
+    try:
+        return _train(model_or_name, data, out, device if ranks is None else ranks.device, progress, cancel, split,
+                      val_data, val_split, val_include, cfg, command, overwrite, ranks)
+    finally:
+        if ranks is not None:
+            ranks.close()
 
+
+def _train(model_or_name, data, out, device, progress, cancel, split, val_data, val_split, val_include, cfg,
+           command, overwrite, ranks: Optional["ddp.Distributed"]) -> TrainResult:
+    # Several ranks take the same steps: what depends on a clock or a user is rank 0's (engine/ddp.py).
+    agree = ranks.from_main if ranks is not None else (lambda *values: values)
+    main = ranks is None or ranks.main
+    augment_ranges = augmentation(cfg.augment_strength)
     model = load_model(model_or_name, device=device)
     if model.info.prompt_channels:
         raise ValueError(f"{model.name} is a prompt-aware model (click to fix): it learns from clicks, not whole "
@@ -214,8 +229,10 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     val_pairs = [instance_pair(item) if info.instances else check_pair(item, info.num_classes)
                  for item in val_items] or None
     info.tile_size = max(info.tile_size, cfg.patch_size)
+    sampler = ranks.sampler(train_set, cfg.seed) if ranks is not None else None    # each rank its share
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=min(cfg.batch_size, len(train_set)), shuffle=True, drop_last=True,
+        train_set, batch_size=min(cfg.batch_size, len(train_set if sampler is None else sampler)),
+        shuffle=sampler is None, sampler=sampler, drop_last=True,
         num_workers=_workers(cfg), generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=_workers(cfg) > 0, worker_init_fn=_ignore_interrupts)
 
@@ -229,6 +246,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
             module.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
+    stepped = ranks.wrap(net) if ranks is not None else net         # DDP averages the ranks' gradients
     amp_dtype = _amp_dtype(model.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     steps_per_epoch = len(loader)
@@ -244,7 +262,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     # a candidate themselves (see _keep_or_blend).
     start_state = {k: v.detach().clone() for k, v in kept.state_dict().items()} if _starts_trained(model) else None
     val_seconds = 0.0             # how long one validation takes: time kept back from the budget for the last
-    if start_state is not None and val_pairs is not None:
+    if start_state is not None and val_pairs is not None and main:
         val_start = time.monotonic()
         result.start_val_dice = validate(kept, val_pairs, model, cancel)     # cancelled: nothing trained, nothing saved
         val_seconds = time.monotonic() - val_start
@@ -264,13 +282,15 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         epoch += 1
         epoch_start, losses = time.monotonic(), []
         train_set.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         _train_mode(net, fixed)
         for x, y in loader:
-            fraction = _fraction(step, planned_steps, time.monotonic() - start, budget)
+            fraction, = agree(_fraction(step, planned_steps, time.monotonic() - start, budget))
             lr = cfg.lr * _schedule(fraction, cfg.warmup_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = _step(net, optimizer, scaler, amp_dtype, x.to(model.device, memory_format=layout),
+            loss = _step(stepped, optimizer, scaler, amp_dtype, x.to(model.device, memory_format=layout),
                          y.to(model.device), info.num_classes, cfg.dice_weight, info.instances)
             if not math.isfinite(loss):
                 raise TrainingDiverged(
@@ -278,13 +298,16 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
                     f"nothing was saved. Lower the learning rate (it was {cfg.lr:g}) and train again")
             losses.append(loss)
             step += 1
+            if ranks is not None:
+                ranks.check_same(net, step)
             if average is not None:
                 average.update(net)
             if progress is not None:
                 progress(TrainProgress(epoch, cfg.epochs, step - (epoch - 1) * steps_per_epoch, steps_per_epoch, loss,
                                        time.monotonic() - start, fraction))
-            if (cancel is not None and cancel()) or out_of_time():
-                stop, result.cancelled = True, bool(cancel is not None and cancel())
+            asked, timed_out = agree(bool(cancel is not None and cancel()), out_of_time())
+            if asked or timed_out:
+                stop, result.cancelled = True, bool(asked)
                 break
         finishing = stop or bool(cfg.epochs and epoch >= cfg.epochs) or out_of_time()
         trained_since_val += time.monotonic() - epoch_start
@@ -292,7 +315,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         # Cancelled with weights already validated (an epoch or the start): those are kept at once,
         # the epoch cut short is not validated, and a validation under way stops at the next tile.
         validated = best_state is not None or result.start_val_dice is not None
-        if val_pairs is not None and validation_due(trained_since_val, last_val_seconds, finishing) \
+        if val_pairs is not None and main and validation_due(trained_since_val, last_val_seconds, finishing) \
                 and not (result.cancelled and validated):
             val_start = time.monotonic()
             try:
@@ -315,6 +338,12 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         # validated is not the last: the next one, cut short, is validated.
         if finishing or (out_of_time() and (val_pairs is None or val_dice is not None)) or result.cancelled:
             stop = True
+        stop, cancelled = agree(stop, result.cancelled)
+        stop, result.cancelled = bool(stop), bool(cancelled)
+
+    if not main:                  # rank 0 chooses, blends and saves the weights, all ranks hold
+        ranks.barrier()
+        return result
 
     if start_state is not None:
         best_state, best_dice = _keep_or_blend(kept, val_pairs, model, start_state, best_state, best_dice, cfg.blend,
@@ -340,7 +369,12 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
         except WeightsNotSaved as exc:
             exc.model, exc.result = model, result
             raise
+        finally:
+            if ranks is not None:
+                ranks.barrier()
         model.source = str(result.path)
+    elif ranks is not None:
+        ranks.barrier()
     return result
 
 

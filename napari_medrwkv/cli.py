@@ -213,9 +213,10 @@ def _parser():
                     help="from trained weights: keep this share of the best epoch's weights, the rest the "
                          "start's (e.g. 0.75 for a few-shot fine-tuning; default 1, the epoch alone)")
     tr.add_argument("--workers", type=_number(int, 0), help="DataLoader worker processes")
-    tr.add_argument("--instances", choices=["border"],
-                    help="train an instance model (one label per object) from instance masks: 'border' adds a "
-                         "touching-border output to a binary model (see docs/reference.md, Instances)")
+    tr.add_argument("--instances", choices=["border", "distance"],
+                    help="train an instance model (one label per object) from instance masks: 'distance' adds an "
+                         "output for each object's distance to its edge to a binary model, 'border' one for the "
+                         "border between touching objects (see docs/reference.md, Instance models)")
     tr.add_argument("--overwrite", action="store_true", help="replace --out if it exists (it may be --model itself)")
     tr.add_argument("--in-chans", type=POSITIVE_INT, default=3, help="input channels for a bare architecture (default 3)")
     tr.add_argument("--num-classes", type=POSITIVE_INT, default=1, help="classes for a bare architecture (1 = binary)")

@@ -9,7 +9,8 @@ from napari_medrwkv.engine.checkpoint import ModelInfo, read_info, save_checkpoi
 from napari_medrwkv.engine.evaluate import evaluate
 from napari_medrwkv.engine.imageio import read_image
 from napari_medrwkv.engine.infer import segment, tile_starts
-from napari_medrwkv.engine.instances import (connected_objects, encode_targets, instance_mask, instances_from_probabilities,
+from napari_medrwkv.engine.instances import (connected_objects, decode_distance, encode_targets, instance_mask,
+                                             instances_from_distance, instances_from_probabilities, object_distance,
                                              plane_instances, read_instances, touching_border)
 from napari_medrwkv.engine.metrics import DSB_THRESHOLDS, instance_scores, object_matches
 from napari_medrwkv.engine.model import load_model, with_instances
@@ -146,6 +147,33 @@ def test_two_touching_discs_become_two_labels():
     assert instance_scores(labels, truth)["accuracy75"] == 1.0
 
 
+def brute_distance(labels):
+    """Per object pixel: the distance to the nearest pixel of the background, of another object or
+    (as outside) an object pixel with a 4-neighbour in another object, over the object's largest."""
+    h, w = labels.shape
+    meeting = np.zeros(labels.shape, bool)
+    for y in range(h):
+        for x in range(w):
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if labels[y, x] and 0 <= yy < h and 0 <= xx < w and labels[yy, xx] not in (0, labels[y, x]):
+                    meeting[y, x] = True
+    outside = np.argwhere((labels == 0) | meeting)
+    out = np.zeros(labels.shape)
+    for y, x in np.argwhere(labels > 0):
+        out[y, x] = 0.5 if meeting[y, x] else np.sqrt(((outside - (y, x)) ** 2).sum(1)).min() if len(outside) else 0
+    for i in np.unique(labels)[1:]:
+        out[labels == i] /= out[labels == i].max()
+    return out
+
+
+def test_object_distance_matches_brute_force_and_splits_touching_discs():
+    labels = np.pad(discs((30, 44), ((15, 13), (15, 29)), radius=8), 1)
+    np.testing.assert_allclose(object_distance(labels), brute_distance(labels), atol=1e-6)
+    code = encode_targets(labels)
+    np.testing.assert_allclose(decode_distance(code), object_distance(labels), atol=0.5 / 63 + 1e-6)
+    assert instances_from_distance((labels > 0).astype(np.float32), decode_distance(code)).max() == 2
+
+
 def test_objects_without_a_seed_keep_a_label_and_many_objects_take_uint32():
     foreground = np.zeros((20, 20), np.float32)
     foreground[2:4, 2:4] = 0.9                 # 4 px: smaller than a seed, still an object
@@ -176,6 +204,19 @@ def test_an_instance_checkpoint_round_trips(tmp_path, instance_model):
     np.testing.assert_array_equal(segment(image, model=loaded) > 0, segment(image, model=instance_model) > 0)
     with pytest.raises(ValueError, match="binary"):
         ModelInfo(architecture="rwkv_unet_t", in_chans=3, num_classes=3, instances="border")
+
+
+def test_a_distance_model_starts_from_its_foreground_and_round_trips(tmp_path):
+    plain = load_model("rwkv_unet_t-dsb2018", device="cpu")
+    model = with_instances(plain, "distance")
+    path = save_checkpoint(model.net, tmp_path / "d.safetensors", model.info)
+    loaded = load_model(str(path), device="cpu")
+    assert loaded.info.instances == "distance" and loaded.info.out_channels == 2
+    image = read_image(SAMPLES / "nuclei_fluorescence.png")
+    labels = segment(image, model=loaded)
+    # The distance output starts as a copy of the foreground's: seeds are the objects themselves.
+    np.testing.assert_array_equal(labels > 0, segment(image, model=plain) > 0)
+    assert labels.dtype == np.uint16 and labels.max() > 50
 
 
 def test_an_old_foreground_checkpoint_segments_as_before():

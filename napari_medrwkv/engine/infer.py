@@ -124,7 +124,8 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
         probs = resize_channels(probs / weight, plane.shape[:2])
         # An instance model's objects are found on the whole stitched plane: tile seams cut none.
         if model.info.instances:
-            plane_labels = plane_instances(probs, settings["threshold"], settings["largest_component"])
+            plane_labels = plane_instances(probs, settings["threshold"], settings["largest_component"],
+                                           model.info.instances)
         else:
             plane_labels = binary_labels(probs[0], settings["threshold"], settings["largest_component"]) \
                 if model.binary else _class_ids(probs)

@@ -1,16 +1,23 @@
 """Instances: one label per object (nuclei, cells), from a model that predicts what separates them.
 
-An *instance model* (``ModelInfo.instances == "border"``) is a binary model with one output
-channel more: channel 0 is the object (foreground) probability as in any binary model,
-channel 1 the probability of a *touching border*, the thin strip where two objects meet.
-That is the design of the 2018 Data Science Bowl winners (selimsef/dsb2018_topcoders;
-torch-em's ``watershed_from_components``): seeds are the object pixels away from any touching
-border, and a seeded watershed on the object probability grows each seed to its object.
+An *instance model* (``ModelInfo.instances``) is a binary model with one output channel more:
+channel 0 is the object (foreground) probability as in any binary model, channel 1 says what
+separates touching objects, in one of two kinds:
+
+* ``"border"``: the probability of a *touching border*, the thin strip where two objects meet,
+  the design of the 2018 Data Science Bowl winners (selimsef/dsb2018_topcoders; torch-em's
+  ``watershed_from_components``): seeds are the object pixels away from any touching border,
+  and a seeded watershed on the object probability grows each seed to its object.
+* ``"distance"``: each object pixel's distance to the nearest pixel outside its object (the
+  background or another object), divided by the object's largest, so 1 at every object's
+  centre and 0 at its edge, as micro-sam's distance decoder and StarDist's object probability
+  predict: seeds are where it exceeds one half, grown by a watershed on the distance.  A dense
+  target, learnt in far fewer steps than the thin border (bench/RESULTS.md, "Instances").
 
 Training targets come from instance masks (uint16 labels, one id per object) automatically:
-:func:`encode_targets` packs the foreground and the touching border into one small integer
-map, so that scaling, cropping, flips and rotations of training patches treat them as any
-label map.  numpy, SciPy and scikit-image only.
+:func:`encode_targets` packs the foreground, the touching border and the distance (in 63
+steps) into one small integer map, so that scaling, cropping, flips and rotations of training
+patches treat them as any label map.  numpy, SciPy and scikit-image only.
 """
 from pathlib import Path
 from typing import Optional, Tuple
@@ -20,10 +27,12 @@ from scipy import ndimage
 
 #: The kinds of instance model: "" is a plain (foreground or class) model.
 INSTANCE_KINDS = {"": "foreground or classes, no instances",
-                  "border": "foreground + the border between touching objects, then a seeded watershed"}
+                  "border": "foreground + the border between touching objects, then a seeded watershed",
+                  "distance": "foreground + each object's distance to its edge, then a seeded watershed"}
 
-#: Bits of an encoded target (:func:`encode_targets`): foreground, touching border.
-FOREGROUND_BIT, BORDER_BIT = 1, 2
+#: Bits of an encoded target (:func:`encode_targets`): foreground, touching border; the
+#: normalised distance, in DISTANCE_STEPS steps, above them.
+FOREGROUND_BIT, BORDER_BIT, DISTANCE_SHIFT, DISTANCE_STEPS = 1, 2, 2, 63
 
 #: Half-width in pixels of the touching-border strip: pixels whose (2w+1)² window holds two objects.
 BORDER_WIDTH = 2
@@ -37,7 +46,7 @@ _EIGHT = np.ones((3, 3), dtype=bool)
 
 
 def check_kind(kind) -> str:
-    """``kind`` as a known instance kind ("" or "border"), else a ValueError naming it."""
+    """``kind`` as a known instance kind ("", "border" or "distance"), else a ValueError naming it."""
     kind = "" if kind is None else kind
     if kind not in INSTANCE_KINDS:
         raise ValueError(f"instances={kind!r}: use one of " + "; ".join(f"{k!r} ({v})" for k, v in INSTANCE_KINDS.items()))
@@ -46,7 +55,7 @@ def check_kind(kind) -> str:
 
 def extra_channels(kind: str) -> int:
     """Output channels an instance kind adds to the model's class channels."""
-    return 1 if kind == "border" else 0
+    return 1 if kind else 0
 
 
 def label_dtype(count: int) -> np.dtype:
@@ -117,12 +126,35 @@ def touching_border(labels: np.ndarray, width: int = BORDER_WIDTH) -> np.ndarray
     return (bottom != empty) & (top != bottom)
 
 
+def object_distance(labels: np.ndarray) -> np.ndarray:
+    """Each object pixel's distance to the nearest pixel outside its object (background or another
+    object), divided by that object's largest: 1 at the centre of every object, 0 outside (float32)."""
+    labels = np.asarray(labels).astype(np.int64)
+    inside = labels > 0
+    # A pixel with a 4-neighbour of another object counts as outside, so touching objects part.
+    padded = np.pad(labels, 1)
+    centre = padded[1:-1, 1:-1]
+    other = np.zeros(labels.shape, bool)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        near = padded[1 + dy:1 + dy + labels.shape[0], 1 + dx:1 + dx + labels.shape[1]]
+        other |= (near > 0) & (near != centre)
+    distance = ndimage.distance_transform_edt(inside & ~other).astype(np.float32)
+    distance[inside & other] = 0.5          # the meeting line: inside its object, at its edge
+    if not inside.any():
+        return distance
+    top = np.zeros(int(labels.max()) + 1, np.float32)
+    np.maximum.at(top, labels.ravel(), distance.ravel())
+    return np.where(inside, distance / np.maximum(top[labels], 1e-6), 0).astype(np.float32)
+
+
 def encode_targets(labels: np.ndarray, width: int = BORDER_WIDTH) -> np.ndarray:
-    """The training target of an instance model as one int16 map: bit 0 foreground, bit 1 touching border."""
+    """The training target of an instance model as one int16 map: bit 0 foreground, bit 1 touching
+    border, and above them the normalised :func:`object_distance` in :data:`DISTANCE_STEPS` steps."""
     labels = np.asarray(labels)
     code = (labels > 0).astype(np.int16) * FOREGROUND_BIT
     code[touching_border(labels, width)] |= BORDER_BIT
-    return code
+    steps = np.rint(object_distance(labels) * DISTANCE_STEPS).astype(np.int16)
+    return code | (steps << DISTANCE_SHIFT)
 
 
 def decode_targets(code):
@@ -131,23 +163,43 @@ def decode_targets(code):
     return (code & FOREGROUND_BIT) > 0, (code & BORDER_BIT) > 0, valid
 
 
+def decode_distance(code):
+    """The normalised distance (0..1) of an encoded target (numpy or torch; padding gives garbage,
+    masked by ``valid``)."""
+    return ((code >> DISTANCE_SHIFT) & DISTANCE_STEPS) / DISTANCE_STEPS
+
+
 # --------------------------------------------------------------------------- post-processing
 
 def instances_from_probabilities(foreground: np.ndarray, border: np.ndarray, threshold: float = 0.5,
                                  seed_threshold: float = 0.5, min_seed: int = MIN_SEED) -> np.ndarray:
-    """Instance labels 1..N (uint16, uint32 beyond 65535 objects) of one plane's probabilities.
+    """Instance labels 1..N (uint16, uint32 beyond 65535 objects) of a "border" model's plane.
 
     Objects are the pixels with ``foreground > threshold``; seeds the 4-connected components of
     ``foreground * (1 - border) > seed_threshold`` of at least ``min_seed`` pixels; a seeded
     watershed on ``-foreground`` inside the objects grows each seed to its object.  An object
     with no seed (too small, or all border) keeps its own label."""
-    from skimage.segmentation import watershed
     foreground = np.asarray(foreground, dtype=np.float32)
-    border = np.asarray(border, dtype=np.float32)
-    mask = foreground > threshold
+    seeds = foreground * (1 - np.asarray(border, dtype=np.float32)) > seed_threshold
+    return seeded_watershed(foreground > threshold, seeds, foreground, min_seed)
+
+
+def instances_from_distance(foreground: np.ndarray, distance: np.ndarray, threshold: float = 0.5,
+                            seed_threshold: float = 0.5, min_seed: int = MIN_SEED) -> np.ndarray:
+    """Instance labels 1..N of a "distance" model's plane: objects where ``foreground > threshold``,
+    seeds where the predicted distance exceeds ``seed_threshold``, grown by a watershed on it."""
+    distance = np.asarray(distance, dtype=np.float32)
+    return seeded_watershed(np.asarray(foreground) > threshold, distance > seed_threshold, distance, min_seed)
+
+
+def seeded_watershed(mask: np.ndarray, seed_mask: np.ndarray, height: np.ndarray, min_seed: int = MIN_SEED):
+    """Labels 1..N of ``mask``: the 4-connected components of ``seed_mask & mask`` of at least
+    ``min_seed`` pixels grown over ``mask`` by a watershed flooding from the highest ``height``
+    down; each part of ``mask`` no seed reaches keeps a label of its own."""
+    from skimage.segmentation import watershed
     if not mask.any():
         return np.zeros(mask.shape, np.uint16)
-    seeds, count = ndimage.label((foreground * (1 - border) > seed_threshold) & mask, structure=_FOUR)
+    seeds, count = ndimage.label(seed_mask & mask, structure=_FOUR)
     if count:
         sizes = np.bincount(seeds.ravel())
         small = sizes < min_seed
@@ -156,7 +208,7 @@ def instances_from_probabilities(foreground: np.ndarray, border: np.ndarray, thr
             keep = (np.cumsum(~small) - 1) * ~small          # the kept seeds renumbered 1..n
             seeds = keep[seeds]
             count = int(keep.max())
-    labels = watershed(-foreground, seeds, mask=mask) if count else np.zeros(mask.shape, np.int32)
+    labels = watershed(-height, seeds, mask=mask) if count else np.zeros(mask.shape, np.int32)
     # What the watershed could not reach: objects without a seed of their own.
     orphans, extra = ndimage.label(mask & (labels == 0), structure=_EIGHT)
     if extra:
@@ -179,8 +231,10 @@ def keep_largest_instance(labels: np.ndarray) -> np.ndarray:
     return (labels == 1 + int(np.argmax(sizes[1:]))).astype(labels.dtype)
 
 
-def plane_instances(probs: np.ndarray, threshold: float = 0.5, largest_component: bool = False) -> np.ndarray:
-    """Instance labels of one plane's stitched probabilities (channels first: foreground, border),
-    as ``segment`` makes them for an instance model."""
-    labels = instances_from_probabilities(probs[0], probs[1], threshold)
+def plane_instances(probs: np.ndarray, threshold: float = 0.5, largest_component: bool = False,
+                    kind: str = "border") -> np.ndarray:
+    """Instance labels of one plane's stitched probabilities (channels first: foreground, then the
+    border or distance of ``kind``), as ``segment`` makes them for an instance model."""
+    separate = instances_from_distance if kind == "distance" else instances_from_probabilities
+    labels = separate(probs[0], probs[1], threshold)
     return keep_largest_instance(labels) if largest_component else labels

@@ -135,8 +135,10 @@ def describe_model(info: ModelInfo) -> str:
 def with_instances(model: SegmentationModel, kind: str = "border") -> SegmentationModel:
     """A copy of a binary ``model`` made an instance model of ``kind`` (engine/instances.py):
     the same network with the extra output channel(s) the kind needs, every trained weight
-    kept; the new channels start at "no border" (weights 0, bias -3), so the copy first segments as
-    the original did, each object its own label.  An instance model of that kind comes back as it is."""
+    kept.  A "border" channel starts at "no border" (weights 0, bias -3), so the copy first segments
+    as the original did, each connected object its own label; a "distance" channel starts as a copy
+    of the foreground's (the probability is highest inside objects, as the distance is).  An
+    instance model of that kind comes back as it is."""
     from dataclasses import replace as replaced
     from .instances import check_kind
     kind = check_kind(kind)
@@ -156,7 +158,10 @@ def with_instances(model: SegmentationModel, kind: str = "border") -> Segmentati
                 value.copy_(trained)
             elif trained.shape[1:] == value.shape[1:] and trained.shape[0] == model.info.num_classes:
                 value[:trained.shape[0]] = trained          # the output layer: its class rows kept
-                value[trained.shape[0]:] = -3.0 if key.endswith("bias") else 0.0
+                if kind == "distance":
+                    value[trained.shape[0]:] = trained[:1]
+                else:
+                    value[trained.shape[0]:] = -3.0 if key.endswith("bias") else 0.0
             else:
                 raise ValueError(f"{model.name}: cannot widen {key} from {tuple(trained.shape)} to "
                                  f"{tuple(value.shape)} for an instance model")

@@ -30,7 +30,7 @@ from .imageio import DataError
 from .datasets import IGNORE_INDEX, SegmentationDataset, augmentation, check_pair, find_pairs, pairs_matching
 from .defaults import FEW_SHOT
 from .infer import Cancelled, segment
-from .instances import decode_targets, instance_pair
+from .instances import decode_distance, decode_targets, instance_pair
 from .metrics import instance_scores, mean_dice
 from .model import SegmentationModel, load_model, with_instances
 
@@ -571,11 +571,12 @@ def validate(net, val_pairs, model: SegmentationModel, cancel: Optional[Callable
 def segmentation_loss(logits, target, num_classes: int, dice_weight: float = 0.5, instances: str = ""):
     """(1 - dice_weight) * cross-entropy + dice_weight * soft Dice; pixels labelled -1 are ignored.
     An instance model's target is encoded (engine/instances.py): the same loss on its foreground
-    and on its touching-border channel, added."""
+    and on its touching-border or distance channel (soft targets: BCE and soft Dice take them), added."""
     if instances:
         foreground, border, valid = decode_targets(target)
+        second = decode_distance(target).float() if instances == "distance" else border
         return sum(_binary_loss(logits[:, c], truth, valid, dice_weight)
-                   for c, truth in enumerate((foreground, border)))
+                   for c, truth in enumerate((foreground, second)))
     valid = target != IGNORE_INDEX
     if num_classes == 1:
         logit = logits[:, 0]

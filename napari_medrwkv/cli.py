@@ -165,6 +165,9 @@ def _parser():
     seg.add_argument("--planes", choices=("acquired", "axial", "coronal", "sagittal"), default="acquired",
                      help="scans: the planes to segment, slice after slice (default: those the scanner acquired); "
                           "the labels are written in the scan's format (DICOM: .nii.gz) on its grid")
+    seg.add_argument("--window", type=_window, metavar="NAME|LEVEL,WIDTH",
+                     help="an intensity window instead of each slice's percentiles, for CT: soft-tissue, lung, "
+                          "bone, brain, or LEVEL,WIDTH in the image's units (e.g. 40,400 HU)")
     _inference_args(seg)
     existing = seg.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace label files that already exist")
@@ -386,7 +389,7 @@ def _segment_jobs_run(args, jobs, chosen, models, skipped, client) -> int:
             scan = _read_scan_input(source, bar)
             settings = dict(model=models[name], tile=args.tile, return_probabilities=True,
                             progress=lambda d, total, i=i: bar.update_to(i + d / total, len(jobs)),
-                            **_inference_kwargs(args))
+                            window=args.window, **_inference_kwargs(args))
             try:
                 labels, probs = segment(read_image(source), **settings) if scan is None else \
                     segment_scan(scan, args.planes, **settings)
@@ -416,6 +419,19 @@ def _segment_jobs_run(args, jobs, chosen, models, skipped, client) -> int:
     skip = f"; skipped {skipped} whose label files existed" if skipped else ""
     print(f"wrote {len(jobs)} label image(s) to {out}{used}{skip}")
     return 0
+
+
+def _window(text: str):
+    """--window: a preset name (soft-tissue for "soft tissue") or LEVEL,WIDTH."""
+    from .engine.preprocess import CT_WINDOWS, window_range
+    name = text.replace("-", " ")
+    window = name if name in CT_WINDOWS else tuple(text.split(","))
+    try:
+        window_range(window)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give {', '.join(n.replace(' ', '-') for n in CT_WINDOWS)} "
+                                         "or LEVEL,WIDTH (e.g. 40,400)") from None
+    return window if isinstance(window, str) else tuple(float(v) for v in window)
 
 
 def _read_scan_input(source: Path, bar):

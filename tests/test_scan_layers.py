@@ -106,3 +106,27 @@ def test_labels_painted_on_a_new_layer_save_onto_the_grid_its_scale_and_translat
     assert np.allclose(labels_itk.TransformIndexToPhysicalPoint((4, 3, 2)), image_itk.TransformIndexToPhysicalPoint((4, 3, 2)))
     np.testing.assert_allclose(itk_affine(labels_itk.GetSpacing(), labels_itk.GetOrigin(), labels_itk.GetDirection()),
                                itk_affine(image_itk.GetSpacing(), image_itk.GetOrigin(), image_itk.GetDirection()))
+
+
+def test_a_ct_window_chosen_in_segment_reaches_the_model(make_napari_viewer, qtbot, tmp_path):
+    from napari_medrwkv.plugin.segment_widget import PERCENTILES, SegmentWidget
+    viewer = make_napari_viewer()
+    path, planes = nuclei_scan(tmp_path)
+    ct = planes.astype(np.int16) * 8 - 900
+    sitk.WriteImage(lps_image(ct, spacing=(0.5, 0.5, 4.0), direction=(0, 0, 1, 1, 0, 0, 0, 1, 0)), str(path))
+    image = open_scan(viewer, path)
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.window_combo.currentText() == PERCENTILES and "window" not in widget.inference_choices()
+    widget.window_combo.setCurrentIndex(widget.window_combo.findData("lung"))
+    assert widget.inference_choices()["window"] == "lung"
+    widget.image_combo.setCurrentText(image.name)
+    widget.model_combo.setCurrentText("rwkv_unet_t-dsb2018")
+    widget.device_combo.setCurrentText("cpu")
+    widget.scope_combo.setCurrentText("all slices")
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120000)
+    labels = viewer.layers[f"{image.name} [rwkv_unet_t-dsb2018]"].data
+    scan = read_scan(path)
+    assert np.array_equal(labels, segment_scan(scan, model="rwkv_unet_t-dsb2018", device="cpu", window="lung"))
+    assert not np.array_equal(labels, segment_scan(scan, model="rwkv_unet_t-dsb2018", device="cpu"))

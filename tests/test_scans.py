@@ -397,3 +397,49 @@ def test_a_scan_with_a_mask_on_another_grid_is_refused_naming_both(tmp_path):
     sitk.WriteImage(lps_image(np.zeros((4, 40, 48), np.uint8), spacing=(1, 1, 1)), str(folder / "masks" / "case0.nrrd"))
     with pytest.raises(DataError, match=r"case0\.nii\.gz .*masks/case0\.nrrd .* not on one grid"):
         find_pairs(folder)
+
+
+# ------------------------------------------------------------------ CT windows
+
+
+def test_a_ct_window_maps_its_range_as_the_percentiles_would_and_clips_the_rest():
+    from napari_medrwkv.engine.preprocess import CT_WINDOWS, NORMALIZATION, normalize_window
+    hu = np.array([-1000, -160, -60, 40, 240, 1500], np.int16)
+    low, high = CT_WINDOWS["soft tissue"][0] - 200, CT_WINDOWS["soft tissue"][0] + 200
+    expected = ((np.clip(hu, low, high) - low) / (high - low) - NORMALIZATION["center"]) / NORMALIZATION["scale"]
+    np.testing.assert_allclose(normalize_window(hu, "soft tissue"), expected, rtol=1e-6)
+    np.testing.assert_allclose(normalize_window(hu, (40, 400)), expected, rtol=1e-6)
+    assert normalize_window(hu, "lung")[0] == normalize_window(hu, "lung").min() > -2.01
+    for bad in ("liver", (40, 0), (40,), "40,400"):
+        with pytest.raises(ValueError, match="window"):
+            normalize_window(hu, bad)
+
+
+def test_segment_with_a_window_sees_the_slice_through_that_window(tmp_path):
+    """With at least 1 % of the pixels beyond each end of the window, the percentiles of the
+    clipped slice are the window's ends: the same input, so the same labels."""
+    import napari_medrwkv as nm
+    path, planes = nuclei_scan(tmp_path)
+    ct = planes.astype(np.int16) * 8 - 900                  # nuclei bright on a dark ground, in "HU"
+    ct[:, :4] = -1000                                       # air, beyond the window's low end
+    ct[:, -4:] = 1500                                       # bone, beyond its high end
+    model = nm.load_model("rwkv_unet_t-dsb2018", device="cpu")
+    windowed = nm.segment(ct, model=model, window=(-500, 600))
+    np.testing.assert_array_equal(windowed, nm.segment(np.clip(ct, -800, -200), model=model))
+    assert not np.array_equal(windowed, nm.segment(ct, model=model))
+    with pytest.raises(ValueError, match="window"):
+        nm.segment(ct, model=model, window="liver")
+
+
+def test_medrwkv_segment_takes_a_window(tmp_path, capsys):
+    from napari_medrwkv.cli import main
+    path, _ = nuclei_scan(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_code:
+        main(["segment", "--model", "rwkv_unet_t-dsb2018", "--device", "cpu", "--window", "liver", str(path),
+              "--out", str(out)])
+    assert exit_code.value.code == 2
+    assert "soft-tissue, lung, bone, brain or LEVEL,WIDTH" in capsys.readouterr().err
+    assert main(["segment", "--model", "rwkv_unet_t-dsb2018", "--device", "cpu", "--window", "40,400", str(path),
+                 "--out", str(out)]) == 0
+    assert (out / "cells_labels.nii.gz").is_file()

@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .preprocess import image_to_channels, plane_layout, resize_channels, scaled_size
+from .preprocess import image_to_channels, plane_layout, resize_channels, scaled_size, window_range
 from .model import SegmentationModel, load_model
 from .instances import plane_instances
 from .postprocess import binary_labels, inference_settings
@@ -43,7 +43,8 @@ def blend_window(tile_h: int, tile_w: int) -> np.ndarray:
 def segment(image, model=None, tile: Optional[int] = None, progress: Progress = None, cancel: Cancel = None,
             return_probabilities: bool = False, rgb: Optional[bool] = None, device="auto",
             flips: Optional[bool] = None, threshold: Optional[float] = None,
-            largest_component: Optional[bool] = None, out=None, block: Optional[int] = None, client=None):
+            largest_component: Optional[bool] = None, out=None, block: Optional[int] = None, client=None,
+            window=None):
     """Integer labels with the spatial shape of ``image`` (0/1 for a binary model, class ids otherwise).
 
     ``image``: (Y, X), (Y, X, 3|4), or a stack (Z, Y, X[, 3|4]) segmented slice by slice; any dtype.
@@ -62,6 +63,8 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     ``largest_component`` (binary models): keep only the largest 8-connected object of each
     plane (one lesion per image).  Each of these three left as None takes the model's own
     setting (``model.info.inference``; off, 0.5, off unless ``medrwkv calibrate`` chose others).
+    ``window``: an intensity window instead of each plane's percentiles (a CT preset of
+    ``preprocess.CT_WINDOWS`` such as "soft tissue", or a (level, width) pair in the image's units).
 
     Images larger than memory: ``image`` may also be a zarr or Dask array, a memory map, or the
     path of an OME-Zarr store or TIFF file; those are read block by block (only the tiles that
@@ -75,7 +78,13 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
         from .scans import read_scan, segment_scan      # in the planes the scanner acquired
         return segment_scan(read_scan(image), model=model, device=device, tile=tile, progress=progress,
                             cancel=cancel, return_probabilities=return_probabilities, flips=flips,
-                            threshold=threshold, largest_component=largest_component)
+                            threshold=threshold, largest_component=largest_component, window=window)
+    intensity_window = window                      # ("window" names each tile below)
+    if window is not None:
+        window_range(window)                       # a bad window fails before any work
+        if out is not None or block is not None or client is not None or _is_lazy(image):
+            raise ValueError("segment: window= works on images in memory; read the image into memory "
+                             "(np.asarray) to segment it with a window")
     if out is not None or block is not None or client is not None or _is_lazy(image):
         from .blocks import segment_blocks
         return segment_blocks(image, model, out, tile=tile, block=block, return_probabilities=return_probabilities,
@@ -104,7 +113,7 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     for z, plane in enumerate(planes):
         probs = np.zeros((_channels(model),) + net_shape, dtype=np.float32)
         weight = np.zeros(net_shape, dtype=np.float32)
-        x = resize_channels(image_to_channels(plane, model.info.in_chans), net_shape)
+        x = resize_channels(image_to_channels(plane, model.info.in_chans, intensity_window), net_shape)
         if model.info.prompt_channels:             # a prompt-aware model, asked with no prompt
             x = np.concatenate([x, np.zeros((model.info.prompt_channels,) + net_shape, np.float32)])
         for y0 in ys:

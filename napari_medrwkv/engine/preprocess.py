@@ -15,6 +15,10 @@ from .imageio import channels_equal
 #: How :func:`normalize` scales an image; stored in checkpoints so inference matches training.
 NORMALIZATION = {"mode": "percentile", "low": 0.5, "high": 99.5, "center": 0.5, "scale": 0.25}
 
+#: CT windows (level, width) in Hounsfield units.  A window, not the percentiles, sets what a
+#: model sees of a CT slice: robust percentiles of a whole slice are set by air and bone.
+CT_WINDOWS = {"soft tissue": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0), "brain": (40.0, 80.0)}
+
 #: ITU-R BT.709 luma weights (as in ``skimage.color.rgb2gray``) for RGB -> grey.
 LUMA_WEIGHTS = (0.2125, 0.7154, 0.0721)
 
@@ -33,6 +37,30 @@ def plane_layout(shape: Tuple[int, ...], rgb: Optional[bool] = None) -> Tuple[in
         return 1, colour
     raise ValueError(f"segment: expected a 2D image (Y, X), (Y, X, 3|4), or a stack (Z, Y, X[, 3|4]); "
                      f"got an array of shape {tuple(shape)}. Select one channel or time point first.")
+
+
+def window_range(window) -> Tuple[float, float]:
+    """(low, high) of a window: a name of :data:`CT_WINDOWS` or a (level, width) pair."""
+    if isinstance(window, str):
+        if window not in CT_WINDOWS:
+            raise ValueError(f"window {window!r}: use one of {', '.join(CT_WINDOWS)}, or a (level, width) pair")
+        window = CT_WINDOWS[window]
+    try:
+        level, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window {window!r}: give a name ({', '.join(CT_WINDOWS)}) or a (level, width) pair") from None
+    if not (np.isfinite(level) and np.isfinite(width) and width > 0):
+        raise ValueError(f"window {window!r}: the level must be finite and the width positive")
+    return level - width / 2, level + width / 2
+
+
+def normalize_window(x, window) -> np.ndarray:
+    """:func:`normalize` with a fixed intensity window instead of the image's percentiles: the
+    window's low and high map as the percentiles would, and values outside it are clipped to it
+    (as a viewer shows a CT window).  NaN becomes the low value."""
+    low, high = window_range(window)
+    values = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=low, posinf=high, neginf=low)
+    return _scale(np.clip(values, low, high), low, high)
 
 
 def normalize(x) -> np.ndarray:
@@ -104,8 +132,9 @@ def _order_statistic_percentile(cumulative: np.ndarray, q: float) -> float:
     return float(v_below + (v_above - v_below) * (position - below))
 
 
-def image_to_channels(image, in_chans: int) -> np.ndarray:
-    """One 2-D image -> the network input ``float32 (in_chans, H, W)``, normalised.
+def image_to_channels(image, in_chans: int, window=None) -> np.ndarray:
+    """One 2-D image -> the network input ``float32 (in_chans, H, W)``, normalised
+    (:func:`normalize`, or :func:`normalize_window` with a ``window``).
 
     ``image``: grey ``(H, W)`` / ``(H, W, 1)``, RGB ``(H, W, 3)`` or RGBA
     ``(H, W, 4)`` (alpha dropped), any dtype.  Grey (also RGB with R = G = B) is
@@ -115,6 +144,7 @@ def image_to_channels(image, in_chans: int) -> np.ndarray:
     """
     in_chans = int(in_chans)
     image = np.asarray(image)
+    scale = normalize if window is None else (lambda x: normalize_window(x, window))
     if image.ndim == 3 and image.shape[-1] in (1, 2, 3, 4):
         channels = image.shape[-1]
         if channels in (2, 4):                     # grey + alpha, RGB + alpha
@@ -122,15 +152,15 @@ def image_to_channels(image, in_chans: int) -> np.ndarray:
         if image.shape[-1] == 1 or (image.shape[-1] == 3 and channels_equal(image)):
             image = image[..., 0]                  # grey, possibly stored as R = G = B
     if image.ndim == 2:
-        return np.repeat(normalize(image)[None], in_chans, axis=0) if in_chans > 1 else normalize(image)[None]
+        return np.repeat(scale(image)[None], in_chans, axis=0) if in_chans > 1 else scale(image)[None]
     if image.ndim != 3:
         raise ValueError(f"expected one 2-D image (H, W) or (H, W, 3|4), got an array of shape {image.shape}; "
                          f"select one slice of a stack first")
     if image.shape[-1] == in_chans:
-        return np.ascontiguousarray(np.moveaxis(normalize(image), -1, 0))
+        return np.ascontiguousarray(np.moveaxis(scale(image), -1, 0))
     if in_chans == 1 and image.shape[-1] == 3:
         weights = np.asarray(LUMA_WEIGHTS, dtype=np.float64)
-        return normalize(image.astype(np.float64) @ weights)[None]
+        return scale(image.astype(np.float64) @ weights)[None]
     raise ValueError(f"cannot turn an image with {image.shape[-1]} channels into the {in_chans} channels "
                      f"the model expects; use a grey or RGB image")
 

@@ -14,6 +14,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, Q
                             QMessageBox, QProgressBar, QPushButton, QSpinBox, QWidget)
 
 from ..engine.memory import retain_freed_memory
+from ..engine.preprocess import CT_WINDOWS
 from ..engine.scans import METADATA_KEY as SCAN_GEOMETRY
 from . import review, session
 from .qt_helpers import (BROWSE, Section, WorkerRelay, add_shortcut, connect_while_alive, fit_dock, follow_layer_list,
@@ -66,6 +67,13 @@ class SegmentWidget(QWidget):
         self.largest_check = QCheckBox("keep only the largest object")
         self.largest_check.setToolTip("One object per image or slice (a lesion, a polyp): drop every "
                                       "smaller detached piece")
+        self.window_combo = QComboBox()
+        self.window_combo.addItem(PERCENTILES, None)
+        for name, (level, width) in CT_WINDOWS.items():
+            self.window_combo.addItem(f"CT window: {name} ({level:g} / {width:g} HU)", name)
+        self.window_combo.setToolTip("What the model sees of each slice: its own brightness range (robust "
+                                     "percentiles), or a CT window (level / width), because the percentiles of "
+                                     "a whole CT slice are set by air and bone")
         self.threshold_spin = QDoubleSpinBox()
         self.threshold_spin.setRange(0.05, 0.95)
         self.threshold_spin.setSingleStep(0.05)
@@ -93,6 +101,7 @@ class SegmentWidget(QWidget):
         settings_form.setContentsMargins(0, 0, 0, 0)
         settings_form.addRow("Tile", self.tile_spin)
         settings_form.addRow("Threshold", self.threshold_spin)
+        settings_form.addRow("Intensities", self.window_combo)
         settings_form.addRow(self.probability_check)
         settings_form.addRow(self.flips_check)
         settings_form.addRow(self.largest_check)
@@ -253,6 +262,8 @@ class SegmentWidget(QWidget):
     def inference_choices(self) -> dict:
         """What the controls ask of ``segment``; threshold and largest object for binary models only."""
         choices = {"flips": self.flips_check.isChecked()}
+        if self.window_combo.currentData() is not None:
+            choices["window"] = self.window_combo.currentData()
         if self.threshold_spin.isEnabled():
             choices.update(threshold=round(self.threshold_spin.value(), 2),
                            largest_component=self.largest_check.isChecked())
@@ -513,6 +524,10 @@ class SegmentWidget(QWidget):
         self.cancel_button.setEnabled(running)
         if running:
             self.progress_bar.setValue(0)
+
+
+#: The window menu's first entry: no window, each slice's own range.
+PERCENTILES = "each slice's range (percentiles)"
 
 
 def _acquired_axis(layer) -> int:

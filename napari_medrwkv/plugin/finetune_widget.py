@@ -534,10 +534,12 @@ class FineTuneWidget(QWidget):
         self.status.setText(f"{how}: {len(result.history)} epoch(s) in {result.minutes:.1f} min; {kept}. "
                             f"{saved}; it is in the model lists of this session.")
         self.curve.set_kept(result.best_val_dice)
+        # An instance model is ranked by the DSB2018 object score (engine/train.validate), not Dice.
+        score = "DSB object score" if result.model.info.instances else "Dice"
         if before is not None and after is not None:
-            self.result_label.setText(f"Dice on {self._compare_kind}: before {before:.2f} → after {after:.2f}")
+            self.result_label.setText(f"{score} on {self._compare_kind}: before {before:.2f} → after {after:.2f}")
         elif result.best_val_dice is not None:
-            self.result_label.setText(f"Best validation Dice (held out from the dataset folder): "
+            self.result_label.setText(f"Best validation {score} (held out from the dataset folder): "
                                       f"{result.best_val_dice:.2f}")
         targets = unreviewed_slices(self.viewer.layers)
         count = sum(len(indices) for _, _, indices in targets)

@@ -294,6 +294,22 @@ def test_the_shared_brain_scan_and_its_label_read_and_write_back_exactly(shared_
         np.testing.assert_array_equal(read_scan(out).array, label.array)
 
 
+MRICRON = Path("/usr/share/mricron/templates")
+
+
+def test_the_debian_brain_atlas_writes_back_exactly(tmp_path):
+    """Debian's mricron-data (apt-get install mricron-data): a RAS NIfTI, 181x217x181 regions."""
+    if not (MRICRON / "aal.nii.gz").is_file():
+        pytest.skip(f"{MRICRON} is absent (apt-get install mricron-data)")
+    atlas = read_scan(MRICRON / "aal.nii.gz")
+    assert atlas.array.shape == (181, 217, 181) and atlas.geometry.stored_flips == (False, True, True)
+    assert read_scan(MRICRON / "ch2.nii.gz").geometry.origin == atlas.geometry.origin     # the atlas's brain
+    out = write_scan(tmp_path / "aal_labels.nii.gz", atlas.array, atlas.geometry)
+    source, back = nib.load(str(MRICRON / "aal.nii.gz")), nib.load(str(out))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.asarray(source.dataobj))
+    np.testing.assert_allclose(back.affine, source.affine, atol=1e-6)
+
+
 # ------------------------------------------------------------------ segmenting a scan
 
 

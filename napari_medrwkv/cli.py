@@ -584,14 +584,15 @@ def _train(args) -> int:
     model = load_model(args.model, device=args.device, in_chans=args.in_chans, num_classes=args.num_classes,
                        class_names=class_names)
     bar = _LazyBar("train", "step")
+    score = "DSB score" if args.instances or model.info.instances else "Dice"     # what ranks the epochs
 
     def progress(p):
         if p.epoch == 0:
-            bar.write(f"starting weights: val Dice {p.val_dice:.4f}")
+            bar.write(f"starting weights: val {score} {p.val_dice:.4f}")
         elif p.val_dice is None:
             bar.update_to(p.step, p.steps_per_epoch, epoch=p.epoch, loss=f"{p.loss:.4f}")
         else:
-            bar.write(f"epoch {p.epoch}: loss {p.loss:.4f}, val Dice {p.val_dice:.4f}, {p.elapsed / 60:.1f} min")
+            bar.write(f"epoch {p.epoch}: loss {p.loss:.4f}, val {score} {p.val_dice:.4f}, {p.elapsed / 60:.1f} min")
 
     command = _command_line(args)
     rank = int(os.environ.get("RANK", "0"))        # under torchrun: rank 0 reports, the others train quietly
@@ -612,19 +613,19 @@ def _train(args) -> int:
     best = f"{result.best_val_dice:.4f}" if result.best_val_dice is not None else "n/a"
     if result.cancelled:
         print(f"medrwkv train: interrupted after {result.minutes:.1f} min; saved the best weights so far (epoch "
-              f"{result.best_epoch}, val Dice {best}) to {result.path}", file=sys.stderr)
+              f"{result.best_epoch}, val {score} {best}) to {result.path}", file=sys.stderr)
     elif result.best_epoch == 0:
-        print(f"no epoch beat the starting weights (val Dice {best}) in {result.minutes:.1f} min; "
+        print(f"no epoch beat the starting weights (val {score} {best}) in {result.minutes:.1f} min; "
               f"wrote them, unchanged, to {result.path}")
     else:
         start = f", starting weights {result.start_val_dice:.4f}" if result.start_val_dice is not None else ""
         if result.blend < 1:
             blend = f" blended with the starting weights ({result.blend:.0%} the epoch's)"
         elif result.blend_val_dice is not None:
-            blend = f" alone (its blend with the starting weights: val Dice {result.blend_val_dice:.4f})"
+            blend = f" alone (its blend with the starting weights: val {score} {result.blend_val_dice:.4f})"
         else:
             blend = ""
-        print(f"best epoch {result.best_epoch}{blend} (val Dice {best}{start}) after {result.minutes:.1f} min; "
+        print(f"best epoch {result.best_epoch}{blend} (val {score} {best}{start}) after {result.minutes:.1f} min; "
               f"wrote {result.path}")
     if result.moved:
         print(f"medrwkv train: error: {_one_line(result.moved)}; the trained weights were saved to {result.path} "

@@ -459,3 +459,13 @@ def test_medrwkv_segment_takes_a_window(tmp_path, capsys):
     assert main(["segment", "--model", "rwkv_unet_t-dsb2018", "--device", "cpu", "--window", "40,400", str(path),
                  "--out", str(out)]) == 0
     assert (out / "cells_labels.nii.gz").is_file()
+
+
+def test_without_simpleitk_folders_are_not_scans_and_scan_files_say_what_to_install(tmp_path, monkeypatch):
+    import sys
+    write_dicom_series(tmp_path / "study", volume((2, 8, 8)), "1.2.826.0.1.3680043.2.1125.33")
+    sitk.WriteImage(lps_image(volume()), str(tmp_path / "a.nrrd"))
+    monkeypatch.setitem(sys.modules, "SimpleITK", None)      # import SimpleITK now fails
+    assert not is_scan(tmp_path / "study")                  # e.g. a zarr store given to nm.segment
+    with pytest.raises(ImportError, match=r"napari-medrwkv\[medical\]"):
+        read_scan(tmp_path / "a.nrrd")

@@ -56,7 +56,11 @@ def is_dicom_folder(path: PathLike) -> bool:
     if not files or any(p.suffix.lower() in SUPPORTED_EXTENSIONS or scan_suffix(p) not in ("", ".dcm")
                         for p in files):
         return False
-    return bool(_sitk().ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    try:
+        sitk = _sitk()
+    except ImportError:                    # without SimpleITK no folder is read as DICOM
+        return False
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
 def is_scan(path: PathLike) -> bool:

@@ -130,3 +130,66 @@ def test_a_ct_window_chosen_in_segment_reaches_the_model(make_napari_viewer, qtb
     scan = read_scan(path)
     assert np.array_equal(labels, segment_scan(scan, model="rwkv_unet_t-dsb2018", device="cpu", window="lung"))
     assert not np.array_equal(labels, segment_scan(scan, model="rwkv_unet_t-dsb2018", device="cpu"))
+
+
+def test_the_loop_on_a_scan_keeps_its_grid_from_segment_to_the_saved_mask(make_napari_viewer, qtbot, tmp_path,
+                                                                          monkeypatch):
+    """Segment a scan stored RAS, correct and review two slices, fine-tune, re-segment the rest,
+    save: every layer on the scan's scale, and the mask file on the scan's own grid."""
+    from conftest import SAMPLES, untrained_checkpoint
+    from napari_medrwkv.engine.imageio import read_image, read_mask
+    from napari_medrwkv.plugin import finetune_widget, review
+    from napari_medrwkv.plugin.finetune_widget import FineTuneWidget
+    from napari_medrwkv.plugin.segment_widget import SegmentWidget
+    grey = read_image(SAMPLES / "nuclei_fluorescence.png")
+    grey = grey[..., 0] if grey.ndim == 3 else grey
+    truth = read_mask(SAMPLES / "nuclei_fluorescence_mask.png", 1)
+    stack = np.stack([grey, grey[:, ::-1], grey[::-1], grey[::-1, ::-1]])          # (z, y, x)
+    affine = np.diag([0.5, 0.5, 4.0, 1.0])            # i toward the right, j anterior (RAS): both run reversed
+    affine[:3, 3] = (60.0, 70.0, -20.0)
+    path = tmp_path / "cells.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(stack.transpose(2, 1, 0)), affine), str(path))
+    viewer = make_napari_viewer()
+    image = open_scan(viewer, path)
+    np.testing.assert_allclose(image.scale, (4.0, 0.5, 0.5))
+    assert np.array_equal(image.data, stack[:, ::-1, ::-1])
+    base = untrained_checkpoint(tmp_path / "base.safetensors")
+    segment = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(segment)
+    segment.add_model_source(base)
+    segment.image_combo.setCurrentText(image.name)
+    segment.scope_combo.setCurrentText("all slices")
+    segment.run()
+    qtbot.waitUntil(lambda: segment.worker is None, timeout=180000)
+    labels = viewer.layers[f"{image.name} [base]"]
+    truths = {0: truth, 1: truth[:, ::-1]}
+    for z, target in truths.items():                         # the corrections, as brush strokes would paint
+        labels.data[z] = target.astype(labels.data.dtype)
+        review.set_reviewed(labels, z)
+    finetune = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(finetune)
+    finetune.refresh_pairs()
+    finetune.add_model_source(base)
+    finetune.epochs_spin.setValue(1)
+    finetune.patch_spin.setValue(64)
+    finetune.batch_spin.setValue(2)
+    finetune.samples_spin.setValue(2)
+    finetune.device_combo.setCurrentText("cpu")
+    finetune.output_edit.setText(str(tmp_path / "tuned.safetensors"))
+    finetune.run()
+    qtbot.waitUntil(lambda: finetune.worker is None, timeout=180000)
+    monkeypatch.setattr(finetune_widget.QMessageBox, "question",
+                        lambda *a, **k: finetune_widget.QMessageBox.StandardButton.Yes)
+    finetune.resegment_button.click()
+    qtbot.waitUntil(lambda: finetune.worker is None, timeout=180000)
+    assert (tmp_path / "tuned.safetensors").exists()
+    assert np.array_equal(labels.data[0], truth) and np.array_equal(labels.data[1], truth[:, ::-1])
+    np.testing.assert_allclose(labels.scale, image.scale)
+    np.testing.assert_allclose(labels.translate, image.translate)
+    out = tmp_path / "cells_labels.nii.gz"
+    labels.save(str(out), plugin="napari-medrwkv")
+    back = nib.load(str(out))
+    np.testing.assert_allclose(back.affine, affine, atol=1e-5)
+    saved = np.asarray(back.dataobj).transpose(2, 1, 0)        # (z, y, x) as the file stores them
+    # The file stores rows and columns reversed: the reviewed slice lands there flipped back.
+    np.testing.assert_array_equal(saved[0][::-1, ::-1], truth)

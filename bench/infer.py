@@ -1,6 +1,13 @@
 """Inference speed: nm.segment with rwkv_unet_t against a plain 4-level U-Net forward.
 
     python bench/infer.py [--threads 2] [--size 512] [--repeats 5] [--models NAME ...] [--plain]
+    python bench/infer.py --real-sizes [--model rwkv_unet_t-kvasir] [--threads 2]
+
+``--real-sizes``: ``nm.segment`` with default settings (engine/tiling.py's policy) on RGB images
+of 512², 1024², 2048², 4096² and 4000x3000 pixels, in seconds and megapixels per second, beside
+the former default (512-pixel tiles overlapping by a quarter), one pass over the whole image where
+the memory budget allows it, and Segment Anything's ViT-B image encoder (random weights; the
+``bench`` extra installs ``segment-anything``) at 1024², all in one run.
 
 Each model segments with its own inference settings (a calibrated checkpoint may ask for
 test-time flips: four passes); ``--plain`` times one pass, no flips, for every model.
@@ -60,8 +67,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="*", default=["rwkv_unet_t", "ds_vrwkv_t", "med_urwkv_t"])
     parser.add_argument("--plain", action="store_true", help="no test-time flips, whatever a checkpoint asks")
+    parser.add_argument("--real-sizes", action="store_true", help="the default tiling on image sizes users have")
+    parser.add_argument("--model", default="rwkv_unet_t-kvasir", help="the model of --real-sizes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.real_sizes:
+        return real_sizes(args)
     torch.manual_seed(0)
     unet = PlainUNet().eval()
     x = torch.randn(1, 3, args.size, args.size)
@@ -85,6 +96,72 @@ def main():
         label = Path(name).stem if name.endswith(".safetensors") else name
         flipped = "" if name not in models else "yes" if models[name].info.inference["flips"] and not args.plain else "no"
         print(f"{label:>22} | {params:10.2f} | {seconds[name]:7.3f} | {seconds[name] / baseline:7.2f}x | {flipped}")
+
+
+REAL_SIZES = ((512, 512), (1024, 1024), (2048, 2048), (4096, 4096), (3000, 4000))
+
+
+def sam_vit_b_encoder():
+    """Segment Anything's ViT-B image encoder (1024² input) with random weights, or None when
+    ``segment-anything`` is not installed.  Only the encoder's modules are imported: the
+    package's own ``__init__`` needs torchvision, which this project's torch build lacks."""
+    import importlib.util
+    import sys
+    import types
+    from functools import partial
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None:
+        return None
+    if "segment_anything" not in sys.modules:
+        package = types.ModuleType("segment_anything")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["segment_anything"] = package
+    from segment_anything.modeling.image_encoder import ImageEncoderViT
+    return ImageEncoderViT(depth=12, embed_dim=768, img_size=1024, mlp_ratio=4, num_heads=12, patch_size=16,
+                           qkv_bias=True, use_rel_pos=True, global_attn_indexes=(2, 5, 8, 11), window_size=14,
+                           out_chans=256, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+
+
+def real_sizes(args):
+    from timing import median_seconds
+    from napari_medrwkv.engine.tiling import plan_tiles
+    model = nm.load_model(args.model, device="cpu")
+    memory = memory_setting()
+    rng = np.random.default_rng(0)
+    rows, per_pixel = [], {}
+    for height, width in REAL_SIZES:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        plan = plan_tiles((height, width), model.info.architecture)
+        repeats = 3 if height * width <= 2048 ** 2 else 1
+        auto = median_seconds(lambda: nm.segment(image, model=model), repeats)
+        old = median_seconds(lambda: nm.segment(image, model=model, tile=512), repeats)
+        one_pass = median_seconds(lambda: nm.segment(image, model=model, tile=max(height, width)), repeats) \
+            if plan.count == 1 else None
+        megapixels = height * width / 1e6
+        per_pixel[(height, width)] = megapixels / auto
+        rows.append((f"{height}×{width}", plan.reason, auto, megapixels / auto, old, megapixels / old, one_pass))
+        print(rows[-1], flush=True)
+    encoder = sam_vit_b_encoder()
+    sam = None
+    if encoder is not None:
+        x = torch.randn(1, 3, 1024, 1024)
+        with torch.inference_mode():
+            sam = median_seconds(lambda: encoder(x), 3)
+    base = per_pixel[(512, 512)]
+    print(f"\n{args.model}, CPU {args.threads} threads, {memory}; random uint8 RGB images")
+    print("| image | tiles (auto) | default s | MP/s | vs 512² MP/s | 512 tiles (before) s | MP/s | one pass s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size, reason, auto, mps, old, old_mps, one in rows:
+        hw = tuple(int(v) for v in size.split("×"))
+        one_text = f"{one:.2f}" if one is not None else "over budget"
+        print(f"| {size} | {reason} | {auto:.2f} | {mps:.2f} | {per_pixel[hw] / base:.2f}× | {old:.2f} | "
+              f"{old_mps:.2f} | {one_text} |")
+    if sam is not None:
+        at_1024 = rows[1][2]
+        print(f"\nSegment Anything ViT-B image encoder, 1024² (random weights): {sam:.2f} s; "
+              f"nm.segment at 1024² is {sam / at_1024:.1f}× faster")
+    else:
+        print("\nsegment-anything not installed (pip install -e '.[bench]'): ViT-B encoder not timed")
 
 
 if __name__ == "__main__":

@@ -477,3 +477,26 @@ def test_the_model_menu_lists_no_model_that_needs_clicks(widget):
     items = [widget.model_combo.itemText(i) for i in range(widget.model_combo.count())]
     for name in list_shipped():
         assert (name in items) == (name in list_automatic()) == (read_model_info(name).prompt_channels == 0)
+
+
+def test_the_tile_control_says_what_auto_chooses_and_segment_tiles_so(widget, qtbot, monkeypatch):
+    from napari_medrwkv.engine import tiling
+    viewer = widget.viewer
+    viewer.add_image(np.random.default_rng(3).integers(0, 255, (700, 900), dtype=np.uint8), name="slide")
+    widget.image_combo.setCurrentText("slide")
+    widget.settings_section.set_expanded(True)
+    assert widget.tile_spin.text() == "auto"
+    assert "whole plane in one pass" in widget.tile_plan.text()
+    # A machine with little memory: auto tiles, and says how; Segment runs exactly those tiles.
+    monkeypatch.setenv(tiling.BUDGET_ENV, str(300 * 300 * tiling.bytes_per_pixel("ds_vrwkv_t") / 2**20))
+    widget.tile_spin.setValue(256)
+    widget.tile_spin.setValue(0)
+    plan = tiling.plan_tiles((700, 900), "ds_vrwkv_t")
+    assert plan.count > 1 and widget.tile_plan.text() == plan.reason
+    ticks = []
+    widget._relay.tiles.connect(lambda done, total: ticks.append(total))
+    widget.run()
+    _wait(widget, qtbot)
+    assert ticks and set(ticks) == {plan.count}
+    widget.tile_spin.setValue(512)
+    assert "512 px (chosen)" in widget.tile_plan.text()

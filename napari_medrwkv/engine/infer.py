@@ -1,9 +1,9 @@
 """Segment 2D images and 3D stacks, tiling large planes with smooth blending.
 
-Memory stays bounded by the tile size: each tile runs alone through the
-network and its probabilities are blended into per-plane accumulators with a
-raised-cosine window, so seams vanish and a 4000x4000 image needs only a few
-full-size float32 planes.
+A plane runs whole when its pass fits the memory budget (engine/tiling.py); a larger one is
+cut into the largest tiles that fit, each run alone through the network, and their
+probabilities are blended into per-plane accumulators with a raised-cosine window, so seams
+vanish and a 4000x4000 image needs only a few full-size float32 planes.
 """
 import os
 from typing import Callable, List, Optional, Tuple
@@ -15,6 +15,7 @@ from .preprocess import image_to_channels, plane_layout, resize_channels, scaled
 from .model import SegmentationModel, load_model
 from .instances import plane_instances
 from .postprocess import binary_labels, inference_settings
+from .tiling import plan_tiles
 
 Progress = Optional[Callable[[int, int], None]]
 Cancel = Optional[Callable[[], bool]]
@@ -51,9 +52,11 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     Or the name of a scan file (NIfTI, NRRD, MetaImage) or DICOM folder, segmented in the planes the
     scanner acquired, its labels in the orientation ``scans.read_scan`` gives.
     ``model``: a :class:`SegmentationModel`, a shipped name or a checkpoint path.
-    ``tile``: largest plane side run in one piece (default: the model's tile size), in the
-    network's pixels (after resizing by the model's ``input_scale``); larger planes are tiled
-    with 1/4 overlap.  ``progress(done, total)`` counts tiles; ``cancel()`` returning True
+    ``tile``: largest plane side run in one piece, in the network's pixels (after resizing by
+    the model's ``input_scale``); larger planes are tiled with 1/4 overlap.  Left out, the
+    plane runs whole when its pass fits the memory budget, else in the largest tiles that fit,
+    placed to run the fewest pixels (:func:`.tiling.plan_tiles`; ``$MEDRWKV_TILE_MEMORY_MB``
+    sets the budget).  ``progress(done, total)`` counts tiles; ``cancel()`` returning True
     raises :class:`Cancelled` before the next tile.  With ``return_probabilities`` returns
     ``(labels, probabilities)``: foreground probability for a binary model (spatial shape), else
     per-class probabilities (classes first, then the spatial shape).  ``flips``: test-time
@@ -101,13 +104,13 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
                          "e.g. the magnitude of a complex image (np.abs)")
     stack_axes, colour = plane_layout(image.shape, rgb)
     planes = image if stack_axes else image[None]
-    tile = int(tile or model.info.tile_size)
-    if tile < 32:
-        raise ValueError(f"segment: tile={tile} is too small; use 32 or more (default {model.info.tile_size})")
-    overlap = tile // 4
+    if tile is not None and int(tile) < 32:
+        raise ValueError(f"segment: tile={tile} is too small; use 32 or more, or leave it out (the tiles are then "
+                         "as large as memory allows)")
     scale = model.info.input_scale
     net_shape = scaled_size(planes.shape[1:3], scale)       # the plane as the network sees it
-    ys, xs = tile_starts(net_shape[0], tile, overlap), tile_starts(net_shape[1], tile, overlap)
+    plan = plan_tiles(net_shape, model.info.architecture, tile=tile, device=model.device)
+    ys, xs, (tile_h, tile_w) = plan.ys, plan.xs, plan.tile
     total, done = len(planes) * len(ys) * len(xs), 0
     labels = probabilities = None
     for z, plane in enumerate(planes):
@@ -120,11 +123,11 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
             for x0 in xs:
                 if cancel is not None and cancel():
                     raise Cancelled("segmentation cancelled")
-                window = x[:, y0:y0 + tile, x0:x0 + tile]
+                window = x[:, y0:y0 + tile_h, x0:x0 + tile_w]
                 tile_probs = _predict(model, window, flips)
                 w = blend_window(*window.shape[1:]) if total > len(planes) else 1.0
-                probs[:, y0:y0 + tile, x0:x0 + tile] += tile_probs * w
-                weight[y0:y0 + tile, x0:x0 + tile] += w
+                probs[:, y0:y0 + tile_h, x0:x0 + tile_w] += tile_probs * w
+                weight[y0:y0 + tile_h, x0:x0 + tile_w] += w
                 done += 1
                 if progress is not None:
                     progress(done, total)

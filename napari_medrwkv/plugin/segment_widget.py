@@ -53,13 +53,16 @@ class SegmentWidget(QWidget):
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(0, 8192)
         self.tile_spin.setSingleStep(128)
-        self.tile_spin.setSpecialValueText("model default")
+        self.tile_spin.setSpecialValueText("auto")
         self.tile_spin.setSuffix(" px")
         self.tile_spin.setToolTip("The largest piece of the image the model sees at once (in the network's pixels); "
-                                  "larger images are cut into overlapping tiles and blended.  'model default' is "
-                                  "the size the model was made for.  Smaller tiles use less memory but see less "
-                                  "around each pixel: a tile under a quarter of the model's (128 px for the "
-                                  "shipped models) is refused.")
+                                  "larger images are cut into overlapping tiles and blended.  'auto': the whole "
+                                  "image in one pass when that fits in memory (the fastest, and what tiles are "
+                                  "measured against), else the largest tiles that fit.  Smaller tiles use less "
+                                  "memory but see less around each pixel: a tile under a quarter of the model's "
+                                  "(128 px for the shipped models) is refused.")
+        self.tile_plan = QLabel("")       # what 'auto' chooses for the chosen image and model
+        self.tile_plan.setWordWrap(True)
         self.probability_check = QCheckBox("add a probability layer")
         self.flips_check = QCheckBox("test-time flips (4x slower, steadier)")
         self.flips_check.setToolTip("Average the model's answer over the image and its left-right, "
@@ -100,6 +103,7 @@ class SegmentWidget(QWidget):
         settings_form = QFormLayout(settings)
         settings_form.setContentsMargins(0, 0, 0, 0)
         settings_form.addRow("Tile", self.tile_spin)
+        settings_form.addRow("", self.tile_plan)
         settings_form.addRow("Threshold", self.threshold_spin)
         settings_form.addRow("Intensities", self.window_combo)
         settings_form.addRow(self.probability_check)
@@ -128,6 +132,9 @@ class SegmentWidget(QWidget):
         self.model_combo.activated.connect(self._on_model_chosen)
         self.model_combo.currentTextChanged.connect(self._on_model_changed)
         self.image_combo.currentTextChanged.connect(self._suggest_model)
+        for changed in (self.image_combo.currentTextChanged, self.model_combo.currentTextChanged,
+                        self.tile_spin.valueChanged):
+            changed.connect(self._describe_tiles)
         follow_layer_list(self, self.viewer.layers, self._refresh_images)
         review.follow_renames(self.viewer.layers)   # reviewed pairs survive renaming their image
         connect_while_alive(self, self.viewer.layers.selection.events.active, self._follow_selection)
@@ -146,6 +153,7 @@ class SegmentWidget(QWidget):
                [current, self._image_of(active)])
         if self.image_combo.currentText() != current:
             self._suggest_model(self.image_combo.currentText())
+        self._describe_tiles()           # the image may be new, or reshaped under the same name
 
     def _follow_selection(self, event=None):
         """The image the user just opened or selected becomes the one to segment: an Image layer
@@ -238,6 +246,32 @@ class SegmentWidget(QWidget):
             raise ValueError(f"{layer.name}: {spatial} spatial dimensions")
         return data
 
+    def _describe_tiles(self, *_):
+        """Say how the chosen image will be tiled ('auto': by the memory budget)."""
+        self.tile_plan.setText(self.tiles_in_words())
+
+    def tiles_in_words(self) -> str:
+        """How Segment will tile the chosen image with the chosen model and Tile, or ""."""
+        from ..engine.model import read_model_info
+        from ..engine.preprocess import plane_layout, scaled_size
+        from ..engine.tiling import plan_tiles
+        name, source = self.image_combo.currentText(), self.model_combo.currentText()
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if layer is None or not source or source == BROWSE:
+            return ""
+        try:
+            info = read_model_info(source)
+            stack_axes, _ = plane_layout(np.shape(layer.data), layer.rgb)
+        except ValueError:
+            return ""
+        if info is None:
+            return ""
+        plane = list(np.shape(layer.data)[:3 if stack_axes else 2])
+        if stack_axes:
+            del plane[_acquired_axis(layer)]          # the planes Segment runs, a scan's acquired ones
+        plan = plan_tiles(scaled_size(plane, info.input_scale), info.architecture, tile=self.tile_spin.value() or None)
+        return plan.reason if plan.count > 1 or not self.tile_spin.value() else "the whole image in one pass"
+
     def _on_model_changed(self, source: str):
         """Show the chosen model's own inference settings (those ``medrwkv calibrate`` chose)."""
         if not source or source == BROWSE:
@@ -317,7 +351,7 @@ class SegmentWidget(QWidget):
         if tile < smallest:
             raise ValueError(f"Tile {tile} px is smaller than {Path(source).stem} allows ({smallest} px, a quarter "
                              f"of its own {own} px): the model would see too little around each pixel. Choose "
-                             f"{smallest} px or more, or 'model default'.")
+                             f"{smallest} px or more, or 'auto'.")
 
     def cancel(self):
         self._cancel.set()

@@ -43,6 +43,8 @@ def main():
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--shots", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--empty", type=int, default=0,
+                        help="also review this many slices without tumour (empty labels), spread over them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     scan, label = read_scan(args.scan), read_scan(args.label)
@@ -53,8 +55,13 @@ def main():
     shots = [tumour[int(round(i))] for i in np.linspace(0, len(tumour) - 1, args.shots)]
     scored = [z for z in tumour if z not in shots]
     empty = [z for z in range(len(planes)) if z not in tumour]
-    # As the Fine-tune widget splits three reviewed slices: one held out (seeded), two trained on.
-    held = [shots[int(np.random.default_rng(0).permutation(len(shots))[0])]]
+    if args.empty:
+        reviewed_empty = [empty[int(round(i))] for i in np.linspace(0, len(empty) - 1, args.empty + 2)[1:-1]]
+        shots = sorted(shots + reviewed_empty)
+        empty = [z for z in empty if z not in reviewed_empty]
+    # As the Fine-tune widget splits reviewed slices: a fifth (at least one) held out, seeded.
+    order = np.random.default_rng(0).permutation(len(shots))
+    held = sorted(shots[int(i)] for i in order[:max(1, int(round(0.2 * len(shots))))])
     trained = [z for z in shots if z not in held]
     print(f"{args.scan}: {planes.shape[0]} slices of {planes.shape[1]}x{planes.shape[2]} (axis {axis}), tumour on "
           f"{tumour}; reviewed {shots} (trained on {trained}, held out {held}); scored on {scored}; "

@@ -226,6 +226,9 @@ def test_a_4d_nifti_is_refused_naming_the_file_and_what_to_do(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((6, 5, 4, 3), np.int16), np.eye(4)), str(path))
     with pytest.raises(DataError, match=r"fmri\.nii\.gz is 4-D .*pick one"):
         read_scan(path)
+    one = tmp_path / "one.nii.gz"                           # a single volume stored 4-D is a volume
+    nib.save(nib.Nifti1Image(np.arange(120, dtype=np.int16).reshape(6, 5, 4, 1), np.eye(4)), str(one))
+    assert read_scan(one).array.shape == (4, 5, 6)
 
 
 def test_a_damaged_scan_is_refused_naming_it(tmp_path):

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .imageio import DataError, PathLike, atomic_file
+from .imageio import SUPPORTED_EXTENSIONS, DataError, PathLike, atomic_file
 
 #: Single-file scan formats, and the label format each is written back as.
 SCAN_SUFFIXES = {".nii": ".nii.gz", ".nii.gz": ".nii.gz", ".nrrd": ".nrrd", ".nhdr": ".nrrd", ".mha": ".mha",
@@ -51,7 +51,6 @@ def is_dicom_folder(path: PathLike) -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    from .imageio import SUPPORTED_EXTENSIONS
     files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
     if not files or any(p.suffix.lower() in SUPPORTED_EXTENSIONS or scan_suffix(p) not in ("", ".dcm")
                         for p in files):
@@ -194,6 +193,8 @@ def read_scan(path: PathLike, series: Optional[str] = None) -> Scan:
                       text[-1] if text else "")
         raise DataError(f"cannot read scan {path} ({detail}); the file may be damaged, or not the format its "
                         "extension says") from None
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:     # one volume stored as 4-D
+        image = image[:, :, :, 0]
     if image.GetDimension() > 3:
         size = "x".join(map(str, image.GetSize()))
         raise DataError(f"scan {path} is 4-D ({size}: a time series or several volumes); the models segment one "

@@ -501,6 +501,10 @@ def _suggested_model(path: Path) -> str:
     from .engine.appearance import suggest_model
     from .engine.imageio import read_image
     from .engine.preprocess import plane_layout
+    from .engine.scaleout import is_large_input
+    if is_large_input(path):
+        raise ValueError(f"--model auto: {path} is segmented block by block and never read whole, so no model is "
+                         "suggested for it; name a model with --model (see medrwkv models)")
     image = read_image(path)
     stack_axes, _ = plane_layout(image.shape)        # segment would take the file the same way
     suggestion = suggest_model(image[len(image) // 2] if stack_axes else image)

@@ -49,8 +49,8 @@ def test_zarr_and_large_tiff_inputs_give_ome_zarr_labels_and_resume_skips_them(t
     tifffile.imwrite(tmp_path / "scan.tif", big[::-1], tile=(64, 64))
     tifffile.imwrite(tmp_path / "small.tif", small)
     out = tmp_path / "out"
-    args = ["segment", "--model", str(tiny_checkpoint), "--tile", "64", "--block", "48", str(tmp_path / "slide.ome.zarr"),
-            str(tmp_path / "scan.tif"), str(tmp_path / "small.tif"), "--out", str(out)]
+    args = ["segment", "--model", str(tiny_checkpoint), "--tile", "64", "--block", "48",
+            str(tmp_path / "slide.ome.zarr"), str(tmp_path / "scan.tif"), str(tmp_path / "small.tif"), "--out", str(out)]
     assert main(args) == 0
     model = nm.load_model(str(tiny_checkpoint), device="cpu")
     assert sorted(p.name for p in out.iterdir()) == ["scan_labels.zarr", "slide_labels.zarr", "small_labels.tif"]

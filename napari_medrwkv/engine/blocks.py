@@ -22,7 +22,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -304,22 +304,40 @@ def _resized(x: np.ndarray, wy, wx) -> np.ndarray:
 
 # ---------------------------------------------------------------- one block
 
+def tile_grid(net: Tuple[int, int], model, tile: Optional[int]):
+    """((tile height, width), row starts, column starts) of the tiles that the whole-plane pass
+    of :func:`.infer.segment` runs over a plane of ``net`` pixels; the same tiles make the same
+    numbers here."""
+    try:
+        from .tiling import plan_tiles
+    except ImportError:          # the tiling before the memory-budget plans of engine/tiling.py
+        from .infer import tile_starts
+        side = int(tile or model.info.tile_size)
+        return (side, side), tile_starts(net[0], side, side // 4), tile_starts(net[1], side, side // 4)
+    plan = plan_tiles(net, model.info.architecture, tile=tile, device=model.device)
+    return plan.tile, plan.ys, plan.xs
+
+
 @dataclass(frozen=True)
 class PlanePlan:
     """Where the whole-plane pass puts its tiles, and how a plane is resized for the network."""
     shape: Tuple[int, int]
     net: Tuple[int, int]
-    tile: int
+    tile: Tuple[int, int]             # (height, width) in the network's pixels
     ys: Tuple[int, ...]
     xs: Tuple[int, ...]
 
     @classmethod
-    def of(cls, shape, scale: float, tile: int) -> "PlanePlan":
-        from .infer import tile_starts
-        net = scaled_size(shape, scale)
-        overlap = tile // 4
-        return cls(tuple(shape), net, tile, tuple(tile_starts(net[0], tile, overlap)),
-                   tuple(tile_starts(net[1], tile, overlap)))
+    def of(cls, shape, model, tile: Optional[int]) -> "PlanePlan":
+        net = scaled_size(shape, model.info.input_scale)
+        tile_hw, ys, xs = tile_grid(net, model, tile)
+        return cls(tuple(shape), net, tuple(tile_hw), tuple(ys), tuple(xs))
+
+    def unit(self, block: int) -> int:
+        """The side of the region one task makes: whole blocks, at least a tile's side in the
+        image's pixels, so that a tile is run by few tasks (and a plane run in one piece, by one)."""
+        scale = self.net[0] / self.shape[0]
+        return block * max(1, math.ceil(max(self.tile) / scale / block))
 
     @property
     def resized(self) -> bool:
@@ -333,13 +351,14 @@ class PlanePlan:
 def block_probabilities(image: LazyImage, z: int, rows: slice, cols: slice, plan: PlanePlan,
                         intensity: Intensity, model, flips: bool, on_tile=None) -> np.ndarray:
     """Per-class probabilities (K, h, w) of one block, as the whole-plane pass finds them there."""
-    from .infer import Cancelled, _predict, blend_window  # noqa: F401  (Cancelled raised via on_tile)
+    from .infer import _predict, blend_window
     back = [_axis_back(plan, axis, s) for axis, s in enumerate((rows, cols))]   # (net lo, net hi, weights)
     (na, nb), (nc, nd) = [(b[0], b[1]) for b in back]
-    ys = [y for y in plan.ys if y < nb and y + plan.tile > na]
-    xs = [x for x in plan.xs if x < nd and x + plan.tile > nc]
-    ta, tb = ys[0], min(ys[-1] + plan.tile, plan.net[0])
-    tc, td = xs[0], min(xs[-1] + plan.tile, plan.net[1])
+    th, tw = plan.tile
+    ys = [y for y in plan.ys if y < nb and y + th > na]
+    xs = [x for x in plan.xs if x < nd and x + tw > nc]
+    ta, tb = ys[0], min(ys[-1] + th, plan.net[0])
+    tc, td = xs[0], min(xs[-1] + tw, plan.net[1])
     x = _net_input(image, z, (ta, tb), (tc, td), plan, intensity, model.info.in_chans)
     if model.info.prompt_channels:             # a prompt-aware model, asked with no prompt
         x = np.concatenate([x, np.zeros((model.info.prompt_channels,) + x.shape[1:], np.float32)])
@@ -347,11 +366,11 @@ def block_probabilities(image: LazyImage, z: int, rows: slice, cols: slice, plan
     weight = np.zeros((tb - ta, td - tc), np.float32)
     for y0 in ys:
         for x0 in xs:
-            window = x[:, y0 - ta:y0 - ta + plan.tile, x0 - tc:x0 - tc + plan.tile]
+            window = x[:, y0 - ta:y0 - ta + th, x0 - tc:x0 - tc + tw]
             tile_probs = _predict(model, window, flips)
             w = blend_window(*window.shape[1:]) if plan.tiles > 1 else 1.0
-            probs[:, y0 - ta:y0 - ta + plan.tile, x0 - tc:x0 - tc + plan.tile] += tile_probs * w
-            weight[y0 - ta:y0 - ta + plan.tile, x0 - tc:x0 - tc + plan.tile] += w
+            probs[:, y0 - ta:y0 - ta + th, x0 - tc:x0 - tc + tw] += tile_probs * w
+            weight[y0 - ta:y0 - ta + th, x0 - tc:x0 - tc + tw] += w
             if on_tile is not None:
                 on_tile()
     probs = probs[:, na - ta:nb - ta, nc - tc:nd - tc] / weight[na - ta:nb - ta, nc - tc:nd - tc]
@@ -418,7 +437,6 @@ def segment_blocks(image, model=None, out=None, *, tile: Optional[int] = None, b
     ``return_probabilities`` a pair (labels, probabilities) of such targets, the probabilities
     stored as uint8 (0..255).  ``block``: the side of an output block and zarr chunk (default
     :data:`DEFAULT_BLOCK`).  ``client``: a ``dask.distributed.Client`` that runs the blocks."""
-    from .infer import Cancelled
     from .model import SegmentationModel, load_model
     from .postprocess import inference_settings
 
@@ -430,17 +448,18 @@ def segment_blocks(image, model=None, out=None, *, tile: Optional[int] = None, b
         raise ValueError(f"segment: {model.name} finds instances, which are found on a whole plane at once; read the "
                          "image into memory (np.asarray) to segment it, block by block it is not supported yet")
     source = image if isinstance(image, LazyImage) else LazyImage(image, rgb)
-    tile = int(tile or model.info.tile_size)
-    if tile < 32:
-        raise ValueError(f"segment: tile={tile} is too small; use 32 or more (default {model.info.tile_size})")
+    if tile is not None and int(tile) < 32:
+        raise ValueError(f"segment: tile={tile} is too small; use 32 or more, or leave it out")
     block = int(block or DEFAULT_BLOCK)
     if block < 16:
         raise ValueError(f"segment: block={block} is too small; use 16 or more (default {DEFAULT_BLOCK})")
-    plan = PlanePlan.of(source.plane_shape, model.info.input_scale, tile)
+    plan = PlanePlan.of(source.plane_shape, model, tile)
     intensities = tuple(plane_intensity(sample_plane(source, z), model.info.in_chans) for z in range(source.planes))
     job = Job(source, model, (plan,), intensities, settings)
     targets = _Targets.make(out, source, model, block, return_probabilities)
-    regions = [(z, rows, cols) for z in range(source.planes) for rows, cols in _grid(source.plane_shape, block)]
+    # A task makes whole chunks (no two write one), as many as a tile spans at least.
+    regions = [(z, rows, cols) for z in range(source.planes)
+               for rows, cols in _grid(source.plane_shape, plan.unit(block))]
     try:
         if client is None:
             _run_here(job, regions, targets, progress, cancel)
@@ -471,9 +490,7 @@ def run_block(job: Job, z: int, rows: slice, cols: slice, on_tile=None):
 
 def _run_here(job: Job, regions, targets, progress, cancel) -> None:
     from .infer import Cancelled
-    total, done = len(regions) * 0, 0
-    counts = [_tiles_in(job.plans[0], rows, cols) for _, rows, cols in regions]
-    total = sum(counts)
+    done, total = 0, sum(_tiles_in(job.plans[0], rows, cols) for _, rows, cols in regions)
 
     def on_tile():
         nonlocal done
@@ -491,8 +508,8 @@ def _run_here(job: Job, regions, targets, progress, cancel) -> None:
 
 def _tiles_in(plan: PlanePlan, rows: slice, cols: slice) -> int:
     back = [_axis_back(plan, axis, s) for axis, s in enumerate((rows, cols))]
-    ys = [y for y in plan.ys if y < back[0][1] and y + plan.tile > back[0][0]]
-    xs = [x for x in plan.xs if x < back[1][1] and x + plan.tile > back[1][0]]
+    ys = [y for y in plan.ys if y < back[0][1] and y + plan.tile[0] > back[0][0]]
+    xs = [x for x in plan.xs if x < back[1][1] and x + plan.tile[1] > back[1][0]]
     return len(ys) * len(xs)
 
 

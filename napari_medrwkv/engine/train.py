@@ -191,8 +191,8 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
     np.random.seed(cfg.seed)
     ranks = ddp.setup(device)             # run by torchrun: one rank of several (engine/ddp.py)
     try:
-        return _train(model_or_name, data, out, device if ranks is None else ranks.device, progress, cancel, split,
-                      val_data, val_split, val_include, cfg, command, overwrite, ranks)
+        return _train(model_or_name, data, out, device if ranks is None else ranks.device, progress, cancel,
+                      split, val_data, val_split, val_include, cfg, command, overwrite, ranks)
     finally:
         if ranks is not None:
             ranks.close()

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 #: Peak memory of one forward pass, bytes per input pixel, measured on the CPU (float32, one
-#: image, the fused inference network); flips run one after another and need no more.
-BYTES_PER_PIXEL: Dict[str, int] = {"rwkv_unet_t": 1100, "med_urwkv_t": 630, "ds_vrwkv_t": 320}
+#: image, the fused inference network; the largest of 256², 512² and 1024²); flips run one
+#: after another and need no more.
+BYTES_PER_PIXEL: Dict[str, int] = {"rwkv_unet_t": 1200, "med_urwkv_t": 690, "ds_vrwkv_t": 340}
 #: For an architecture not measured: the largest above, with room to spare.
 UNKNOWN_BYTES_PER_PIXEL = 1700
 #: How far in from a tile's border its labels still differ from a whole-plane pass (network

@@ -51,3 +51,22 @@ def untrained_checkpoint(path, num_classes=1):
     info = ModelInfo("ds_vrwkv_t", 3, num_classes, normalization=dict(NORMALIZATION), tile_size=256)
     save_checkpoint(create_model("ds_vrwkv_t", num_classes=num_classes), path, info)
     return str(path)
+
+
+@pytest.fixture
+def places_that_vanish(tmp_path, monkeypatch):
+    """(output folder, vanish): a folder to save into, and a function that removes it together with
+    every place finished weights could be rescued to (the temporary, home and working folders)."""
+    import shutil
+    import tempfile
+    usb, gone = tmp_path / "usb", tmp_path / "gone"
+    for folder in (usb, gone):
+        folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(gone / "tmp"))
+    monkeypatch.setenv("HOME", str(gone / "home"))
+    monkeypatch.chdir(gone)
+
+    def vanish(*_):
+        for folder in (usb, gone):
+            shutil.rmtree(folder, ignore_errors=True)
+    return usb, vanish

@@ -430,22 +430,13 @@ def test_a_file_made_at_the_output_while_training_is_kept_and_the_model_saved_be
 
 
 def test_finished_weights_that_no_folder_takes_are_kept_until_saved_with_save_as(loop, qtbot, tmp_path, monkeypatch,
-                                                                               errors):
-    import shutil
-    import tempfile
-    widget = loop
-    usb, gone = tmp_path / "usb", tmp_path / "gone"
-    for folder in (usb, gone):
-        folder.mkdir()
-    # Every place the weights could go vanishes while training runs: the output's folder, the
-    # temporary folder, the home folder and the working folder.
-    monkeypatch.setattr(tempfile, "tempdir", str(gone / "tmp"))
-    monkeypatch.setenv("HOME", str(gone / "home"))
-    monkeypatch.chdir(gone)
-    _tiny(widget, usb / "m.safetensors", epochs=1)
+                                                                               errors, places_that_vanish):
     from qtpy.QtCore import Qt
-    widget._relay.progressed.connect(lambda p: [shutil.rmtree(f, ignore_errors=True) for f in (usb, gone)],
-                                     Qt.ConnectionType.DirectConnection)
+    widget = loop
+    usb, vanish = places_that_vanish
+    _tiny(widget, usb / "m.safetensors", epochs=1)
+    # Every place the weights could go vanishes while training runs (in the training thread).
+    widget._relay.progressed.connect(vanish, Qt.ConnectionType.DirectConnection)
     widget.run()
     _wait(widget, qtbot)
     assert len(errors) == 1 and "could not be saved" in errors[0] and "Save as" in errors[0]

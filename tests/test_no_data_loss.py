@@ -155,27 +155,16 @@ def test_a_folder_gone_at_the_end_of_training_sends_the_weights_to_the_temporary
     load_checkpoint(result.path)
 
 
-def test_the_weights_of_a_run_no_folder_takes_come_back_to_the_caller(sample_folder, tmp_path, monkeypatch):
-    import shutil
+def test_the_weights_of_a_run_no_folder_takes_come_back_to_the_caller(sample_folder, tmp_path, places_that_vanish):
     from napari_medrwkv.engine.checkpoint import save_checkpoint
     from napari_medrwkv.engine.train import TrainConfig, WeightsNotSaved, train
-    usb, gone = tmp_path / "usb", tmp_path / "gone"
-    for folder in (usb, gone):
-        folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(gone / "tmp"))
-    monkeypatch.setenv("HOME", str(gone / "home"))
-    monkeypatch.chdir(gone)
-
-    def progress(p):                       # every place the weights could go vanishes
-        for folder in (usb, gone):
-            shutil.rmtree(folder, ignore_errors=True)
-
+    usb, progress = places_that_vanish          # every place the weights could go vanishes while training runs
     with pytest.raises(WeightsNotSaved) as caught:
         train("ds_vrwkv_t", str(sample_folder), out=usb / "m.safetensors", epochs=1, device="cpu", progress=progress,
               config=TrainConfig(patch_size=48, batch_size=2, samples_per_epoch=4, num_workers=0))
     message = str(caught.value)
-    assert "nothing was saved" in message and str(usb / "m.safetensors") in message and str(gone / "tmp") in message
-    assert not usb.exists() and not gone.exists()
+    assert "nothing was saved" in message and str(usb / "m.safetensors") in message and str(tmp_path / "gone") in message
+    assert not usb.exists() and not (tmp_path / "gone").exists()
     model, result = caught.value.model, caught.value.result
     assert len(result.history) == 1
     save_checkpoint(model.net, tmp_path / "later.safetensors", model.info)      # what a caller that lives on does

@@ -202,3 +202,14 @@ def test_peak_memory_on_a_large_zarr_image_is_bounded(tmp_path):
     plane = side * side * 4
     assert peak - before < plane, f"peak {peak >> 20} MiB, {before >> 20} MiB after a 2048 x 2048 image"
     assert zarr.open_array(str(tmp_path / "big.zarr-labels.zarr"), mode="r").shape == (side, side)
+
+
+def test_cancel_stops_between_tiles_and_leaves_no_store(tmp_path):
+    from napari_medrwkv.engine.infer import Cancelled
+    image = random_image((100, 100), seed=8)
+    seen = []
+    with pytest.raises(Cancelled):
+        nm.segment(image, tiny_model(), tile=32, block=32, out=tmp_path / "labels.zarr",
+                   progress=lambda done, total: seen.append((done, total)), cancel=lambda: len(seen) >= 3)
+    assert seen[-1][0] == 3 and seen[-1][1] > 3
+    assert list(tmp_path.iterdir()) == []

@@ -94,3 +94,37 @@ def test_segmenting_tiled_by_the_budget_agrees_with_one_pass(monkeypatch):
     assert plan.count > 1
     tiled = segment(image, model=model)
     assert np.mean(tiled == whole) >= 0.999
+
+
+@pytest.mark.parametrize("shape,tile", [((3, 97, 131), None), ((200, 170), 64), ((2, 150, 90, 3), 64)])
+def test_batched_tiles_and_planes_give_what_one_at_a_time_gives(monkeypatch, shape, tile):
+    # A GPU batches tiles (and the planes of a stack); the CPU path runs one at a time.  Forcing
+    # batches of three on the CPU must change nothing but the float rounding of the convolutions.
+    import torch
+    from napari_medrwkv.engine import infer
+    from napari_medrwkv.engine.model import load_model
+    torch.manual_seed(0)
+    model = load_model("ds_vrwkv_t", device="cpu")
+    image = np.random.default_rng(1).integers(0, 255, shape).astype(np.uint8)
+    rgb = len(shape) == 4 or None
+    ticks = []
+    one_labels, one_probs = segment(image, model=model, tile=tile, return_probabilities=True, rgb=rgb,
+                                    progress=lambda d, t: ticks.append((d, t)))
+    monkeypatch.setattr(infer, "batch_size", lambda *args, **kwargs: 3)
+    batched_ticks = []
+    labels, probs = segment(image, model=model, tile=tile, return_probabilities=True, rgb=rgb,
+                            progress=lambda d, t: batched_ticks.append((d, t)))
+    np.testing.assert_allclose(probs, one_probs, atol=1e-4)
+    assert np.mean(labels == one_labels) >= 0.999
+    assert batched_ticks == ticks                               # progress still counts every tile
+
+
+def test_a_cpu_runs_one_tile_at_a_time_and_a_gpu_as_many_as_fit():
+    import torch
+    plan = plan_tiles((1024, 1024), "rwkv_unet_t", memory_budget_bytes=1 << 40)
+    assert tiling.batch_size(plan, "rwkv_unet_t", torch.device("cpu")) == 1
+    per_tile = 1024 * 1024 * tiling.bytes_per_pixel("rwkv_unet_t")
+    assert tiling.batch_size(plan, "rwkv_unet_t", torch.device("cuda"), memory_budget_bytes=3 * per_tile) == 3
+    assert tiling.batch_size(plan, "rwkv_unet_t", torch.device("cuda"), memory_budget_bytes=1) == 1
+    assert tiling.batch_size(plan, "rwkv_unet_t", torch.device("cuda"), memory_budget_bytes=1 << 50) == \
+        tiling.MAX_GPU_BATCH

@@ -15,7 +15,7 @@ from .preprocess import image_to_channels, plane_layout, resize_channels, scaled
 from .model import SegmentationModel, load_model
 from .instances import plane_instances
 from .postprocess import binary_labels, inference_settings
-from .tiling import plan_tiles
+from .tiling import batch_size, plan_tiles
 
 Progress = Optional[Callable[[int, int], None]]
 Cancel = Optional[Callable[[], bool]]
@@ -113,43 +113,39 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     ys, xs, (tile_h, tile_w) = plan.ys, plan.xs, plan.tile
     total, done = len(planes) * len(ys) * len(xs), 0
     labels = probabilities = None
-    for z, plane in enumerate(planes):
-        probs = np.zeros((_channels(model),) + net_shape, dtype=np.float32)
-        weight = np.zeros(net_shape, dtype=np.float32)
-        x = resize_channels(image_to_channels(plane, model.info.in_chans, intensity_window), net_shape)
-        if model.info.prompt_channels:             # a prompt-aware model, asked with no prompt
-            x = np.concatenate([x, np.zeros((model.info.prompt_channels,) + net_shape, np.float32)])
-        for y0 in ys:
-            for x0 in xs:
-                if cancel is not None and cancel():
-                    raise Cancelled("segmentation cancelled")
-                window = x[:, y0:y0 + tile_h, x0:x0 + tile_w]
-                tile_probs = _predict(model, window, flips)
-                w = blend_window(*window.shape[1:]) if total > len(planes) else 1.0
-                probs[:, y0:y0 + tile_h, x0:x0 + tile_w] += tile_probs * w
-                weight[y0:y0 + tile_h, x0:x0 + tile_w] += w
+    # On a GPU several tiles (or whole planes of a stack) run as one batch; a CPU runs one at a time.
+    batch = batch_size(plan, model.info.architecture, model.device)
+    planes_per_run = batch if plan.count == 1 else 1
+    for first in range(0, len(planes), planes_per_run):
+        run = range(first, min(first + planes_per_run, len(planes)))
+        inputs = {z: _network_input(model, planes[z], net_shape, intensity_window) for z in run}
+        probs = {z: np.zeros((_channels(model),) + net_shape, dtype=np.float32) for z in run}
+        weight = {z: np.zeros(net_shape, dtype=np.float32) for z in run}
+        jobs = [(z, y0, x0) for z in run for y0 in ys for x0 in xs]
+        for group in range(0, len(jobs), batch):
+            if cancel is not None and cancel():
+                raise Cancelled("segmentation cancelled")
+            chosen = jobs[group:group + batch]
+            windows = np.stack([inputs[z][:, y0:y0 + tile_h, x0:x0 + tile_w] for z, y0, x0 in chosen])
+            for (z, y0, x0), tile_probs in zip(chosen, _predict_batch(model, windows, flips)):
+                w = blend_window(*windows.shape[2:]) if total > len(planes) else 1.0
+                probs[z][:, y0:y0 + tile_h, x0:x0 + tile_w] += tile_probs * w
+                weight[z][y0:y0 + tile_h, x0:x0 + tile_w] += w
                 done += 1
                 if progress is not None:
                     progress(done, total)
-        # Probabilities, not labels, go back to the image's size: smooth edges, no blocky labels.
-        # Each plane becomes labels at once, so a stack holds its probabilities only when asked.
-        probs = resize_channels(probs / weight, plane.shape[:2])
-        # An instance model's objects are found on the whole stitched plane: tile seams cut none.
-        if model.info.instances:
-            plane_labels = plane_instances(probs, settings["threshold"], settings["largest_component"],
-                                           model.info.instances)
-        else:
-            plane_labels = binary_labels(probs[0], settings["threshold"], settings["largest_component"]) \
-                if model.binary else _class_ids(probs)
-        if labels is None:
-            labels = np.empty((len(planes),) + plane_labels.shape, plane_labels.dtype)
+        for z in run:
+            plane_labels, plane_probs = _plane_result(model, probs.pop(z) / weight.pop(z), planes[z].shape[:2],
+                                                      settings)
+            if labels is None:
+                labels = np.empty((len(planes),) + plane_labels.shape, plane_labels.dtype)
+                if return_probabilities:
+                    probabilities = np.empty((len(planes),) + plane_probs.shape, np.float32)      # (Z, K, Y, X)
+            if plane_labels.dtype.itemsize > labels.dtype.itemsize:     # a plane of more than 65535 objects
+                labels = labels.astype(plane_labels.dtype)
+            labels[z] = plane_labels
             if return_probabilities:
-                probabilities = np.empty((len(planes),) + probs.shape, np.float32)      # (Z, K, Y, X)
-        if plane_labels.dtype.itemsize > labels.dtype.itemsize:     # a plane of more than 65535 objects
-            labels = labels.astype(plane_labels.dtype)
-        labels[z] = plane_labels
-        if return_probabilities:
-            probabilities[z] = probs
+                probabilities[z] = plane_probs
     if not stack_axes:
         labels = labels[0]
     if not return_probabilities:
@@ -158,6 +154,28 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     if model.binary:
         return labels, probs[..., 0, :, :]
     return labels, np.moveaxis(probs, 1, 0) if stack_axes else probs
+
+
+def _network_input(model: SegmentationModel, plane: np.ndarray, net_shape, intensity_window) -> np.ndarray:
+    """A plane as the network takes it: channels normalised, resized by the input scale, and for
+    a prompt-aware model asked without prompts, its empty prompt maps."""
+    x = resize_channels(image_to_channels(plane, model.info.in_chans, intensity_window), net_shape)
+    if model.info.prompt_channels:
+        x = np.concatenate([x, np.zeros((model.info.prompt_channels,) + tuple(net_shape), np.float32)])
+    return x
+
+
+def _plane_result(model: SegmentationModel, probs: np.ndarray, shape, settings) -> Tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities of one stitched plane at the image's size.  Probabilities, not
+    labels, go back to that size: smooth edges, no blocky labels.  An instance model's objects
+    are found on the whole stitched plane, so tile seams neither cut nor merge them."""
+    probs = resize_channels(probs, shape)
+    if model.info.instances:
+        return plane_instances(probs, settings["threshold"], settings["largest_component"],
+                               model.info.instances), probs
+    if model.binary:
+        return binary_labels(probs[0], settings["threshold"], settings["largest_component"]), probs
+    return _class_ids(probs), probs
 
 
 def _is_lazy(image) -> bool:
@@ -183,8 +201,14 @@ FLIP_VIEWS = ((), (3,), (2,), (2, 3))
 
 
 def _predict(model: SegmentationModel, x: np.ndarray, flips: bool) -> np.ndarray:
+    """Probabilities ``(K, H, W)`` of one input ``(C, H, W)``."""
+    return _predict_batch(model, x[None], flips)[0]
+
+
+def _predict_batch(model: SegmentationModel, x: np.ndarray, flips: bool) -> np.ndarray:
+    """Probabilities ``(B, K, H, W)`` of a batch of inputs ``(B, C, H, W)`` of one size."""
     with torch.inference_mode():
-        batch = torch.from_numpy(np.ascontiguousarray(x))[None].to(model.device, memory_format=torch.channels_last)
+        batch = torch.from_numpy(np.ascontiguousarray(x)).to(model.device, memory_format=torch.channels_last)
         views = FLIP_VIEWS if flips else FLIP_VIEWS[:1]
         probs = sum(_unflipped_probabilities(model, batch, dims) for dims in views) / len(views)
     return probs.cpu().numpy()
@@ -195,7 +219,7 @@ def _unflipped_probabilities(model: SegmentationModel, batch: torch.Tensor, dims
         batch = batch.flip(dims).contiguous(memory_format=torch.channels_last)
     logits = model.inference_net()(batch).float()
     probs = torch.sigmoid(logits) if model.binary else torch.softmax(logits, 1)
-    return (probs.flip(dims) if dims else probs)[0]
+    return probs.flip(dims) if dims else probs
 
 
 def _class_ids(probs: np.ndarray) -> np.ndarray:

@@ -164,6 +164,22 @@ def plan_tiles(shape: Tuple[int, int], architecture: str, tile: Optional[int] = 
                     f"auto: {best.count} tiles of {th}×{tw} px ({budget_words})")
 
 
+#: The most tiles (or planes of a stack) one GPU batch holds.
+MAX_GPU_BATCH = 16
+
+
+def batch_size(plan: TilePlan, architecture: str, device=None, memory_budget_bytes: Optional[int] = None) -> int:
+    """How many tiles of ``plan`` (or whole planes, when a plane is one tile) run as one batch.
+
+    On a GPU, as many as the budget holds (at most :data:`MAX_GPU_BATCH`): a batch keeps its
+    cores busy.  On a CPU one at a time: its threads are busy with one tile already, and a
+    batch only adds memory (``bench/tile_policy.py --batch``)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return 1
+    per_tile = plan.tile[0] * plan.tile[1] * bytes_per_pixel(architecture)
+    return int(max(1, min(MAX_GPU_BATCH, memory_budget(device, memory_budget_bytes) // per_tile)))
+
+
 def _fixed_axis(size: int, tile: int, overlap: int, count: int) -> Tuple[int, List[int]]:
     """The user's tile: full-size tiles spread evenly (or the whole axis when it is shorter)."""
     if size <= tile:

@@ -3,6 +3,7 @@ in from a tile's border its labels differ from a whole-plane pass.
 
     python bench/tile_policy.py --memory [--models ...]
     python bench/tile_policy.py --margin [--models ...] [--images 4] [--side 1024]
+    python bench/tile_policy.py --batch [--models rwkv_unet_t-kvasir] [--threads 2]
 
 --memory runs one forward pass per size in a fresh process and prints the growth of its peak
 resident memory per input pixel (the figure ``BYTES_PER_PIXEL`` keeps per architecture).
@@ -10,6 +11,8 @@ resident memory per input pixel (the figure ``BYTES_PER_PIXEL`` keeps per archit
 whole, then runs one tile of half that side from the middle, and prints the share of pixels
 whose label differs from the whole pass, by distance from the tile's border (network pixels):
 the overlap the tiles need is the distance from which that share stays under 0.1%.
+--batch times ``segment`` on a stack of eight 256² planes with one, two, four and eight planes
+per batch (interleaved rounds), on the CPU: whether batching pays there.
 """
 import argparse
 import subprocess
@@ -20,6 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 SHIPPED_DATA = {"rwkv_unet_t-kvasir": "kvasir-seg", "rwkv_unet_t-dsb2018": "dsb2018", "rwkv_unet_t-busi": "busi"}
 BANDS = (0, 8, 16, 32, 48, 64, 96, 128, 192, 256)
@@ -83,10 +87,34 @@ def margin(models, data: Path, images: int, side: int):
         print(f"| {name} | {images} | " + " | ".join(f"{v:.2%}" for v in share) + " |", flush=True)
 
 
+def batching(models, threads: int):
+    import torch
+    from timing import interleaved_median_seconds
+    from napari_medrwkv.engine import infer
+    from napari_medrwkv.engine.model import load_model
+    torch.set_num_threads(threads)
+    stack = np.random.default_rng(0).integers(0, 256, (8, 256, 256, 3), dtype=np.uint8)
+    real_batch_size = infer.batch_size
+    for name in models:
+        model = load_model(name, device="cpu")
+
+        def run(size, model=model):
+            infer.batch_size = lambda *args, **kwargs: size
+            try:
+                infer.segment(stack, model=model, rgb=True)
+            finally:
+                infer.batch_size = real_batch_size
+        seconds = interleaved_median_seconds({size: (lambda size=size: run(size)) for size in (1, 2, 4, 8)}, 3)
+        print(f"| {name}, {threads} threads | " + " | ".join(f"batch {k}: {v:.2f} s" for k, v in seconds.items())
+              + " |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--margin", action="store_true")
+    parser.add_argument("--batch", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="*", default=list(SHIPPED_DATA))
     parser.add_argument("--sides", nargs="*", type=int, default=[256, 512, 1024])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -97,6 +125,8 @@ def main():
         memory(args.models, args.sides)
     if args.margin:
         margin(args.models, Path(args.data), args.images, args.side)
+    if args.batch:
+        batching(args.models, args.threads)
 
 
 if __name__ == "__main__":

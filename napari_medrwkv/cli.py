@@ -160,8 +160,9 @@ def _parser():
                      help="image files (PNG, JPEG, TIFF, BMP, GIF), scans (NIfTI, NRRD, MetaImage, a DICOM series "
                           "folder), or folders: every image file and scan directly inside")
     seg.add_argument("--out", required=True, help="folder for the label images (created if missing)")
-    seg.add_argument("--tile", type=_number(int, MIN_TILE), help="largest plane side run in one piece (default: the whole plane when it fits "
-                     "the memory budget, else the largest tiles that fit; MEDRWKV_TILE_MEMORY_MB sets it)")
+    seg.add_argument("--tile", type=_number(int, MIN_TILE),
+                     help="largest plane side run in one piece (default: the whole plane when it fits the memory "
+                          "budget, else the largest tiles that fit; MEDRWKV_TILE_MEMORY_MB sets it)")
     seg.add_argument("--probabilities", action="store_true", help="also write float32 probability TIFFs")
     seg.add_argument("--planes", choices=("acquired", "axial", "coronal", "sagittal"), default="acquired",
                      help="scans: the planes to segment, slice after slice (default: those the scanner acquired); "

@@ -547,12 +547,15 @@ def _remote_block(job: Job, z: int, rows: slice, cols: slice, writer):
 
 def _worker_threads() -> None:
     # A worker process's torch would use every core; several workers on one machine share them.
+    # And it keeps freed memory for the next forward pass, as the command line does (engine/memory.py).
     import torch
+    from .memory import retain_freed_memory
     try:
         from distributed import get_worker
         threads = get_worker().state.nthreads
     except (ImportError, ValueError, AttributeError):
         return
+    retain_freed_memory()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 

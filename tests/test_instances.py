@@ -172,6 +172,9 @@ def test_object_distance_matches_brute_force_and_splits_touching_discs():
     code = encode_targets(labels)
     np.testing.assert_allclose(decode_distance(code), object_distance(labels), atol=0.5 / 63 + 1e-6)
     assert instances_from_distance((labels > 0).astype(np.float32), decode_distance(code)).max() == 2
+    speck = np.zeros((20, 20), np.float32)
+    speck[2:5, 2:5] = 0.9                      # foreground with no centre above the seed threshold: dropped
+    assert instances_from_distance(speck, speck * 0.5).max() == 0
 
 
 def test_objects_without_a_seed_keep_a_label_and_many_objects_take_uint32():
@@ -214,8 +217,10 @@ def test_a_distance_model_starts_from_its_foreground_and_round_trips(tmp_path):
     assert loaded.info.instances == "distance" and loaded.info.out_channels == 2
     image = read_image(SAMPLES / "nuclei_fluorescence.png")
     labels = segment(image, model=loaded)
-    # The distance output starts as a copy of the foreground's: seeds are the objects themselves.
-    np.testing.assert_array_equal(labels > 0, segment(image, model=plain) > 0)
+    # The distance output starts as a copy of the foreground's: seeds are the objects' surer parts,
+    # grown back over the foreground; an object without one is dropped.
+    found, foreground = labels > 0, segment(image, model=plain) > 0
+    assert not (found & ~foreground).any() and found.sum() > 0.97 * foreground.sum()
     assert labels.dtype == np.uint16 and labels.max() > 50
 
 

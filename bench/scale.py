@@ -1,7 +1,7 @@
 """Images larger than memory, Dask workers and torchrun: the targets of the scale-out work.
 
-    python bench/scale.py rss  [--sides 2048 16384] [--block 2048] [--model rwkv_unet_t-dsb2018]
-    python bench/scale.py dask [--side 4096] [--block 1024] [--workers 1 2]
+    python bench/scale.py rss  [--sides 2048 16384] [--block 2048] [--tile 512] [--model rwkv_unet_t-dsb2018]
+    python bench/scale.py dask [--side 4096] [--block 2048] [--tile 512] [--workers 1 2]
     python bench/scale.py ddp  [--procs 1 2] [--samples 64] [--epochs 1]
 
 rss: an RGB zarr image of each side (the bundled fluorescence sample tiled over it, chunks of
@@ -33,12 +33,12 @@ RSS_CASE = r"""
 import json, resource, sys, time
 import numpy as np
 import napari_medrwkv as nm
-store, out, block, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+store, out, block, name, tile = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 model = nm.load_model(name, device="cpu")
-nm.segment(np.zeros((600, 600, 3), np.uint8), model)            # the network's own memory, warm
+nm.segment(np.zeros((600, 600, 3), np.uint8), model, tile=tile)     # the network's own memory, warm
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-labels = nm.segment(store, model, block=block, out=out)
+labels = nm.segment(store, model, tile=tile, block=block, out=out)
 seconds = time.perf_counter() - start
 print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "warm_mb": before / 1024, "seconds": seconds, "pixels": labels.shape[0] * labels.shape[1]}))
@@ -67,7 +67,7 @@ def rss(args):
             store = Path(tmp) / f"image{side}.zarr"
             make_zarr(store, side)
             run = subprocess.run([sys.executable, "-c", RSS_CASE, str(store), str(Path(tmp) / f"labels{side}.zarr"),
-                                  str(args.block), args.model], capture_output=True, text=True,
+                                  str(args.block), args.model, str(args.tile)], capture_output=True, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             if run.returncode:
                 sys.exit(run.stderr[-3000:])
@@ -92,7 +92,7 @@ def dask(args):
         store = Path(tmp) / "image.zarr"
         image = np.asarray(make_zarr(store, args.side))
         start = time.perf_counter()
-        whole = nm.segment(image, model)
+        whole = nm.segment(image, model, tile=args.tile)
         rows.append(("one pass in memory", time.perf_counter() - start, 0))
         del image
         for n in args.workers:
@@ -100,7 +100,8 @@ def dask(args):
                                           dashboard_address=None) as cluster, distributed.Client(cluster) as client:
                 client.run(lambda: __import__("torch").set_num_threads(1))
                 start = time.perf_counter()
-                labels = nm.segment(store, model, block=args.block, client=client, out=Path(tmp) / f"labels{n}.zarr")
+                labels = nm.segment(store, model, tile=args.tile, block=args.block, client=client,
+                                    out=Path(tmp) / f"labels{n}.zarr")
                 rows.append((f"{n} Dask worker(s), blocks of {args.block}", time.perf_counter() - start,
                              int((np.asarray(labels) != whole).sum())))
             print(rows[-1], file=sys.stderr, flush=True)
@@ -165,6 +166,7 @@ def main():
     parser.add_argument("--sides", type=int, nargs="+", default=[2048, 16384])
     parser.add_argument("--side", type=int, default=4096)
     parser.add_argument("--block", type=int, default=2048)
+    parser.add_argument("--tile", type=int, default=512, help="the network's tile side (default 512)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--samples", type=int, default=64)

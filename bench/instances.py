@@ -54,16 +54,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = with_instances(load_model(args.model, device="cpu"))
+    model = load_model(args.model, device="cpu")
+    model = model if model.info.instances else with_instances(model)
     print(f"model {args.model} (instances={model.info.instances}), {args.threads} threads, median of {args.repeats}")
     print("| image | objects | post-processing (s) | connected components (s) | segment, whole call (s) |")
     print("|---|---|---|---|---|")
     for name, image in images():
         x = image_to_channels(image, model.info.in_chans)
         probs = _predict(model, x, model.info.inference["flips"])          # the stitched planes, whole
-        labels = plane_instances(probs)
+        labels = plane_instances(probs, kind=model.info.instances)
         times = interleaved_median_seconds({
-            "post": lambda: plane_instances(probs),
+            "post": lambda: plane_instances(probs, kind=model.info.instances),
             "cc": lambda: connected_objects(probs[0] > 0.5),
             "segment": lambda: nm.segment(image, model=model),
         }, rounds=args.repeats)

@@ -1,4 +1,5 @@
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "napari_medrwkv" / "plugin" / "samples"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def fresh_model_lists():
+    """Each test starts with the model lists of a fresh napari session: a test that fine-tunes
+    registers its model in every widget's list, where a later test would find it selected."""
+    yield
+    session = sys.modules.get("napari_medrwkv.plugin.session")
+    if session is not None:
+        session.clear()
 
 
 @pytest.fixture

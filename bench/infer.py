@@ -153,7 +153,7 @@ def real_sizes(args):
     print("|---|---|---|---|---|---|---|---|")
     for size, reason, auto, mps, old, old_mps, one in rows:
         hw = tuple(int(v) for v in size.split("×"))
-        one_text = f"{one:.2f}" if one is not None else "over budget"
+        one_text = f"{one:.2f}" if one is not None else "(tiled)"
         print(f"| {size} | {reason} | {auto:.2f} | {mps:.2f} | {per_pixel[hw] / base:.2f}× | {old:.2f} | "
               f"{old_mps:.2f} | {one_text} |")
     if sam is not None:

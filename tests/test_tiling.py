@@ -30,13 +30,13 @@ def test_axis_tiles_cover_overlap_and_no_smaller_tile_does(size, count, overlap)
                                                          for i in range(count)], overlap)
 
 
-def brute_force_fewest_pixels(shape, max_pixels, overlap):
+def brute_force_fewest_pixels(shape, max_pixels, overlap, max_side=10**9):
     """The least total pixels over every (ny, nx) whose evenly spread tiles fit ``max_pixels``."""
     best = None
     for ny, nx in itertools.product(range(1, 40), range(1, 40)):
         th, _ = axis_tiles(shape[0], ny, overlap)
         tw, _ = axis_tiles(shape[1], nx, overlap)
-        if th * tw <= max_pixels:
+        if th * tw <= max_pixels and max(th, tw) <= max_side:
             total = ny * nx * th * tw
             best = total if best is None else min(best, total)
     return best
@@ -47,12 +47,15 @@ def brute_force_fewest_pixels(shape, max_pixels, overlap):
 def test_the_plan_runs_the_fewest_pixels_any_tiling_could(shape, budget_tiles):
     per_pixel = tiling.bytes_per_pixel("rwkv_unet_t")
     budget = budget_tiles * budget_tiles * per_pixel
-    plan = plan_tiles(shape, "rwkv_unet_t", memory_budget_bytes=budget)
+    plan = plan_tiles(shape, "rwkv_unet_t", memory_budget_bytes=budget, device="cuda")
     th, tw = plan.tile
     assert th * tw * per_pixel <= budget                                   # each tile within the budget
     assert covered_with_overlap(shape[0], th, plan.ys, plan.overlap)
     assert covered_with_overlap(shape[1], tw, plan.xs, plan.overlap)
     assert plan.pixels == brute_force_fewest_pixels(shape, budget // per_pixel, plan.overlap)
+    on_cpu = plan_tiles(shape, "rwkv_unet_t", memory_budget_bytes=budget)       # and a CPU's speed limit
+    assert on_cpu.pixels == brute_force_fewest_pixels(shape, min(budget // per_pixel, tiling.CPU_TILE_PIXELS),
+                                                      on_cpu.overlap, tiling.CPU_TILE_SIDE)
     assert plan.reason.startswith("auto:") and f"{th}×{tw}" in plan.reason
 
 
@@ -69,12 +72,15 @@ def test_the_budget_comes_from_the_argument_the_environment_or_the_machine(monke
     monkeypatch.setenv(tiling.BUDGET_ENV, "64")
     small = plan_tiles((2048, 2048), "rwkv_unet_t")
     assert small.count > 1 and small.tile[0] * small.tile[1] * tiling.bytes_per_pixel("rwkv_unet_t") <= 64 << 20
-    assert plan_tiles((2048, 2048), "rwkv_unet_t", memory_budget_bytes=16 << 30).count == 1
+    assert plan_tiles((2048, 2048), "rwkv_unet_t", memory_budget_bytes=16 << 30, device="cuda").count == 1
     monkeypatch.setenv(tiling.BUDGET_ENV, "lots")
     with pytest.raises(ValueError, match=tiling.BUDGET_ENV):
         plan_tiles((2048, 2048), "rwkv_unet_t")
     monkeypatch.delenv(tiling.BUDGET_ENV)
     assert tiling.memory_budget() > 0
+    on_cpu = plan_tiles((2048, 2048), "rwkv_unet_t", memory_budget_bytes=16 << 30, device="cpu")
+    assert on_cpu.count > 1 and on_cpu.tile[0] * on_cpu.tile[1] <= tiling.CPU_TILE_PIXELS
+    assert max(on_cpu.tile) <= tiling.CPU_TILE_SIDE and "on a CPU" in on_cpu.reason
 
 
 def test_segmenting_tiled_by_the_budget_agrees_with_one_pass(monkeypatch):
@@ -119,10 +125,11 @@ def test_batched_tiles_and_planes_give_what_one_at_a_time_gives(monkeypatch, sha
     assert batched_ticks == ticks                               # progress still counts every tile
 
 
-def test_a_cpu_runs_one_tile_at_a_time_and_a_gpu_as_many_as_fit():
+def test_a_cpu_batches_only_small_tiles_and_a_gpu_as_many_as_fit():
     import torch
     plan = plan_tiles((1024, 1024), "rwkv_unet_t", memory_budget_bytes=1 << 40)
     assert tiling.batch_size(plan, "rwkv_unet_t", torch.device("cpu")) == 1
+    assert tiling.batch_size(plan_tiles((256, 256), "rwkv_unet_t"), "rwkv_unet_t", torch.device("cpu")) == 4
     per_tile = 1024 * 1024 * tiling.bytes_per_pixel("rwkv_unet_t")
     assert tiling.batch_size(plan, "rwkv_unet_t", torch.device("cuda"), memory_budget_bytes=3 * per_tile) == 3
     assert tiling.batch_size(plan, "rwkv_unet_t", torch.device("cuda"), memory_budget_bytes=1) == 1

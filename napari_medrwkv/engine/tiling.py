@@ -1,9 +1,9 @@
-"""Where the tiles of a plane go: the largest tiles the memory budget allows, placed to cover
-the plane with the fewest pixels, overlapping by what the network needs at a tile's border.
+"""Where the tiles of a plane go: the largest tiles the memory budget allows (on a CPU, up to
+the size past which a pass slows down), placed to cover the plane with the fewest pixels,
+overlapping by what the network needs at a tile's border.
 
-A plane that fits the budget runs whole, in one pass: the Bi-WKV mixes the whole input, so one
-pass is both the fastest way (no pixel runs twice) and the reference every tiling is compared
-with.  A larger plane is cut into ``ny`` x ``nx`` tiles, each of at most the budget's pixels;
+A plane that fits runs whole, in one pass: the Bi-WKV mixes the whole input, so one pass runs
+no pixel twice and is the reference every tiling is compared with.  A larger plane is cut into ``ny`` x ``nx`` tiles, each of at most the budget's pixels;
 among the counts that fit, :func:`plan_tiles` takes the one that runs the fewest pixels in all,
 and each tile is no larger than it needs to be for that count.
 
@@ -32,6 +32,14 @@ BUDGET_SHARE = 0.25
 FALLBACK_BUDGET = 2 << 30
 #: The environment variable that sets the budget, in MiB (the ``memory_budget`` argument wins).
 BUDGET_ENV = "MEDRWKV_TILE_MEMORY_MB"
+#: On a CPU, the largest tile (pixels): past about 1280² a pass runs fewer pixels per second
+#: (its activations no longer fit the caches: ``rwkv_unet_t`` on 2 threads ran 1.2-1.27 MP/s
+#: from 512² to 1280², 1.13 at 1536² and 0.83 at 2048²), so larger planes run faster in tiles.
+#: A GPU takes the largest tile its memory holds.
+CPU_TILE_PIXELS = 1280 * 1280
+#: ... and the longest tile side on a CPU: long thin tiles (2048×726) ran as slowly per pixel as a
+#: 2048² pass.
+CPU_TILE_SIDE = 1280
 #: Tiles are never smaller than this (network pixels): the networks halve the input five times.
 MIN_TILE = 32
 
@@ -125,12 +133,12 @@ def _counts(size: int, overlap: int, max_tile: int) -> int:
 
 def plan_tiles(shape: Tuple[int, int], architecture: str, tile: Optional[int] = None, device=None,
                memory_budget_bytes: Optional[int] = None) -> TilePlan:
-    """The tiles for a plane of ``shape`` (network pixels).
+    """The tiles for a plane of ``shape`` (network pixels) on ``device`` (None: a CPU).
 
     ``tile`` (the user's choice): square tiles of at most that side, overlapping by a quarter,
-    as ever.  Otherwise the policy: the plane whole when its pass fits the memory budget, else
-    the tiling with the fewest pixels in all whose tiles each fit it, overlapping by the
-    architecture's :data:`BORDER_MARGIN`."""
+    as ever.  Otherwise the policy: the plane whole when its pass fits the memory budget (and,
+    on a CPU, :data:`CPU_TILE_PIXELS`), else the tiling with the fewest pixels in all whose
+    tiles each fit it, overlapping by the architecture's :data:`BORDER_MARGIN`."""
     height, width = int(shape[0]), int(shape[1])
     if tile is not None:
         tile = int(tile)
@@ -141,7 +149,11 @@ def plan_tiles(shape: Tuple[int, int], architecture: str, tile: Optional[int] = 
     budget = memory_budget(device, memory_budget_bytes)
     max_pixels = max(budget // bytes_per_pixel(architecture), MIN_TILE * MIN_TILE)
     budget_words = f"{budget / 2**20:.0f} MiB for a tile"
-    if height * width <= max_pixels:
+    max_side = max(height, width)
+    if not _is_gpu(device) and (max_pixels > CPU_TILE_PIXELS or max_side > CPU_TILE_SIDE):
+        max_pixels, max_side = min(max_pixels, CPU_TILE_PIXELS), CPU_TILE_SIDE
+        budget_words = f"at most {CPU_TILE_SIDE} px a side on a CPU"
+    if height * width <= max_pixels and max(height, width) <= max_side:
         return TilePlan((height, width), (0,), (0,), 0, f"auto: the whole plane in one pass ({budget_words})")
     overlap = border_margin(architecture)
     best = None
@@ -149,7 +161,9 @@ def plan_tiles(shape: Tuple[int, int], architecture: str, tile: Optional[int] = 
         th, ys = axis_tiles(height, ny, overlap)
         if ny > 1 and th < 2 * overlap:          # tiles mostly overlap from here on
             break
-        max_width = max_pixels // th
+        if th > max_side:
+            continue
+        max_width = min(max_pixels // th, max_side)
         if max_width <= overlap or max_width < MIN_TILE:
             continue
         tw, xs = axis_tiles(width, _counts(width, overlap, max_width), overlap)
@@ -166,18 +180,26 @@ def plan_tiles(shape: Tuple[int, int], architecture: str, tile: Optional[int] = 
 
 #: The most tiles (or planes of a stack) one GPU batch holds.
 MAX_GPU_BATCH = 16
+#: On a CPU, small tiles run in batches of about this many pixels in all: eight 256² planes ran
+#: 1.3x faster four at a time than one at a time (2 threads), where 512² tiles gain nothing.
+CPU_BATCH_PIXELS = 512 * 512
 
 
 def batch_size(plan: TilePlan, architecture: str, device=None, memory_budget_bytes: Optional[int] = None) -> int:
     """How many tiles of ``plan`` (or whole planes, when a plane is one tile) run as one batch.
 
     On a GPU, as many as the budget holds (at most :data:`MAX_GPU_BATCH`): a batch keeps its
-    cores busy.  On a CPU one at a time: its threads are busy with one tile already, and a
-    batch only adds memory (``bench/tile_policy.py --batch``)."""
-    if getattr(device, "type", str(device)) != "cuda":
-        return 1
-    per_tile = plan.tile[0] * plan.tile[1] * bytes_per_pixel(architecture)
+    cores busy.  On a CPU, small tiles together up to :data:`CPU_BATCH_PIXELS`, larger ones one
+    at a time (``bench/tile_policy.py --batch``)."""
+    per_tile = plan.tile[0] * plan.tile[1]
+    if not _is_gpu(device):
+        return int(max(1, min(MAX_GPU_BATCH, CPU_BATCH_PIXELS // per_tile)))
+    per_tile *= bytes_per_pixel(architecture)
     return int(max(1, min(MAX_GPU_BATCH, memory_budget(device, memory_budget_bytes) // per_tile)))
+
+
+def _is_gpu(device) -> bool:
+    return getattr(device, "type", str(device)).startswith("cuda")
 
 
 def _fixed_axis(size: int, tile: int, overlap: int, count: int) -> Tuple[int, List[int]]:

@@ -230,8 +230,9 @@ def test_two_header_updates_at_once_both_land(tmp_path):
 def test_a_header_update_never_writes_back_weights_replaced_meanwhile(tmp_path):
     import multiprocessing
     path = Path(untrained_checkpoint(tmp_path / "m.safetensors"))
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        start = time.time() + 0.3
+    # Spawned, not forked: torch in a child forked from a process whose OpenMP threads ran can hang.
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        start = time.time() + 10
         saving = pool.apply_async(_save_many, [(path, 12, start)])
         pool.apply(_record_many, [(path, 0, 12, start)])
         last = saving.get(timeout=300)

@@ -67,7 +67,7 @@ def test_installed_wheel_imports_every_python_name_of_its_manifest(wheel, tmp_pa
     entry_points = next(n for n in archive.namelist() if n.endswith("entry_points.txt"))
     entry = re.search(r"^napari-medrwkv\s*=\s*([\w.]+):(\S+)$", archive.read(entry_points).decode(), re.M)
     manifest_path = tmp_path.joinpath(*entry.group(1).split("."), entry.group(2))
-    commands = yaml.safe_load(manifest_path.read_text())["contributions"]["commands"]
+    commands = yaml.safe_load(manifest_path.read_text(encoding="utf-8"))["contributions"]["commands"]
     names = [command["python_name"] for command in commands]
     assert len(names) >= 8
     code = textwrap.dedent(f"""
@@ -116,7 +116,7 @@ IMPORT = re.compile(r"^\s*(?:from\s+(\.*)([\w.]*)\s+import|import\s+([\w.]+))", 
 def _imported_modules(source: Path):
     """Absolute names of the modules a source file imports (relative imports resolved)."""
     package = list(source.relative_to(ROOT).with_suffix("").parts[:-1])
-    for dots, name, plain in IMPORT.findall(source.read_text()):
+    for dots, name, plain in IMPORT.findall(source.read_text(encoding="utf-8")):
         if plain:
             yield plain
         elif dots:
@@ -182,9 +182,9 @@ def test_no_tracked_text_names_a_development_step_by_number():
 
 
 def test_ci_runs_the_readme_test_command():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"^\./scripts/\S+\.sh$", quick_start, re.M)
     assert commands == ["./scripts/launch.sh", "./scripts/test.sh"]
-    ci = (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert re.search(r"^\./scripts/test\.sh$", ci, re.M)

@@ -192,7 +192,7 @@ def test_reproduce_script_refuses_gpu_steps_up_front_without_a_gpu(tmp_path):
 
 
 def test_docs_give_one_reproduce_command_per_shipped_checkpoint():
-    doc = (ROOT / "docs" / "shipped-weights.md").read_text()
+    doc = (ROOT / "docs" / "shipped-weights.md").read_text(encoding="utf-8")
     names = re.findall(r"^scripts/reproduce_weights\.sh (\S+)$", doc, re.M)
     assert sorted(names) == sorted(nm.list_shipped()) == sorted(SHIPPED)
     # Each one alone on its line inside a code block, where a reader copies it from.

@@ -308,12 +308,7 @@ def tile_grid(net: Tuple[int, int], model, tile: Optional[int]):
     """((tile height, width), row starts, column starts) of the tiles that the whole-plane pass
     of :func:`.infer.segment` runs over a plane of ``net`` pixels; the same tiles make the same
     numbers here."""
-    try:
-        from .tiling import plan_tiles
-    except ImportError:          # the tiling before the memory-budget plans of engine/tiling.py
-        from .infer import tile_starts
-        side = int(tile or model.info.tile_size)
-        return (side, side), tile_starts(net[0], side, side // 4), tile_starts(net[1], side, side // 4)
+    from .tiling import plan_tiles
     plan = plan_tiles(net, model.info.architecture, tile=tile, device=model.device)
     return plan.tile, plan.ys, plan.xs
 

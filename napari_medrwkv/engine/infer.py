@@ -6,7 +6,7 @@ probabilities are blended into per-plane accumulators with a raised-cosine windo
 vanish and a 4000x4000 image needs only a few full-size float32 planes.
 """
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from .preprocess import image_to_channels, plane_layout, resize_channels, scaled
 from .model import SegmentationModel, load_model
 from .instances import plane_instances
 from .postprocess import binary_labels, inference_settings
-from .tiling import batch_size, plan_tiles
+from .tiling import batch_size, plan_tiles, tile_starts  # noqa: F401 -- tile_starts: part of this module's API
 
 Progress = Optional[Callable[[int, int], None]]
 Cancel = Optional[Callable[[], bool]]
@@ -23,15 +23,6 @@ Cancel = Optional[Callable[[], bool]]
 
 class Cancelled(RuntimeError):
     """Raised when the caller's ``cancel()`` returned True."""
-
-
-def tile_starts(size: int, tile: int, overlap: int) -> List[int]:
-    """Start offsets covering [0, size) with tiles of ``tile`` overlapping by at least ``overlap``."""
-    if size <= tile:
-        return [0]
-    step = tile - overlap
-    count = -(-(size - tile) // step) + 1
-    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
 
 
 def blend_window(tile_h: int, tile_w: int) -> np.ndarray:

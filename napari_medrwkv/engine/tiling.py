@@ -94,7 +94,7 @@ def memory_budget(device=None, budget: Optional[int] = None) -> int:
 
 
 def _free_bytes(device) -> int:
-    if getattr(device, "type", str(device)) == "cuda":
+    if _is_gpu(device):
         import torch
         free, _ = torch.cuda.mem_get_info(device)
         return free
@@ -124,6 +124,15 @@ def axis_tiles(size: int, count: int, overlap: int) -> Tuple[int, List[int]]:
         tile += 1
 
 
+def tile_starts(size: int, tile: int, overlap: int) -> List[int]:
+    """Start offsets covering [0, size) with tiles of ``tile`` overlapping by at least ``overlap``
+    (a tile the user chose: full-size tiles spread evenly, or one when the axis is shorter)."""
+    if size <= tile:
+        return [0]
+    count = _counts(size, overlap, tile)
+    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
 def _counts(size: int, overlap: int, max_tile: int) -> int:
     """The fewest tiles of at most ``max_tile`` that cover ``size`` overlapping by ``overlap``."""
     if size <= max_tile:
@@ -143,9 +152,8 @@ def plan_tiles(shape: Tuple[int, int], architecture: str, tile: Optional[int] = 
     if tile is not None:
         tile = int(tile)
         overlap = tile // 4
-        ny, nx = _counts(height, overlap, tile), _counts(width, overlap, tile)
-        (th, ys), (tw, xs) = _fixed_axis(height, tile, overlap, ny), _fixed_axis(width, tile, overlap, nx)
-        return TilePlan((th, tw), tuple(ys), tuple(xs), overlap, f"{tile} px (chosen)")
+        ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+        return TilePlan((min(tile, height), min(tile, width)), tuple(ys), tuple(xs), overlap, f"{tile} px (chosen)")
     budget = memory_budget(device, memory_budget_bytes)
     max_pixels = max(budget // bytes_per_pixel(architecture), MIN_TILE * MIN_TILE)
     budget_words = f"{budget / 2**20:.0f} MiB for a tile"
@@ -200,10 +208,3 @@ def batch_size(plan: TilePlan, architecture: str, device=None, memory_budget_byt
 
 def _is_gpu(device) -> bool:
     return getattr(device, "type", str(device)).startswith("cuda")
-
-
-def _fixed_axis(size: int, tile: int, overlap: int, count: int) -> Tuple[int, List[int]]:
-    """The user's tile: full-size tiles spread evenly (or the whole axis when it is shorter)."""
-    if size <= tile:
-        return size, [0]
-    return tile, [round(i * (size - tile) / (count - 1)) for i in range(count)]

@@ -193,3 +193,67 @@ def test_the_loop_on_a_scan_keeps_its_grid_from_segment_to_the_saved_mask(make_n
     saved = np.asarray(back.dataobj).transpose(2, 1, 0)        # (z, y, x) as the file stores them
     # The file stores rows and columns reversed: the reviewed slice lands there flipped back.
     np.testing.assert_array_equal(saved[0][::-1, ::-1], truth)
+
+
+def test_review_fine_tune_and_resegment_follow_a_sagittal_scans_acquired_planes(make_napari_viewer, qtbot, tmp_path,
+                                                                                 monkeypatch):
+    """A scan acquired sagittally (slices across its last axis): Mark reviewed marks the acquired
+    plane on screen, fine-tuning learns from that plane, and Re-segment fills the other acquired
+    planes, keeping the reviewed one."""
+    from conftest import untrained_checkpoint
+    from napari_medrwkv.engine.infer import segment
+    from napari_medrwkv.plugin import finetune_widget, review
+    from napari_medrwkv.plugin.correct_widget import CorrectWidget
+    from napari_medrwkv.plugin.finetune_widget import FineTuneWidget
+    from napari_medrwkv.plugin.segment_widget import SegmentWidget
+    path, _ = nuclei_scan(tmp_path)
+    viewer = make_napari_viewer()
+    image = open_scan(viewer, path)
+    assert image.metadata[METADATA_KEY]["slice_axis"] == 2 and image.data.shape == (64, 80, 5)
+    base = untrained_checkpoint(tmp_path / "base.safetensors")
+    segment_widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(segment_widget)
+    segment_widget.add_model_source(base)
+    segment_widget.image_combo.setCurrentText(image.name)
+    segment_widget.scope_combo.setCurrentText("all slices")
+    segment_widget.run()
+    qtbot.waitUntil(lambda: segment_widget.worker is None, timeout=180000)
+    labels = viewer.layers[f"{image.name} [base]"]
+    assert review.slice_count(labels) == 5 and review.edited_slices(labels) == []
+    correct = CorrectWidget(viewer)
+    viewer.window.add_dock_widget(correct)
+    correct.labels_combo.setCurrentText(labels.name)
+    viewer.dims.set_current_step(0, 30)                       # an axial plane on screen: not a reviewable slice
+    correct.mark_reviewed(True)
+    assert review.reviewed(labels) == [] and "sagittal" in correct.status.text()
+    viewer.dims.order = (2, 0, 1)                             # napari's Roll dimensions: the acquired planes
+    viewer.dims.set_current_step(2, 3)
+    truth = (image.data[:, :, 3] > np.percentile(image.data[:, :, 3], 70)).astype(labels.data.dtype)
+    labels.data[:, :, 3] = truth                             # the correction, as the brush paints it
+    assert review.edited_slices(labels) == [3]
+    correct.mark_reviewed(True)
+    assert review.reviewed(labels) == [3]
+    [pair] = review.reviewed_pairs(viewer.layers)
+    assert pair.index == 3 and np.array_equal(pair.image, image.data[:, :, 3]) and np.array_equal(pair.mask, truth)
+    finetune = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(finetune)
+    finetune.refresh_pairs()
+    finetune.add_model_source(base)
+    finetune.epochs_spin.setValue(1)
+    finetune.patch_spin.setValue(64)
+    finetune.batch_spin.setValue(1)
+    finetune.samples_spin.setValue(2)
+    finetune.device_combo.setCurrentText("cpu")
+    finetune.output_edit.setText(str(tmp_path / "tuned.safetensors"))
+    finetune.run()
+    qtbot.waitUntil(lambda: finetune.worker is None, timeout=180000)
+    assert finetune.result is not None, finetune.status.text()
+    monkeypatch.setattr(finetune_widget.QMessageBox, "question",
+                        lambda *a, **k: finetune_widget.QMessageBox.StandardButton.Yes)
+    finetune.resegment_button.click()
+    qtbot.waitUntil(lambda: finetune.worker is None, timeout=180000)
+    assert np.array_equal(labels.data[:, :, 3], truth)       # the reviewed plane is kept
+    others = [0, 1, 2, 4]
+    expected = segment(np.moveaxis(image.data[:, :, others], 2, 0), model=finetune.result.model)
+    np.testing.assert_array_equal(np.moveaxis(labels.data[:, :, others], 2, 0), expected)
+    assert review.edited_slices(labels) == []                 # what the plugin wrote, plane by plane

@@ -226,6 +226,26 @@ class CorrectWidget(QWidget):
             raise ValueError(f"The slice shown ({z}) is outside {layer.name} (0..{layer.data.shape[0] - 1}).")
         return z
 
+    def _review_index(self, layer: Labels) -> int:
+        """The slice shown, counted as the layer's reviewed slices are: across its slice axis (a
+        scan's acquired planes, e.g. sagittal), which the viewer must be sliding through."""
+        if layer.ndim == 2:
+            return 0
+        axis = review.slice_axis(layer)
+        if axis == 0:
+            return self._slice_index(layer)
+        dims = self.viewer.dims
+        if dims.ndisplay != 2 or dims.ndim - layer.ndim + axis in dims.displayed:
+            from ..engine.scans import PLANES
+            planes = next(name for name, a in PLANES.items() if a == axis)
+            raise ValueError(f"{layer.name}'s slices are its scan's acquired {planes} planes (across axis {axis}): "
+                             "show them in 2-D to mark one (napari's Roll dimensions button, under the layer "
+                             f"list, until the slider moves across axis {axis}).")
+        index = int(np.round(layer.world_to_data(dims.point)[axis]))
+        if not 0 <= index < layer.data.shape[axis]:
+            raise ValueError(f"The slice shown ({index}) is outside {layer.name} (0..{layer.data.shape[axis] - 1}).")
+        return index
+
     # ------------------------------------------------------------------ editing
     def _edit(self, title: str, func: Callable[[np.ndarray], np.ndarray], layer: Optional[Labels] = None,
               index: Optional[int] = None) -> int:
@@ -418,7 +438,7 @@ class CorrectWidget(QWidget):
         """Mark (or unmark) the slice shown of the chosen layer as reviewed."""
         try:
             layer = self._labels_layer()
-            index = self._slice_index(layer)
+            index = self._review_index(layer)
         except ValueError as err:
             self._error(str(err))
             return
@@ -465,7 +485,7 @@ class CorrectWidget(QWidget):
             text += "\nNot linked to an image layer: fine-tuning cannot use this layer's slices."
         self.review_label.setText(text)
         try:
-            index = self._slice_index(layer)
+            index = self._review_index(layer)
         except ValueError:
             index = None
         self.mark_button.setEnabled(index is not None and index not in marks)

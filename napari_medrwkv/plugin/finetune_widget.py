@@ -584,8 +584,9 @@ class FineTuneWidget(QWidget):
             return
         jobs = []
         for layer, image, indices in targets:
-            data = np.asarray(image.data)
-            jobs.append((layer.name, indices, data if layer.data.ndim == 2 else data[indices], bool(image.rgb)))
+            data, axis = np.asarray(image.data), review.slice_axis(layer)     # a scan's acquired planes
+            planes = data if layer.data.ndim == 2 else np.moveaxis(np.take(data, indices, axis=axis), axis, 0)
+            jobs.append((layer.name, indices, planes, bool(image.rgb)))
         self._cancel.clear()
         self._set_running(True)
         self.progress_bar.setRange(0, 1)
@@ -636,7 +637,7 @@ class FineTuneWidget(QWidget):
             still_open = set(range(review.slice_count(layer))) - set(review.reviewed(layer))
             planes = dict(zip(indices, [labels] if layer.data.ndim == 2 else labels))
             planes = {i: plane for i, plane in planes.items()
-                      if i in still_open and plane.shape == layer.data.shape[-2:]}
+                      if i in still_open and plane.shape == review.plane_shape(layer)}
             changed += review.replace_slices(layer, planes)      # one undo step per layer
             written += len(planes)
             review.record_written(layer, str(self.result.path))

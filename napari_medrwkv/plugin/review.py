@@ -2,7 +2,11 @@
 
 A Labels layer made by the Segment widget carries ``metadata["napari_medrwkv"]``:
 ``{"image": <image layer name>, "model": <source>, "digests": [sha1 of each slice as the plugin
-wrote it], "reviewed": [slice indices]}``.  A 2-D layer has the single slice 0.  The
+wrote it], "reviewed": [slice indices], "axis": <the array axis the slices are planes across>}``.
+A 2-D layer has the single slice 0.  A stack's slices are its planes across axis 0, except for a
+scan (its geometry in the layer's metadata, :mod:`engine.scans`): there they are the planes the
+scanner acquired (a sagittal scan's slices run along its last axis).  The axis is kept in the
+metadata from the first mark or write, so the marks always mean the same planes.  The
 Correct widget marks slices; the Fine-tune widget learns from them.  No Qt,
 no torch: plain functions over napari layers and numpy arrays.
 """
@@ -30,8 +34,8 @@ changed = _events.changed
 class ReviewedPair:
     image_name: str
     labels_name: str
-    index: int                 # slice index (0 for a 2-D image)
-    image: np.ndarray          # (Y, X) or (Y, X, C)
+    index: int                 # slice index (0 for a 2-D image), across the layer's slice axis
+    image: np.ndarray          # (Y, X) or (Y, X, C): the plane
     mask: np.ndarray           # (Y, X) integer labels
 
     @property
@@ -87,12 +91,46 @@ def linked_image(labels_layer):
     return labels_layer.metadata.get(KEY, {}).get("image")
 
 
+def slice_axis(labels_layer) -> int:
+    """The array axis a 3-D layer's slices are planes across: the one kept in its metadata, else
+    its scan's acquisition axis (sagittal, coronal or axial), else 0."""
+    if labels_layer.data.ndim != 3:
+        return 0
+    meta = labels_layer.metadata
+    if meta.get(KEY, {}).get("axis") is not None:
+        return int(meta[KEY]["axis"])
+    from ..engine.scans import METADATA_KEY as SCAN_GEOMETRY
+    geometry = meta.get(SCAN_GEOMETRY) or {}
+    if tuple(geometry.get("shape", ())) == tuple(labels_layer.data.shape):
+        return int(geometry.get("slice_axis", 0))
+    return 0
+
+
+def _keep_axis(labels_layer) -> None:
+    """Pin the slice axis in the metadata: later marks mean the same planes as earlier ones."""
+    if labels_layer.data.ndim == 3:
+        labels_layer.metadata.setdefault(KEY, {})["axis"] = slice_axis(labels_layer)
+
+
 def slice_count(labels_layer) -> int:
-    return 1 if labels_layer.data.ndim == 2 else labels_layer.data.shape[0]
+    return 1 if labels_layer.data.ndim == 2 else labels_layer.data.shape[slice_axis(labels_layer)]
 
 
-def _slices(data) -> list:
-    return [data] if data.ndim == 2 else list(data)
+def take_slice(data, index: int, axis: int):
+    """Slice ``index`` of a stack: its plane across ``axis`` (channels, if any, stay last)."""
+    return data[(slice(None),) * axis + (index,)]
+
+
+def plane_shape(labels_layer) -> tuple:
+    """The (Y, X) shape of one slice of ``labels_layer``."""
+    shape = list(labels_layer.data.shape)
+    if len(shape) == 3:
+        del shape[slice_axis(labels_layer)]
+    return tuple(shape)
+
+
+def _slices(data, axis: int = 0) -> list:
+    return [data] if data.ndim == 2 else [take_slice(data, i, axis) for i in range(data.shape[axis])]
 
 
 def _digest(data: np.ndarray) -> str:
@@ -101,8 +139,9 @@ def _digest(data: np.ndarray) -> str:
 
 def record_written(labels_layer, model: str) -> None:
     """Remember the labels as the plugin wrote them (and which model), so that later edits show."""
-    labels_layer.metadata.setdefault(KEY, {}).update(
-        model=model, digests=[_digest(plane) for plane in _slices(np.asarray(labels_layer.data))])
+    _keep_axis(labels_layer)
+    labels_layer.metadata.setdefault(KEY, {}).update(model=model, digests=[
+        _digest(plane) for plane in _slices(np.asarray(labels_layer.data), slice_axis(labels_layer))])
 
 
 def edited_slices(labels_layer) -> List[int]:
@@ -112,7 +151,8 @@ def edited_slices(labels_layer) -> List[int]:
     written = labels_layer.metadata.get(KEY, {}).get("digests")
     if written is None or len(written) != slice_count(labels_layer):
         return list(range(slice_count(labels_layer)))
-    return [i for i, (plane, digest) in enumerate(zip(_slices(data), written)) if _digest(plane) != digest]
+    planes = _slices(data, slice_axis(labels_layer))
+    return [i for i, (plane, digest) in enumerate(zip(planes, written)) if _digest(plane) != digest]
 
 
 def user_edited(labels_layer) -> bool:
@@ -127,6 +167,7 @@ def reviewed(labels_layer) -> List[int]:
 def set_reviewed(labels_layer, index: int, value: bool = True) -> None:
     if not 0 <= index < slice_count(labels_layer):
         raise ValueError(f"slice {index} is outside {labels_layer.name} (0..{slice_count(labels_layer) - 1})")
+    _keep_axis(labels_layer)
     marks = set(reviewed(labels_layer))
     before = set(marks)
     marks.add(index) if value else marks.discard(index)
@@ -137,12 +178,13 @@ def set_reviewed(labels_layer, index: int, value: bool = True) -> None:
 
 def write_slices(labels_layer, planes: Dict[int, np.ndarray]):
     """Write ``{slice index: labels}`` into ``labels_layer`` as ONE step of napari's undo, as the
-    user's own edits are: review marks stay as they are.  A 2-D layer is slice 0.  Returns (the
-    slices that changed, the number of pixels changed)."""
+    user's own edits are: review marks stay as they are.  A 2-D layer is slice 0; a stack's slices
+    are across its :func:`slice_axis`.  Returns (the slices that changed, the number of pixels changed)."""
     data = labels_layer.data
+    axis = slice_axis(labels_layer)
     indices, values, changed_slices = [], [], []
     for index, plane in sorted(planes.items()):
-        before = np.asarray(data if data.ndim == 2 else data[index])
+        before = np.asarray(data if data.ndim == 2 else take_slice(data, index, axis))
         if before.shape != plane.shape:
             raise ValueError(f"labels of shape {plane.shape} do not fit slice {index} of {labels_layer.name} "
                              f"({before.shape})")
@@ -151,7 +193,8 @@ def write_slices(labels_layer, planes: Dict[int, np.ndarray]):
             continue
         changed_slices.append(index)
         values.append(plane[where])
-        indices.append(where if data.ndim == 2 else (np.full(where[0].size, index, dtype=np.intp),) + where)
+        indices.append(where if data.ndim == 2 else
+                       where[:axis] + (np.full(where[0].size, index, dtype=np.intp),) + where[axis:])
     if not indices:
         return [], 0
     where = tuple(np.concatenate(axis) for axis in zip(*indices))
@@ -178,11 +221,13 @@ def reviewed_pairs(layers) -> List[ReviewedPair]:
             continue
         image_layer = layers[image_name]
         image = np.asarray(image_layer.data)
+        axis = slice_axis(layer)
         for index in reviewed(layer):
             if layer.data.ndim == 2:
                 pairs.append(ReviewedPair(image_name, layer.name, 0, image, np.asarray(layer.data)))
             else:
-                pairs.append(ReviewedPair(image_name, layer.name, index, image[index], np.asarray(layer.data[index])))
+                pairs.append(ReviewedPair(image_name, layer.name, index, take_slice(image, index, axis),
+                                          np.asarray(take_slice(layer.data, index, axis))))
     return pairs
 
 

@@ -411,9 +411,10 @@ class SegmentWidget(QWidget):
                              "handles 2D images and 3D stacks (Z, Y, X). Split the other axes into layers first.")
         if self.scope_combo.currentText() == "all slices":
             return data, None
-        z = int(self.viewer.dims.current_step[0])
-        z = min(max(z, 0), data.shape[0] - 1)
-        return data[z], z
+        axis = _acquired_axis(layer)                      # a scan: the current acquired plane
+        z = int(self.viewer.dims.current_step[self.viewer.dims.ndim - 3 + axis])
+        z = min(max(z, 0), data.shape[axis] - 1)
+        return review.take_slice(data, z, axis), z
 
     # ------------------------------------------------------------------ results
     def _on_progress(self, done: int, total: int):
@@ -440,9 +441,10 @@ class SegmentWidget(QWidget):
         name = f"{image_layer.name} [{model.name}]"
         full_shape = image_layer.data.shape[:-1] if image_layer.rgb else image_layer.data.shape
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
-        if layer is not None and layer.data.shape != full_shape:
+        axis = _acquired_axis(image_layer)                    # slices: a scan's acquired planes
+        if layer is not None and (layer.data.shape != full_shape or review.slice_axis(layer) != axis):
             name, layer = self._free_name(name), None        # another image's labels: never replaced
-        planes, kept = self._planes(labels, full_shape, slice_index), ""
+        planes, kept = self._planes(labels, full_shape, slice_index, axis), ""
         if layer is not None:
             planes, kept = self._planes_to_replace(layer, planes)
             if planes is None:                               # the user keeps it: the result goes beside it
@@ -451,7 +453,7 @@ class SegmentWidget(QWidget):
             data = labels if slice_index is None else np.zeros(full_shape, dtype=labels.dtype)
             layer = self._new_labels(name, data, image_layer)
             if slice_index is not None:
-                layer.data[slice_index] = labels
+                layer.data[(slice(None),) * axis + (slice_index,)] = labels
             changed = None
         else:
             changed = review.replace_slices(layer, planes)
@@ -459,7 +461,7 @@ class SegmentWidget(QWidget):
         link(layer, image_layer.name)
         layer.refresh()
         if self.probability_check.isChecked() and model.binary:
-            self._show_probability(f"{name} probability", probs, image_layer, slice_index, full_shape)
+            self._show_probability(f"{name} probability", probs, image_layer, slice_index, full_shape, axis)
         self.viewer.layers.selection.active = layer          # the paint tools at hand, not the probabilities
         if model.info.instances:             # one label per object, numbered per slice
             found = f"{int(labels.max())} objects" if labels.ndim == 2 else \
@@ -471,11 +473,13 @@ class SegmentWidget(QWidget):
         self.status.setText(f"Done: {name} ({found}{undo}){kept}.")
 
     @staticmethod
-    def _planes(labels, full_shape, slice_index: Optional[int]) -> dict:
-        """The result as {slice index: labels}; a 2-D image is slice 0."""
+    def _planes(labels, full_shape, slice_index: Optional[int], axis: int = 0) -> dict:
+        """The result as {slice index: labels}, slices across ``axis``; a 2-D image is slice 0."""
         if slice_index is not None:
             return {slice_index: labels}
-        return {0: labels} if len(full_shape) == 2 else dict(enumerate(labels))
+        if len(full_shape) == 2:
+            return {0: labels}
+        return {i: review.take_slice(labels, i, axis) for i in range(labels.shape[axis])}
 
     def _planes_to_replace(self, layer: Labels, planes: dict):
         """(the planes of ``planes`` that may replace the labels in ``layer``, or None to write the result
@@ -520,11 +524,11 @@ class SegmentWidget(QWidget):
         return self.viewer.add_labels(data, name=name, scale=image_layer.scale[-data.ndim:],
                                       translate=image_layer.translate[-data.ndim:], metadata=geometry)
 
-    def _show_probability(self, name, probs, image_layer, slice_index, full_shape):
+    def _show_probability(self, name, probs, image_layer, slice_index, full_shape, axis=0):
         if slice_index is not None:
             full = self.viewer.layers[name].data if name in self.viewer.layers and \
                 self.viewer.layers[name].data.shape == full_shape else np.zeros(full_shape, np.float32)
-            full[slice_index] = probs
+            full[(slice(None),) * axis + (slice_index,)] = probs
             probs = full
         if name in self.viewer.layers:
             self.viewer.layers[name].data = probs

@@ -4,15 +4,16 @@
                                 [--max-clicks 20] [--nuclei 300] [--limit N] [--threads 2]
 
 The user is RITM's clicker (engine.interactive.next_click, threshold 0.5): each click goes to the
-farthest point of the larger error region, through ``nm.refine``.  Objects: every test image of
-Kvasir-SEG, BUSI's benign and malignant test images, and the first ``--nuclei`` nuclei of the
-DSB2018 test images, each its own object; with ``--sets volumes``, the labelled objects of the MRI
-scans in ``volumes/`` plane by plane (a kind of image the model never saw; from nothing only).  Two starts: from nothing, and from the automatic
-model's mask (its connected parts that overlap the object).  Reported per set and start: NoC@85
-and NoC@90 (clicks until IoU reaches 0.85 / 0.90; an object that never does counts
-``--max-clicks``), the share of objects never reaching 0.90, mean IoU after clicks 1, 2, 3, 5, 10
-and 20; then the latency of one click (median and 95th percentile over every refine call) beside a
-plain 4-level U-Net's 512x512 forward, timed in the same run.
+farthest point of the larger error region, through ``nm.refine``. Objects: every test image of
+Kvasir-SEG, BUSI's benign and malignant test images, and ``--nuclei`` nuclei of the DSB2018 test
+images, each its own object, taken from every image in turn; with ``--sets volumes``, the labelled
+objects of the MRI scans in ``volumes/`` plane by plane (a kind of image the model never saw; from
+nothing only). Two starts: from nothing, and from the automatic model's mask (its connected parts
+that overlap the object). Reported per set and start: NoC@85 and NoC@90 (clicks until IoU reaches
+0.85 / 0.90; an object that never does counts ``--max-clicks``), the share of objects never reaching
+0.90, mean IoU after clicks 1, 2, 3, 5, 10 and 20; then the latency of one click (median and 95th
+percentile over every refine call) beside a plain 4-level U-Net's 512x512 forward, timed in the same
+run.
 """
 import argparse
 import sys
@@ -70,6 +71,8 @@ def objects_of(data: Path, name: str, nuclei: int, limit):
     """(image, target mask, stem) of the test objects of one set."""
     if name == HELD_OUT:
         return scan_objects(data / name, limit)
+    if name == "dsb2018":
+        return nuclei_of(data / name, min(nuclei, limit or nuclei))
     found = []
     for pair in find_pairs(data / name, "test"):
         if name == "busi" and not pair.stem.startswith(("benign_", "malignant_")):
@@ -78,18 +81,32 @@ def objects_of(data: Path, name: str, nuclei: int, limit):
         objects, count = object_labels(read_image(pair.mask))
         for label in range(1, count + 1):
             found.append((image, objects == label, pair.stem))
-            if name == "dsb2018" and len(found) >= nuclei:
-                return found[:limit]
         if limit and len(found) >= limit:
             return found[:limit]
-    return found[:limit] if limit else found
+    return found
+
+
+def nuclei_of(folder: Path, count: int, seed: int = 0):
+    """``count`` nuclei spread over every test image: one at a time from each image in turn, each
+    image's nuclei in a seeded random order.  (The first nuclei in file order come from two or
+    three images, one kind of stain; a user's images are of many kinds.)"""
+    images = []
+    rng = np.random.default_rng(seed)
+    for pair in find_pairs(folder, "test"):
+        objects, found = object_labels(read_image(pair.mask))
+        images.append((read_image(pair.image), objects, list(rng.permutation(np.arange(1, found + 1))), pair.stem))
+    chosen = []
+    while len(chosen) < count and any(order for _, _, order, _ in images):
+        for image, objects, order, stem in images:
+            if order and len(chosen) < count:
+                chosen.append((image, objects == int(order.pop()), stem))
+    return chosen
 
 
 def automatic_start(automatic, image, target, cache):
     """The automatic model's answer for this object: its connected parts that overlap it."""
     key = id(image)
-    if key not in cache:
-        cache.clear()
+    if key not in cache:                 # the images stay alive in the object list: ids stay theirs
         cache[key] = segment(image, model=automatic) > 0
     parts, _ = ndimage.label(cache[key], structure=np.ones((3, 3)))
     touching = np.unique(parts[target & (parts > 0)])

@@ -10,7 +10,7 @@ from napari_medrwkv.engine.checkpoint import read_info, save_checkpoint
 from napari_medrwkv.engine.imageio import read_image
 from napari_medrwkv.engine.infer import segment
 from napari_medrwkv.engine.interactive import (DEFAULT_MODEL, PROMPT_CHANNELS, encode_prompts, iou, next_click,
-                                               refine, square_window)
+                                               refine, square_window, widened_window)
 from napari_medrwkv.engine.interactive_train import (LabelledImage, _clicked_batch, object_labels, promptable_start,
                                                      simulate_example)
 from napari_medrwkv.engine.model import list_shipped, load_model
@@ -81,6 +81,19 @@ def test_square_window_contains_the_extent_and_stays_inside(shape, extent, expec
     assert 0 <= top and 0 <= left and bottom <= shape[0] and right <= shape[1]
     assert top <= extent[0] and left <= extent[1] and bottom >= min(extent[2], shape[0])
     assert max(bottom - top, right - left) == expected_side or bottom - top == shape[0]
+
+
+def test_a_widened_window_doubles_towards_the_object():
+    window = (100, 100, 164, 164)
+    inside = np.zeros((64, 64), bool)
+    inside[20:40, 30:] = True                              # runs out of the window's right side
+    top, left, bottom, right = widened_window((500, 400), window, inside)
+    assert (bottom - top, right - left) == (128, 128)
+    assert left > 100 - 32 and right > 164 + 32            # grown more to the right than to the left
+    assert top <= 120 and bottom >= 140 and left <= 130   # the seen object stays inside
+    # Near the image's corner the wider window is moved inside, and cut where the image is smaller.
+    assert widened_window((150, 400), (0, 0, 64, 64), np.ones((64, 64), bool)) == (0, 0, 128, 128)
+    assert widened_window((100, 400), (0, 0, 64, 64), np.ones((64, 64), bool)) == (0, 0, 100, 128)
 
 
 # --------------------------------------------------------------------------- prompt-aware networks

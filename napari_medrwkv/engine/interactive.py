@@ -8,8 +8,9 @@ with every prompt map empty it segments like an automatic model, so ``segment`` 
 
 ``refine`` never runs a large image whole: it crops a window around the prompts (their extent
 enlarged :data:`WINDOW_EXPAND` times), resizes it to :data:`INPUT_SIZE`, and widens the window
-while the object touches its edge (nnInteractive's "AutoZoom").  :func:`next_click` is the
-simulated user of training and of ``bench/interactive.py`` (RITM's clicker).  No Qt, no napari.
+(:data:`WIDEN_FACTOR` times, towards the object) while the object touches its edge
+(nnInteractive's "AutoZoom").  :func:`next_click` is the simulated user of training and of
+``bench/interactive.py`` (RITM's clicker).  No Qt, no napari.
 """
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -33,8 +34,10 @@ CLICK_RADIUS = 5
 WINDOW_EXPAND = 1.4
 #: The smallest window, in image pixels: a single click on a small object still shows its context.
 MIN_WINDOW = 64
-#: How many times the window may widen (1.5x each) while the object touches its edge.
+#: How many times the window may widen while the object touches its edge, and by how much each
+#: time: a lone first click on a large object reaches 8x the smallest window in three steps.
 MAX_WIDENINGS = 3
+WIDEN_FACTOR = 2.0
 #: The shipped prompt-aware model, meant for any kind of image.
 DEFAULT_MODEL = "rwkv_unet_t-interactive"
 
@@ -133,6 +136,17 @@ def square_window(shape, extent, expand: float = WINDOW_EXPAND, minimum: int = M
     top = min(max(top, 0), max(h - side, 0))
     left = min(max(left, 0), max(w - side, 0))
     return top, left, min(top + side, h), min(left + side, w)
+
+
+def widened_window(shape, window: Window, inside: np.ndarray, factor: float = WIDEN_FACTOR) -> Window:
+    """The next window when the object (``inside``, the window's prediction) touches ``window``'s
+    edge: ``factor`` times its side, centred on the object as far as it was seen, so that it grows
+    towards the sides the object ran out of."""
+    top, left, bottom, right = window
+    side = max(bottom - top, right - left)
+    extent = prompt_extent(shape, [], None, inside)
+    extent = window if extent is None else (top + extent[0], left + extent[1], top + extent[2], left + extent[3])
+    return square_window(shape, extent, expand=1.0, minimum=int(np.ceil(side * factor)))
 
 
 def _touches_edge(prediction: np.ndarray, window: Window, shape) -> bool:
@@ -260,7 +274,7 @@ def refine(image, points: Sequence[Point] = (), box: Optional[Box] = None, mask=
         full = (top, left, bottom, right) == (0, 0) + tuple(shape)
         if widening == MAX_WIDENINGS or full or not _touches_edge(inside, window, shape):
             break
-        window = square_window(shape, window, expand=1.5)
+        window = widened_window(shape, window, inside)
     result = np.zeros(shape, dtype=bool)
     result[top:bottom, left:right] = inside
     return result

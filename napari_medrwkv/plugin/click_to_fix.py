@@ -19,21 +19,20 @@ On a stack the widget works on the slice shown; "carry to neighbouring slices" r
 committed mask on the next slices (both ways, no clicks) until the object vanishes or after N
 slices, all in the same undo step.  A commit is an edit like painting (``Labels.data_setitem``
 inside ``block_history``): review marks stay as they are and nothing is marked reviewed by
-itself.  torch is imported on first use.
+itself.  What runs on the worker thread, and how an object is painted, is in ``click_jobs.py``;
+torch is imported on first use.
 """
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from napari.layers import Image, Labels
-from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QPushButton,
                             QSpinBox, QWidget)
 
 from . import review, session
+from .click_jobs import Job, make_worker, next_id, paint_object, prompt_aware
 from .qt_helpers import (BROWSE, connect_while_alive, fit_dock, follow_layer_list, refill, scrolling_body,
                          stop_jobs_on_quit)
 
@@ -59,46 +58,6 @@ KEYS = ("Left click: a point inside the object (green)\n"
         "F: fix the object under the cursor (commit replaces it)\n"
         "T: swap inside and outside for left clicks\n"
         "Keys act while the prompts layer is selected; a drag pans as ever.")
-
-
-def paint_object(before: np.ndarray, mask: np.ndarray, object_id: int, overwrite: bool = False,
-                 replace: bool = False) -> np.ndarray:
-    """``before`` with ``mask`` painted as ``object_id``: only over background (and the object's own
-    pixels) unless ``overwrite``; with ``replace`` the object's pixels outside ``mask`` become
-    background (the object is redrawn, not added to)."""
-    after = np.array(before, copy=True)
-    mask = np.asarray(mask, dtype=bool)
-    own = before == object_id
-    if replace:
-        after[own & ~mask] = 0
-    after[mask if overwrite else mask & ((before == 0) | own)] = object_id
-    return after
-
-
-def prompt_aware(source: str) -> bool:
-    """Whether a shipped name or a checkpoint file takes clicks (False for anything unreadable)."""
-    from ..engine.model import read_model_info
-    try:
-        info = read_model_info(source)
-    except (ValueError, OSError):
-        return False
-    return info is not None and info.prompt_channels > 0
-
-
-@dataclass
-class _Job:
-    """One run on the worker thread: refine the current object, or carry a committed one."""
-    number: int                       # the request counter when made (refine: stale unless the newest)
-    kind: str                         # "refine" or "carry"
-    source: str
-    device: str
-    key: tuple = ()                   # the prompt state it answers (refine)
-    image: Optional[np.ndarray] = None
-    points: Tuple = ()
-    box: Optional[Tuple] = None
-    mask: Optional[np.ndarray] = None
-    commit: Optional[dict] = None     # carry: what to commit once the neighbours are done
-    seconds: float = 0.0              # how long refine took (set on the worker thread)
 
 
 class ClickToFixWidget(QWidget):
@@ -136,8 +95,8 @@ class ClickToFixWidget(QWidget):
         self._note = ""                   # said before the status of the current object's prompts
         # requests
         self._number = 0                  # the newest request; answers to older ones are dropped
-        self._pending: Optional[_Job] = None               # the newest prompts' request, not yet running
-        self._carries: List[_Job] = []                     # commits waiting for their neighbouring slices
+        self._pending: Optional[Job] = None               # the newest prompts' request, not yet running
+        self._carries: List[Job] = []                     # commits waiting for their neighbouring slices
         self.dropped = 0                  # stale answers dropped (and requests never run)
         self.shown = 0                    # answers shown
 
@@ -641,7 +600,7 @@ class ClickToFixWidget(QWidget):
             self._error(str(err))
             return
         mask = self._mask if self._mask is not None and self._mask.any() else self._start_mask
-        self._pending = _Job(self._number, "refine", source, self.device_combo.currentText(), key=key,
+        self._pending = Job(self._number, "refine", source, self.device_combo.currentText(), key=key,
                              image=self._plane(self._slice), points=tuple(self._points()), box=self._box(),
                              mask=mask)
         self._awaiting = self._number
@@ -662,7 +621,7 @@ class ClickToFixWidget(QWidget):
             job, self._pending = self._pending, None
         else:
             return
-        self.worker = _make_worker(job, self._models)
+        self.worker = make_worker(job, self._models)
         self.worker.returned.connect(lambda outcome, job=job: self._on_outcome(job, outcome))
         self.worker.finished.connect(self._on_finished)
         self.worker.start()
@@ -671,7 +630,7 @@ class ClickToFixWidget(QWidget):
         self.worker = None
         self._run_next()
 
-    def _on_outcome(self, job: _Job, outcome):
+    def _on_outcome(self, job: Job, outcome):
         kind, value = outcome
         if job.kind == "carry":
             self._finish_carry(job, outcome)
@@ -792,7 +751,7 @@ class ClickToFixWidget(QWidget):
         try:
             target = self._target_or_new()
             self._check_target(target)
-            object_id = self._fix_id if self._fix_id is not None else _next_id(target)
+            object_id = self._fix_id if self._fix_id is not None else next_id(target.data, target.name)
         except ValueError as err:
             self._error(str(err))
             return 0
@@ -832,14 +791,14 @@ class ClickToFixWidget(QWidget):
         return changed
 
     def _start_carry(self, plan: dict):
-        job = _Job(self._number, "carry", self.model_combo.currentText(), self.device_combo.currentText(),
+        job = Job(self._number, "carry", self.model_combo.currentText(), self.device_combo.currentText(),
                    commit=dict(plan, stack=self._image, limit=self.carry_spin.value()))
         self._clear_object()                         # the object is handed over; the next one can start
         self._carries.append(job)
         self.status.setText(f"Carrying object {plan['object_id']} to the neighbouring slices…")
         self._run_next()
 
-    def _finish_carry(self, job: _Job, outcome):
+    def _finish_carry(self, job: Job, outcome):
         kind, value = outcome
         if kind == "error":
             self._error(f"Carrying the object failed: {value}; nothing was committed.")
@@ -880,14 +839,6 @@ def _short(source: str) -> str:
     return Path(source).name if source.endswith(".safetensors") else source
 
 
-def _next_id(layer: Labels) -> int:
-    top = int(np.max(layer.data)) if layer.data.size else 0
-    new = top + 1
-    if np.issubdtype(layer.data.dtype, np.integer) and new > np.iinfo(layer.data.dtype).max:
-        raise ValueError(f"{layer.name} holds {layer.data.dtype} labels and has no id left above {top}.")
-    return new
-
-
 def _spatial_ndim(layer: Image) -> int:
     return layer.data.ndim - (1 if layer.rgb else 0)
 
@@ -904,48 +855,3 @@ def _colour_preview(layer: Labels):
         pass
 
 
-def _make_worker(job: _Job, models: dict):
-    @thread_worker
-    def work():
-        # Outcomes come back as values: an exception leaving a worker would surface as a traceback
-        # in the event loop, where users should see a notification.
-        from ..engine import interactive
-        from ..engine.model import load_model
-        try:
-            key = (job.source, job.device)
-            if key not in models:
-                models[key] = load_model(job.source, device=job.device)
-            model = models[key]
-            if job.kind == "refine":
-                start = time.perf_counter()
-                mask = interactive.refine(job.image, points=list(job.points), box=job.box, mask=job.mask,
-                                          model=model, rgb=job.image.ndim == 3)
-                job.seconds = time.perf_counter() - start
-                return "done", mask
-            return "done", _carry(job, model, interactive.refine)
-        except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed
-            return "error", str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
-
-    return work()
-
-
-def _carry(job: _Job, model, refine) -> Dict[int, np.ndarray]:
-    """The committed mask refined slice by slice away from its slice, both ways, each slice starting
-    from its neighbour's answer, until the object vanishes or ``limit`` slices."""
-    plan = job.commit
-    stack, start, limit = plan["stack"], plan["index"], plan["limit"]
-    depth = _spatial_shape(stack)[0]
-    carried = {}
-    for step in (-1, 1):
-        previous = plan["mask"]
-        for k in range(1, limit + 1):
-            index = start + step * k
-            if not 0 <= index < depth:
-                break
-            plane = np.asarray(stack.data[index])
-            mask = refine(plane, mask=previous, model=model, rgb=plane.ndim == 3)
-            if not mask.any():
-                break
-            carried[index] = mask
-            previous = mask
-    return carried

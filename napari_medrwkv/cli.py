@@ -169,7 +169,8 @@ def _parser():
                           "the labels are written in the scan's format (DICOM: .nii.gz) on its grid")
     seg.add_argument("--window", type=_window, metavar="NAME|LEVEL,WIDTH",
                      help="an intensity window instead of each slice's percentiles, for CT: soft-tissue, lung, "
-                          "bone, brain, or LEVEL,WIDTH in the image's units (e.g. 40,400 HU)")
+                          "bone, brain, or LEVEL,WIDTH in the image's units (e.g. 40,400 HU); 'percentiles' for "
+                          "none (default: the model's own, the window it was trained with, if any)")
     _inference_args(seg)
     existing = seg.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace label files that already exist")
@@ -233,6 +234,10 @@ def _parser():
                     help="with --interactive: another dataset folder to train on with --data (repeatable)")
     tr.add_argument("--window", type=_number(int, MIN_TILE),
                     help="with --interactive: the square window the network sees, in pixels (default 160)")
+    tr.add_argument("--intensity-window", type=_window, metavar="NAME|LEVEL,WIDTH",
+                    help="train on CT slices seen through this window (soft-tissue, lung, bone, brain, or "
+                         "LEVEL,WIDTH), recorded in the checkpoint: segment uses it with the model unless told "
+                         "otherwise; 'percentiles' for none (default: the model's own)")
     tr.set_defaults(run=_train)
 
     ev = sub.add_parser("evaluate", help="Dice / IoU / HD95 on a dataset folder")
@@ -424,8 +429,10 @@ def _segment_jobs_run(args, jobs, chosen, models, skipped, client) -> int:
 
 
 def _window(text: str):
-    """--window: a preset name (soft-tissue for "soft tissue") or LEVEL,WIDTH."""
-    from .engine.preprocess import CT_WINDOWS, window_range
+    """--window: a preset name (soft-tissue for "soft tissue"), LEVEL,WIDTH, or percentiles."""
+    from .engine.preprocess import CT_WINDOWS, PERCENTILES, window_range
+    if text == PERCENTILES:
+        return text
     name = text.replace("-", " ")
     window = name if name in CT_WINDOWS else tuple(text.split(","))
     try:
@@ -584,6 +591,7 @@ def _train(args) -> int:
                  "foreground", "augment_strength", "ema", "blend", "instances"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    cfg.window = args.intensity_window
     if args.workers is not None:
         cfg.num_workers = args.workers
     class_names = args.class_names.split(",") if args.class_names else None
@@ -642,7 +650,7 @@ def _train(args) -> int:
 
 #: What `medrwkv train --interactive` does not take: its examples are objects cut as refine cuts them.
 _NOT_INTERACTIVE = ("epochs", "patch_size", "samples_per_epoch", "input_scale", "freeze", "foreground",
-                    "augment_strength", "blend", "workers", "val_include", "instances")
+                    "augment_strength", "blend", "workers", "val_include", "instances", "intensity_window")
 
 
 def _train_interactive(args) -> int:

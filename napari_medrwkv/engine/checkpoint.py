@@ -173,6 +173,13 @@ class ModelInfo:
         return self.num_classes == 1
 
     @property
+    def window(self):
+        """The intensity window the model was trained with (a CT preset name or [level, width]), which
+        ``segment`` uses unless told otherwise; None for each image's percentiles (every older checkpoint)."""
+        from .preprocess import recorded_window
+        return recorded_window(self.normalization)
+
+    @property
     def out_channels(self) -> int:
         """The network's output channels: one per class (one for a binary model), plus an instance model's."""
         return self.num_classes + extra_channels(self.instances)

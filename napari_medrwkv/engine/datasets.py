@@ -287,7 +287,7 @@ class SegmentationDataset(Dataset):
                  augment: bool = True, samples_per_epoch: Optional[int] = None, seed: int = 0, *,
                  scale: Optional[Tuple[float, float]] = (1 - _SCALE_JITTER, 1 + _SCALE_JITTER), flips: bool = True,
                  intensity: float = _INTENSITY, noise: float = _NOISE, input_scale: float = 1.0,
-                 foreground: float = 1 / 3, instances: bool = False):
+                 foreground: float = 1 / 3, instances: bool = False, window=None):
         self.pairs = list(pairs)
         if not self.pairs:
             raise ValueError("SegmentationDataset: no pairs given; check the dataset folder and split")
@@ -314,7 +314,7 @@ class SegmentationDataset(Dataset):
             else:
                 image, mask = check_pair(pair, self.num_classes)
             try:
-                x = image_to_channels(image, 1 if is_grey(image) else self.in_chans)
+                x = image_to_channels(image, 1 if is_grey(image) else self.in_chans, window)
             except DataError:
                 raise
             except ValueError as exc:

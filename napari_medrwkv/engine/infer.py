@@ -11,7 +11,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
-from .preprocess import image_to_channels, plane_layout, resize_channels, scaled_size, window_range
+from .preprocess import PERCENTILES, image_to_channels, plane_layout, resize_channels, scaled_size, window_range
 from .model import SegmentationModel, load_model
 from .instances import plane_instances
 from .postprocess import binary_labels, inference_settings
@@ -59,6 +59,8 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     setting (``model.info.inference``; off, 0.5, off unless ``medrwkv calibrate`` chose others).
     ``window``: an intensity window instead of each plane's percentiles (a CT preset of
     ``preprocess.CT_WINDOWS`` such as "soft tissue", or a (level, width) pair in the image's units).
+    Left as None it is the model's own: the window it was trained with (``model.info.window``),
+    else the percentiles; "percentiles" asks for the percentiles whatever the model's.
 
     Images larger than memory: ``image`` may also be a zarr or Dask array, a memory map, or the
     path of an OME-Zarr store or TIFF file; those are read block by block (only the tiles that
@@ -73,12 +75,16 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
         return segment_scan(read_scan(image), model=model, device=device, tile=tile, progress=progress,
                             cancel=cancel, return_probabilities=return_probabilities, flips=flips,
                             threshold=threshold, largest_component=largest_component, window=window)
+    own = window is None
+    window = _model_window(model) if own else None if window == PERCENTILES else window
     intensity_window = window                      # ("window" names each tile below)
     if window is not None:
         window_range(window)                       # a bad window fails before any work
         if out is not None or block is not None or client is not None or _is_lazy(image):
-            raise ValueError("segment: window= works on images in memory; read the image into memory "
-                             "(np.asarray) to segment it with a window")
+            whose = f" (here the model's own, {window!r}, which it was trained with)" if own else ""
+            raise ValueError(f"segment: window={whose} works on images in memory; read the image into memory "
+                             "(np.asarray) to segment it with a window" + (", or pass window='percentiles'"
+                                                                           if own else ""))
     if out is not None or block is not None or client is not None or _is_lazy(image):
         from .blocks import segment_blocks
         return segment_blocks(image, model, out, tile=tile, block=block, return_probabilities=return_probabilities,
@@ -145,6 +151,17 @@ def segment(image, model=None, tile: Optional[int] = None, progress: Progress = 
     if model.binary:
         return labels, probs[..., 0, :, :]
     return labels, np.moveaxis(probs, 1, 0) if stack_axes else probs
+
+
+def _model_window(model):
+    """The window ``model`` (loaded, a shipped name or a checkpoint path) was trained with, or None."""
+    if model is None:
+        return None
+    if isinstance(model, SegmentationModel):
+        return model.info.window
+    from .model import read_model_info
+    info = read_model_info(model)
+    return info.window if info is not None else None
 
 
 def _network_input(model: SegmentationModel, plane: np.ndarray, net_shape, intensity_window) -> np.ndarray:

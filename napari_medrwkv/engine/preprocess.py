@@ -54,6 +54,25 @@ def window_range(window) -> Tuple[float, float]:
     return level - width / 2, level + width / 2
 
 
+#: ``window=`` asking for each plane's own percentiles, also for a model trained with a window.
+PERCENTILES = "percentiles"
+
+
+def window_normalization(window) -> dict:
+    """What a checkpoint's ``normalization`` records for a model trained with ``window`` (a name of
+    :data:`CT_WINDOWS` or a (level, width) pair; None or "percentiles": each image's percentiles)."""
+    if window is None or window == PERCENTILES:
+        return dict(NORMALIZATION)
+    window_range(window)
+    return {"mode": "window", "window": window if isinstance(window, str) else [float(v) for v in window],
+            "center": NORMALIZATION["center"], "scale": NORMALIZATION["scale"]}
+
+
+def recorded_window(normalization: dict):
+    """The window a checkpoint's ``normalization`` records (None: the percentiles)."""
+    return normalization.get("window") if (normalization or {}).get("mode") == "window" else None
+
+
 def normalize_window(x, window) -> np.ndarray:
     """:func:`normalize` with a fixed intensity window instead of the image's percentiles: the
     window's low and high map as the percentiles would, and values outside it are clipped to it

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from .defaults import FEW_SHOT
 from .infer import Cancelled, segment
 from .instances import decode_distance, decode_targets, instance_pair
 from .metrics import instance_scores, mean_dice
+from .preprocess import window_normalization
 from .model import SegmentationModel, load_model, with_instances
 
 
@@ -59,6 +60,8 @@ class TrainConfig:
     blend: float = 1.0                    # the best epoch's share of the kept weights, the rest the trained
                                           # start's (with validation data, only if it scores as high as the epoch)
     instances: str = ""                   # "border": make a binary model an instance model (engine/instances.py)
+    window: Any = None                    # intensity window (a CT preset name or (level, width)), recorded in
+                                          # the checkpoint; None: the model's own; "percentiles": none
 
     @classmethod
     def few_shot(cls, **overrides) -> "TrainConfig":
@@ -176,6 +179,7 @@ def train(model_or_name, data, out=None, epochs=None, max_minutes=None, device="
             raise FileExistsError(f"{out} exists; pass overwrite=True to replace it, or choose another out")
     if cfg.input_scale is not None:
         cfg.input_scale = check_input_scale(cfg.input_scale)
+    window_normalization(cfg.window)                            # a bad window fails before any work
     if cfg.freeze not in FREEZE_CHOICES:
         raise ValueError(f"freeze={cfg.freeze!r}: use one of " + "; ".join(f"{k!r} ({v})" for k, v in FREEZE_CHOICES.items()))
     augment_ranges = augmentation(cfg.augment_strength)         # checked before any data is read
@@ -221,10 +225,12 @@ def _train(model_or_name, data, out, device, progress, cancel, split, val_data, 
     info = model.info
     if cfg.input_scale is not None:
         info.input_scale = cfg.input_scale
+    if cfg.window is not None:            # recorded: segment uses it with this model unless told otherwise
+        info.normalization = window_normalization(cfg.window)
     train_set = SegmentationDataset(train_items, info.in_chans, info.num_classes, cfg.patch_size, augment=cfg.augment,
                                     samples_per_epoch=cfg.samples_per_epoch or max(len(train_items), 4 * cfg.batch_size),
                                     seed=cfg.seed, input_scale=info.input_scale, foreground=cfg.foreground,
-                                    instances=bool(info.instances), **augment_ranges)
+                                    instances=bool(info.instances), window=info.window, **augment_ranges)
     # Read once, checked as training pairs are, and segmented whole as the trained model will be.
     val_pairs = [instance_pair(item) if info.instances else check_pair(item, info.num_classes)
                  for item in val_items] or None

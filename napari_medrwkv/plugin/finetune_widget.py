@@ -259,6 +259,18 @@ class FineTuneWidget(QWidget):
                 counts[source] = counts.get(source, 0) + len(review.reviewed(layer))
         return max(counts, key=counts.get) if counts else None
 
+    def _window_in_use(self):
+        """The intensity window Segment showed the model the reviewed images through (most reviewed
+        slices; "percentiles" for none), which fine-tuning learns with and records; None when no layer
+        says (the base model's own)."""
+        counts = {}
+        for layer in self.viewer.layers:
+            window = layer.metadata.get(METADATA_KEY, {}).get("window") if hasattr(layer, "metadata") else None
+            if window is not None and review.linked_image(layer) and review.reviewed(layer):
+                key = window if isinstance(window, str) else tuple(window)
+                counts[key] = counts.get(key, 0) + len(review.reviewed(layer))
+        return max(counts, key=counts.get) if counts else None
+
     def _browse_folder(self):
         folder = QFileDialog.getExistingDirectory(self, "Dataset folder (images/ + masks/)", self.folder_edit.text())
         if folder:
@@ -371,7 +383,7 @@ class FineTuneWidget(QWidget):
             f"the {len(compare)} training pair(s) (fewer than 3 reviewed pairs, none held out)" if compare else ""
         settings = dict(lr=self.lr_spin.value(), patch_size=self.patch_spin.value(),
                         batch_size=self.batch_spin.value(), samples_per_epoch=self.samples_spin.value(),
-                        seed=HOLD_OUT_SEED)
+                        seed=HOLD_OUT_SEED, window=self._window_in_use())
         command = self._provenance(pairs, train_idx, held_idx, folder)
         self._cancel.clear()
         self._last_step = None

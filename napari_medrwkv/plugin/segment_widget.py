@@ -292,6 +292,18 @@ class SegmentWidget(QWidget):
         self.threshold_spin.setValue(settings["threshold"])
         self.largest_check.setEnabled(binary)
         self.threshold_spin.setEnabled(binary)
+        self._offer_windows(info.window if info is not None else None)
+
+    def _offer_windows(self, own) -> None:
+        """The Intensities menu for a model trained with window ``own`` (or None): its first entry,
+        the model's own, names it; with a window of its own, the percentiles are a choice of their own."""
+        self.window_combo.setItemText(0, PERCENTILES if own is None else f"the model's own: {window_words(own)}")
+        index = self.window_combo.findData(PERCENTILES_CHOICE)
+        if own is not None and index < 0:
+            self.window_combo.insertItem(1, PERCENTILES, PERCENTILES_CHOICE)
+        elif own is None and index >= 0:
+            self.window_combo.removeItem(index)
+        self.window_combo.setCurrentIndex(0)        # another model: its own, as its other settings
 
     def inference_choices(self) -> dict:
         """What the controls ask of ``segment``; threshold and largest object for binary models only."""
@@ -323,6 +335,7 @@ class SegmentWidget(QWidget):
         self._slices = 1 if slice_index is not None or data.ndim - (1 if image_layer.rgb else 0) == 2 else len(data)
         self._set_running(True)
         self.status.setText(f"Segmenting {image_layer.name} with {source}…")
+        self._window_chosen = self.window_combo.currentData()      # recorded on the result (Fine-tune uses it)
         self.worker = self._make_worker(data, source, self.device_combo.currentText(), self.tile_spin.value() or None,
                                         image_layer.rgb, self.inference_choices(),
                                         _acquired_axis(image_layer) if slice_index is None else 0)
@@ -458,6 +471,9 @@ class SegmentWidget(QWidget):
         else:
             changed = review.replace_slices(layer, planes)
         record_written(layer, source)
+        # The window the model saw the image through: fine-tuning on these labels uses it too.
+        layer.metadata[review.KEY]["window"] = getattr(self, "_window_chosen", None) or model.info.window \
+            or PERCENTILES_CHOICE
         link(layer, image_layer.name)
         layer.refresh()
         if self.probability_check.isChecked() and model.binary:
@@ -564,8 +580,19 @@ class SegmentWidget(QWidget):
             self.progress_bar.setValue(0)
 
 
-#: The window menu's first entry: no window, each slice's own range.
+#: The window menu's first entry for a model trained without a window: each slice's own range.
 PERCENTILES = "each slice's range (percentiles)"
+#: ``segment(window=)`` for the percentiles, also with a model trained with a window.
+PERCENTILES_CHOICE = "percentiles"
+
+
+def window_words(window) -> str:
+    """A window as the Intensities menu names it: "CT window lung (-600 / 1500 HU)"."""
+    if isinstance(window, str):
+        level, width = CT_WINDOWS[window]
+        return f"CT window {window} ({level:g} / {width:g} HU)"
+    level, width = window
+    return f"window {level:g} / {width:g}"
 
 
 def _acquired_axis(layer) -> int:

@@ -117,11 +117,11 @@ def test_a_ct_window_chosen_in_segment_reaches_the_model(make_napari_viewer, qtb
     image = open_scan(viewer, path)
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget)
+    widget.image_combo.setCurrentText(image.name)
+    widget.model_combo.setCurrentText("rwkv_unet_t-dsb2018")        # a model change resets to the model's own
     assert widget.window_combo.currentText() == PERCENTILES and "window" not in widget.inference_choices()
     widget.window_combo.setCurrentIndex(widget.window_combo.findData("lung"))
     assert widget.inference_choices()["window"] == "lung"
-    widget.image_combo.setCurrentText(image.name)
-    widget.model_combo.setCurrentText("rwkv_unet_t-dsb2018")
     widget.device_combo.setCurrentText("cpu")
     widget.scope_combo.setCurrentText("all slices")
     widget.run()
@@ -257,3 +257,32 @@ def test_review_fine_tune_and_resegment_follow_a_sagittal_scans_acquired_planes(
     expected = segment(np.moveaxis(image.data[:, :, others], 2, 0), model=finetune.result.model)
     np.testing.assert_array_equal(np.moveaxis(labels.data[:, :, others], 2, 0), expected)
     assert review.edited_slices(labels) == []                 # what the plugin wrote, plane by plane
+
+
+def test_a_dicom_folder_with_two_series_opens_a_layer_per_series_named_by_its_description(make_napari_viewer,
+                                                                                          tmp_path, monkeypatch):
+    from test_scans import volume, write_dicom_series
+    from napari_medrwkv.plugin import scan_io
+    scout, t1 = volume((3, 8, 8), seed=3), volume((6, 8, 8), seed=4)
+    write_dicom_series(tmp_path / "study", scout, "1.2.826.0.1.3680043.2.1125.11", description="scout", number="1")
+    write_dicom_series(tmp_path / "study", t1, "1.2.826.0.1.3680043.2.1125.22", spacing=(0.5, 0.5, 3.0),
+                       description="T1 axial", number="2")
+    viewer = make_napari_viewer()
+    with pytest.warns(UserWarning, match=r"2 DICOM series, opened as 2 layers: #2 T1 axial \(6 slices\); "
+                                         r"#1 scout \(3 slices\)"):
+        layers = viewer.open(str(tmp_path / "study"), plugin="napari-medrwkv")
+    assert [layer.name for layer in layers] == ["study #2 T1 axial", "study #1 scout"]
+    assert [layer.visible for layer in layers] == [True, False]           # the largest shown
+    np.testing.assert_array_equal(layers[0].data, t1)
+    np.testing.assert_array_equal(layers[1].data, scout)
+    np.testing.assert_allclose(layers[0].scale, (3.0, 0.5, 0.5))       # each series on its own grid
+    np.testing.assert_allclose(layers[1].scale, (2.5, 0.8, 0.8))
+    # Too large to open together: the largest alone, and the notice says how to open another...
+    monkeypatch.setattr(scan_io, "ALL_SERIES_BYTES", 100)
+    with pytest.warns(UserWarning, match=r"too large to open together: opened the largest, #2 T1 axial.*#1 scout "
+                                         r"\(3 slices\).*open one of its files"):
+        [largest] = viewer.open(str(tmp_path / "study"), plugin="napari-medrwkv")
+    np.testing.assert_array_equal(largest.data, t1)
+    # ...which opens that file's series.
+    [one] = viewer.open(str(tmp_path / "study" / "11_001.dcm"), plugin="napari-medrwkv")
+    np.testing.assert_array_equal(one.data, scout)

@@ -179,7 +179,7 @@ def test_geometry_survives_layer_metadata(tmp_path):
 # ------------------------------------------------------------------ DICOM
 
 
-def write_dicom_series(folder: Path, array, uid: str, spacing=(0.8, 0.8, 2.5)):
+def write_dicom_series(folder: Path, array, uid: str, spacing=(0.8, 0.8, 2.5), description=None, number=None):
     """One DICOM file per slice of ``array`` (z, y, x), as a scanner would store the series."""
     folder.mkdir(exist_ok=True)
     writer = sitk.ImageFileWriter()
@@ -192,7 +192,8 @@ def write_dicom_series(folder: Path, array, uid: str, spacing=(0.8, 0.8, 2.5)):
                            ("0008|0060", "CT"), ("0020|0013", str(z + 1)),
                            ("0008|0018", f"{uid}.{z + 1}"),
                            ("0020|0032", f"0\\0\\{z * spacing[2]}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
-                           ("0018|0050", str(spacing[2]))):
+                           ("0018|0050", str(spacing[2]))) + \
+                (("0008|103e", description),) * (description is not None) + (("0020|0011", number),) * (number is not None):
             image.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{uid.rsplit('.', 1)[-1]}_{z:03d}.dcm"))
         writer.Execute(image)

@@ -16,7 +16,7 @@ import functools
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -206,6 +206,47 @@ def read_scan(path: PathLike, series: Optional[str] = None) -> Scan:
     geometry = _common_orientation(image, array.shape, str(path))
     array = np.ascontiguousarray(_to_common(array, geometry))
     return Scan(array, geometry, note)
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One series of a DICOM folder, from its first file's header: ``uid`` (SeriesInstanceUID, what
+    :func:`read_scan` takes as ``series``), ``slices`` (files), ``description`` and ``number``
+    (SeriesDescription, SeriesNumber: "" where the files have none), ``voxels`` (all slices)."""
+
+    uid: str
+    slices: int
+    description: str
+    number: str
+    voxels: int
+
+    @property
+    def title(self) -> str:
+        """How a person tells the series apart: "#3 T1 axial", else its UID."""
+        words = " ".join(part for part in (f"#{self.number}" if self.number else "", self.description) if part)
+        return words or self.uid
+
+
+def dicom_series(folder: PathLike) -> List[DicomSeries]:
+    """The DICOM series in ``folder``, the one with the most slices first (headers only, no pixels)."""
+    sitk = _sitk()
+    folder = Path(folder)
+    found = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:                 # an unreadable header: the series still counts, read says why
+            found.append(DicomSeries(uid, len(files), "", "", 0))
+            continue
+
+        def tag(key):
+            return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
+        size = reader.GetSize()
+        found.append(DicomSeries(uid, len(files), tag("0008|103e"), tag("0020|0011"), len(files) * size[0] * size[1]))
+    return sorted(found, key=lambda s: (-s.slices, -s.voxels))
 
 
 def _read_dicom(sitk, path: Path, series: Optional[str]):

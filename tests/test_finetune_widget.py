@@ -448,3 +448,26 @@ def test_finished_weights_that_no_folder_takes_are_kept_until_saved_with_save_as
     assert read_info(chosen).training["history"]           # the trained run, with its provenance
     assert widget.busy() == "" and session.registered() == [str(chosen)]
     assert "Saved " + str(chosen) in widget.status.text()
+
+
+def test_separate_touching_objects_trains_a_binary_base_into_an_instance_model(loop, qtbot, tmp_path, errors,
+                                                                              checkpoint):
+    widget = loop
+    assert widget.instances_check.isEnabled() and not widget.instances_check.isChecked()
+    widget.instances_check.setChecked(True)
+    out = tmp_path / "instances.safetensors"
+    _tiny(widget, out)
+    widget.run()
+    _wait(widget, qtbot)
+    assert not errors, errors
+    assert read_info(out).instances == "distance" and read_info(checkpoint).instances == ""
+    assert "DSB object score" in widget.result_label.text()
+    # An instance model as the base: the switch shows it and cannot be turned off.
+    widget.add_model_source(str(out))
+    assert widget.instances_check.isChecked() and not widget.instances_check.isEnabled()
+    # A prompt-aware (click to fix) model cannot become one: the switch is off and closed.
+    from napari_medrwkv.engine.interactive_train import promptable_start
+    from napari_medrwkv.engine.checkpoint import save_checkpoint
+    prompted = promptable_start(checkpoint)
+    widget.add_model_source(str(save_checkpoint(prompted.net, tmp_path / "prompted.safetensors", prompted.info)))
+    assert not widget.instances_check.isChecked() and not widget.instances_check.isEnabled()

@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtWidgets import (QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                             QMessageBox, QProgressBar, QPushButton, QSpinBox, QWidget)
 
 from ..engine.defaults import FEW_SHOT, FEW_SHOT_MINUTES
@@ -30,6 +30,12 @@ HOLD_OUT_FRACTION = 0.2          # of the reviewed pairs, when there are at leas
 HOLD_OUT_MIN_PAIRS = 3
 HOLD_OUT_SEED = 0
 MODELS_DIR = "~/medrwkv-models"
+#: What "Separate touching objects" makes of a binary base model: the distance kind learns in far
+#: fewer steps than the thin touching border (engine/instances.py), which a few-shot run needs.
+INSTANCE_KIND = "distance"
+INSTANCES_TIP = ("Train the base model into an instance model: it also learns each object's distance to its edge, "
+                 "and segmenting gives every object (nucleus, cell) its own label. It learns from reviewed labels "
+                 "that give touching objects different ids.")
 
 _FINETUNED_SUFFIX = re.compile(r"-finetuned-\d{8}-\d{4}(-\d+)?$")
 
@@ -141,6 +147,8 @@ class FineTuneWidget(QWidget):
         self.samples_spin = QSpinBox()
         self.samples_spin.setRange(1, 1000000)
         self.samples_spin.setValue(FEW_SHOT["samples_per_epoch"])
+        self.instances_check = QCheckBox("Separate touching objects (one label per object)")
+        self.instances_check.setToolTip(INSTANCES_TIP)
         self.output_edit = QLineEdit()
         self.output_button = QPushButton("Save as…")
         # running and results
@@ -176,6 +184,7 @@ class FineTuneWidget(QWidget):
         form.addRow("Base model", self.model_combo)
         form.addRow("Device", self.device_combo)
         form.addRow("Time budget", self.minutes_spin)
+        form.addRow(self.instances_check)
         form.addRow("Save to", output_row)
         settings = QWidget()
         settings_form = QFormLayout(settings)
@@ -218,12 +227,14 @@ class FineTuneWidget(QWidget):
         self.save_pairs_button.clicked.connect(self.save_pairs)
         self.model_combo.activated.connect(self._on_model_chosen)
         self.model_combo.currentTextChanged.connect(self._suggest_output)
+        self.model_combo.currentTextChanged.connect(self._offer_instances)
         follow_layer_list(self, self.viewer.layers, self.refresh_pairs)
         review.follow_renames(self.viewer.layers)   # reviewed pairs survive renaming their image
         connect_while_alive(self, session.changed, self._on_session_changed)
         connect_while_alive(self, review.changed, self.refresh_pairs)    # a slice marked or unmarked anywhere
         stop_jobs_on_quit(self, self.viewer)
         self._fill_models_and_devices()
+        self._offer_instances()
         self.refresh_pairs()
 
     # ------------------------------------------------------------------ data
@@ -315,6 +326,24 @@ class FineTuneWidget(QWidget):
         if path:
             self.add_model_source(path)
 
+    def _offer_instances(self, *_):
+        """The instance switch fits the base model: ticked and fixed for an instance model, open to a
+        binary one, off for anything else (a model of several classes, a prompt-aware one)."""
+        from ..engine.model import read_model_info
+        source = self.model_combo.currentText()
+        try:
+            info = read_model_info(source) if source and source != BROWSE else None
+        except (ValueError, OSError):
+            info = None
+        already = bool(info and info.instances)
+        possible = bool(info and not info.instances and info.num_classes == 1 and not info.prompt_channels)
+        self.instances_check.setEnabled(possible)
+        if already or not possible:
+            self.instances_check.setChecked(already)
+        self.instances_check.setToolTip(INSTANCES_TIP + (
+            "\nThe base model is an instance model already." if already else
+            "" if possible else "\nThis base model cannot become one: only a binary (foreground) model can."))
+
     def _suggest_output(self, *_):
         """Prefill the checkpoint path from the base model, unless the user typed or chose one."""
         base = self.model_combo.currentText()
@@ -384,6 +413,8 @@ class FineTuneWidget(QWidget):
         settings = dict(lr=self.lr_spin.value(), patch_size=self.patch_spin.value(),
                         batch_size=self.batch_spin.value(), samples_per_epoch=self.samples_spin.value(),
                         seed=HOLD_OUT_SEED, window=self._window_in_use())
+        if self.instances_check.isChecked() and self.instances_check.isEnabled():
+            settings["instances"] = INSTANCE_KIND
         command = self._provenance(pairs, train_idx, held_idx, folder)
         self._cancel.clear()
         self._last_step = None

@@ -1,5 +1,7 @@
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "napari_medrwkv" / "plugin" / "samples"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# What MedRWKV remembers between napari sessions (plugin/reader_preference.py) stays out of the home folder.
+os.environ.setdefault("MEDRWKV_CONFIG_DIR", tempfile.mkdtemp(prefix="medrwkv-config-"))
 
 
 @pytest.fixture(autouse=True)

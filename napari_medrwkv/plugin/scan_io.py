@@ -11,6 +11,7 @@ import numpy as np
 
 from ..engine.scans import (METADATA_KEY, ScanGeometry, dicom_series, is_dicom_folder, is_scan, read_scan, scan_stem,
                             write_scan)
+from .reader_preference import prefer_scan_reader_quietly
 
 #: Opening every series of a DICOM folder at once: at most this many bytes (16-bit voxels), else the largest alone.
 ALL_SERIES_BYTES = 2 * 1024 ** 3
@@ -31,6 +32,7 @@ def get_reader(path):
 def read_scan_layers(path) -> List[tuple]:
     if isinstance(path, (list, tuple)):
         path = path[0]
+    prefer_scan_reader_quietly()             # chosen for this scan: for the other scan formats too, once
     if is_dicom_folder(path):
         series = dicom_series(path)
         if len(series) > 1:

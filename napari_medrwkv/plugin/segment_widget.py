@@ -19,6 +19,7 @@ from ..engine.scans import METADATA_KEY as SCAN_GEOMETRY
 from . import review, session
 from .qt_helpers import (BROWSE, Section, WorkerRelay, add_shortcut, connect_while_alive, fit_dock, follow_layer_list,
                          refill, scrolling_body, shortcut_legend, stop_jobs_on_quit, unwrap_outcome)
+from .reader_preference import prefer_scan_reader_quietly
 from .review import link, record_written
 
 
@@ -38,6 +39,7 @@ class SegmentWidget(QWidget):
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         retain_freed_memory()      # before this widget's workers first allocate: they share the kept memory
+        prefer_scan_reader_quietly()   # scans open with MedRWKV's reader from now on (unless the user chose)
         self.viewer = napari_viewer
         self.worker = None
         self._slices = 1

@@ -213,3 +213,46 @@ def test_cancel_stops_between_tiles_and_leaves_no_store(tmp_path):
                    progress=lambda done, total: seen.append((done, total)), cancel=lambda: len(seen) >= 3)
     assert seen[-1][0] == 3 and seen[-1][1] > 3
     assert list(tmp_path.iterdir()) == []
+
+
+def test_iter_blocks_runs_only_the_blocks_asked_for_into_the_full_store(tmp_path):
+    """One task at a time (the Segment widget's path): the blocks meeting the asked rows, columns
+    and planes hold what a run over the whole image writes there, the rest stays 0; the
+    largest-object filter runs only on planes segmented whole."""
+    from napari_medrwkv.engine.blocks import iter_blocks
+    image = random_image((3, 150, 170), seed=9)
+    model = tiny_model()
+    whole = nm.segment(image, model, tile=48, block=48, out=None)
+    store = zarr.open_array(str(tmp_path / "l.zarr"), mode="w", shape=image.shape, chunks=(1, 48, 48), dtype=np.uint8)
+    steps = list(iter_blocks(image, model, store, planes=[1], rows=(50, 60), cols=(100, 150), tile=48, block=48))
+    assert [s[:2] for s in steps] == [(1, 2), (2, 2)]              # rows 48-96 x columns 96-144 and 144-170
+    assert {(z, r.start, c.start) for _, _, (z, r, c) in steps} == {(1, 48, 96), (1, 48, 144)}
+    got = np.asarray(store)
+    asked = (1, slice(48, 96), slice(96, 170))
+    assert_same(got[asked], whole[asked])
+    got[asked] = 0
+    assert not got.any()
+    # A whole plane, with the largest-object filter: that plane alone is filtered.
+    largest = nm.segment(image, model, tile=48, block=48, out=None, largest_component=True)
+    list(iter_blocks(image, model, store, planes=[2], tile=48, block=48, largest_component=True))
+    assert_same(store[2], largest[2])
+    assert not store[0].any()
+
+
+def test_iter_blocks_cancelled_keeps_the_blocks_written_before(tmp_path):
+    from napari_medrwkv.engine.blocks import iter_blocks
+    from napari_medrwkv.engine.infer import Cancelled
+    image = random_image((100, 100), seed=10)
+    model = tiny_model()
+    whole = nm.segment(image, model, tile=32, block=32, out=None)
+    store = zarr.open_array(str(tmp_path / "l.zarr"), mode="w", shape=image.shape, chunks=(32, 32), dtype=np.uint8)
+    done = []
+    with pytest.raises(Cancelled):
+        for step in iter_blocks(image, model, store, tile=32, block=32, cancel=lambda: len(done) >= 3):
+            done.append(step)
+    got = np.asarray(store)
+    for _, _, (_, rows, cols) in done:
+        assert_same(got[rows, cols], whole[rows, cols])
+        got[rows, cols] = 0
+    assert len(done) == 3 and not got.any()
+    assert (tmp_path / "l.zarr").is_dir()                          # an open array is the caller's: kept

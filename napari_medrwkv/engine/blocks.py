@@ -304,18 +304,10 @@ def _resized(x: np.ndarray, wy, wx) -> np.ndarray:
 
 # ---------------------------------------------------------------- one block
 
-def tile_grid(net: Tuple[int, int], model, tile: Optional[int]):
-    """((tile height, width), row starts, column starts) of the tiles that the whole-plane pass
-    of :func:`.infer.segment` runs over a plane of ``net`` pixels; the same tiles make the same
-    numbers here."""
-    from .tiling import plan_tiles
-    plan = plan_tiles(net, model.info.architecture, tile=tile, device=model.device)
-    return plan.tile, plan.ys, plan.xs
-
-
 @dataclass(frozen=True)
 class PlanePlan:
-    """Where the whole-plane pass puts its tiles, and how a plane is resized for the network."""
+    """Where the whole-plane pass of :func:`.infer.segment` puts its tiles (the same tiles make
+    the same numbers here), and how a plane is resized for the network."""
     shape: Tuple[int, int]
     net: Tuple[int, int]
     tile: Tuple[int, int]             # (height, width) in the network's pixels
@@ -324,9 +316,15 @@ class PlanePlan:
 
     @classmethod
     def of(cls, shape, model, tile: Optional[int]) -> "PlanePlan":
-        net = scaled_size(shape, model.info.input_scale)
-        tile_hw, ys, xs = tile_grid(net, model, tile)
-        return cls(tuple(shape), net, tuple(tile_hw), tuple(ys), tuple(xs))
+        return cls.of_info(shape, model.info, model.device, tile)
+
+    @classmethod
+    def of_info(cls, shape, info, device, tile: Optional[int]) -> "PlanePlan":
+        """The plan from a model's header (``checkpoint.ModelInfo``) and device, without the model."""
+        from .tiling import plan_tiles
+        net = scaled_size(shape, info.input_scale)
+        plan = plan_tiles(net, info.architecture, tile=tile, device=device)
+        return cls(tuple(shape), net, tuple(plan.tile), tuple(plan.ys), tuple(plan.xs))
 
     def unit(self, block: int) -> int:
         """The side of the region one task makes: whole blocks, at least a tile's side in the
@@ -432,6 +430,78 @@ def segment_blocks(image, model=None, out=None, *, tile: Optional[int] = None, b
     ``return_probabilities`` a pair (labels, probabilities) of such targets, the probabilities
     stored as uint8 (0..255).  ``block``: the side of an output block and zarr chunk (default
     :data:`DEFAULT_BLOCK`).  ``client``: a ``dask.distributed.Client`` that runs the blocks."""
+    job, targets, block = _prepare(image, model, out, tile, block, return_probabilities, rgb, device, flips,
+                                   threshold, largest_component)
+    regions = _regions(job, block)
+    try:
+        if client is None:
+            _run_here(job, regions, targets, progress, cancel)
+        else:
+            _run_on(client, job, regions, targets, progress, cancel)
+        _keep_largest(job, targets, block)
+        return targets.finish()
+    except BaseException:
+        targets.discard()
+        raise
+
+
+def iter_blocks(image, model=None, out=None, *, planes=None, rows=None, cols=None, tile: Optional[int] = None,
+                block: Optional[int] = None, return_probabilities: bool = False, rgb: Optional[bool] = None,
+                device="auto", flips: Optional[bool] = None, threshold: Optional[float] = None,
+                largest_component: Optional[bool] = None, cancel=None):
+    """:func:`segment_blocks` one task at a time: a generator that yields ``(done, total, (z,
+    rows, cols))`` after each task's blocks are written, for a viewer that shows them as they
+    come (the Segment widget).  ``planes`` (plane indices), ``rows`` and ``cols`` ((start,
+    stop) in the image's pixels) keep only the tasks that meet them: whole blocks, snapped
+    outward, written into the full-size ``out``.  The intensity range still comes from the whole
+    plane, so a block holds what a run over the whole image writes there.  The largest-object
+    filter needs whole planes: it runs only when every task of the image ran.  ``cancel()``
+    returning True stops before the next tile; a task stopped so writes nothing.  Its return
+    value (``StopIteration.value``) is :func:`segment_blocks`'s."""
+    job, targets, block = _prepare(image, model, out, tile, block, return_probabilities, rgb, device, flips,
+                                   threshold, largest_component)
+    every = _regions(job, block)
+    chosen = task_regions(every, planes, rows, cols)
+    try:
+        for done, (z, r, c) in enumerate(chosen, 1):
+            targets.write(z, r, c, *run_block(job, z, r, c, _cancel_check(cancel)))
+            yield done, len(chosen), (z, r, c)
+        whole = [z for z in range(job.image.planes) if
+                 sum(region[0] == z for region in chosen) == sum(region[0] == z for region in every)]
+        _keep_largest(job, targets, block, whole)
+        return targets.finish()
+    except BaseException:
+        targets.discard()
+        raise
+
+
+def _cancel_check(cancel):
+    from .infer import Cancelled
+
+    def on_tile():
+        if cancel is not None and cancel():
+            raise Cancelled("segmentation cancelled")
+    on_tile()
+    return on_tile
+
+
+def task_regions(regions, planes=None, rows=None, cols=None):
+    """The (z, rows, cols) of ``regions`` in ``planes`` that meet ``rows`` x ``cols`` ((start, stop) pairs)."""
+    def meets(region):
+        z, r, c = region
+        return (planes is None or z in planes) and all(
+            span is None or (s.start < span[1] and s.stop > span[0]) for s, span in ((r, rows), (c, cols)))
+    return [region for region in regions if meets(region)]
+
+
+def plane_regions(shape, planes: int, unit: int):
+    """(z, rows, cols) of every task over ``planes`` planes of ``shape`` pixels, tasks ``unit`` a side."""
+    return [(z, rows, cols) for z in range(planes) for rows, cols in _grid(shape, unit)]
+
+
+def _prepare(image, model, out, tile, block, return_probabilities, rgb, device, flips, threshold,
+             largest_component):
+    """(job, targets, block side): everything checked and opened before the first block."""
     from .model import SegmentationModel, load_model
     from .postprocess import inference_settings
 
@@ -451,22 +521,19 @@ def segment_blocks(image, model=None, out=None, *, tile: Optional[int] = None, b
     plan = PlanePlan.of(source.plane_shape, model, tile)
     intensities = tuple(plane_intensity(sample_plane(source, z), model.info.in_chans) for z in range(source.planes))
     job = Job(source, model, (plan,), intensities, settings)
-    targets = _Targets.make(out, source, model, block, return_probabilities)
-    # A task makes whole chunks (no two write one), as many as a tile spans at least.
-    regions = [(z, rows, cols) for z in range(source.planes)
-               for rows, cols in _grid(source.plane_shape, plan.unit(block))]
-    try:
-        if client is None:
-            _run_here(job, regions, targets, progress, cancel)
-        else:
-            _run_on(client, job, regions, targets, progress, cancel)
-        if model.binary and settings["largest_component"]:
-            for z in range(source.planes):
-                targets.keep_largest(z, block)
-        return targets.finish()
-    except BaseException:
-        targets.discard()
-        raise
+    return job, _Targets.make(out, source, model, block, return_probabilities), block
+
+
+def _regions(job: "Job", block: int):
+    """(z, rows, cols) of every task: a task makes whole chunks (no two write one), as many as a
+    tile spans at least."""
+    return plane_regions(job.image.plane_shape, job.image.planes, job.plans[0].unit(block))
+
+
+def _keep_largest(job: "Job", targets, block: int, planes=None) -> None:
+    if job.model.binary and job.settings["largest_component"]:
+        for z in range(job.image.planes) if planes is None else planes:
+            targets.keep_largest(z, block)
 
 
 def _grid(shape, block: int):

@@ -17,6 +17,7 @@ from ..engine.memory import retain_freed_memory
 from ..engine.preprocess import CT_WINDOWS
 from ..engine.scans import METADATA_KEY as SCAN_GEOMETRY
 from . import review, session
+from .block_segment import BlockSegmenter
 from .qt_helpers import (BROWSE, Section, WorkerRelay, add_shortcut, connect_while_alive, fit_dock, follow_layer_list,
                          refill, scrolling_body, shortcut_legend, stop_jobs_on_quit, unwrap_outcome)
 from .reader_preference import prefer_scan_reader_quietly
@@ -94,6 +95,7 @@ class SegmentWidget(QWidget):
         self.suggestion = QLabel("")
         self.suggestion.setWordWrap(True)
         self._model_by_hand = False       # until the user picks a model, the suggested one is selected
+        self._blocks = BlockSegmenter(self)   # large, lazy and multiscale images, into a zarr store
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
@@ -101,6 +103,7 @@ class SegmentWidget(QWidget):
         form.addRow("", self.suggestion)
         form.addRow("Device", self.device_combo)
         form.addRow("Stack", self.scope_combo)
+        form.addRow("", self._blocks.view_check)
         settings = QWidget()
         settings_form = QFormLayout(settings)
         settings_form.setContentsMargins(0, 0, 0, 0)
@@ -111,6 +114,7 @@ class SegmentWidget(QWidget):
         settings_form.addRow(self.probability_check)
         settings_form.addRow(self.flips_check)
         settings_form.addRow(self.largest_check)
+        settings_form.addRow("Store", self._blocks.store_row)
         self.settings_section = Section("Settings (tile, threshold, flips, one object)", settings, expanded=False)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
@@ -328,6 +332,10 @@ class SegmentWidget(QWidget):
             source = self.model_combo.currentText()
             if not source or source == BROWSE:
                 raise ValueError("Choose a model or a checkpoint file first.")
+            if self._blocks.wanted(image_layer):
+                self._check_tile(source)
+                self._blocks.run(image_layer, source)      # block by block, shown as the blocks finish
+                return
             data, slice_index = self._input(image_layer)
             self._check_tile(source)
         except ValueError as err:

@@ -240,3 +240,41 @@ def test_bad_inputs_say_what_to_do(widget, qtbot, tmp_path, errors):
     widget.run()
     assert "The view shows none of lazy" in errors[-1]
     assert not any(layer.name.startswith("lazy [") for layer in viewer.layers)
+
+
+def test_a_lazy_stack_by_slice_and_an_image_past_the_memory_share(widget, qtbot, tmp_path, monkeypatch):
+    viewer = widget.viewer
+    stack = zarr.open_array(str(tmp_path / "stack.zarr"), mode="w", shape=(3, 256, 256), chunks=(1, 256, 256),
+                            dtype=np.uint8)
+    stack[...] = random_image((3, 256, 256), seed=8)
+    viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 1)
+    widget.image_combo.setCurrentText("stack")
+    widget.run()                                          # the current slice: that plane alone
+    _wait(widget, qtbot)
+    got = np.asarray(viewer.layers["stack [tiny]"].data)
+    assert got.shape == (3, 256, 256) and viewer.layers["stack [tiny]"].data.chunks == (1, BLOCK, BLOCK)
+    labels, unsure = _reference(widget, stack)
+    _assert_equal_where_certain(got[1], labels[1], unsure[1])
+    assert not got[0].any() and not got[2].any()
+    widget.scope_combo.setCurrentText("all slices")        # plane 1 holds labels: asked, Yes writes over
+    asked = []
+    monkeypatch.setattr(block_segment.QMessageBox, "question",
+                        lambda *a, **k: asked.append(a) or block_segment.QMessageBox.StandardButton.Yes)
+    widget.run()
+    _wait(widget, qtbot)
+    assert len(asked) == 1 and [layer.name for layer in viewer.layers] == ["stack", "stack [tiny]"]
+    _assert_equal_where_certain(viewer.layers["stack [tiny]"].data, labels, unsure)
+    # An image in memory goes the block path when its in-memory segmentation would not fit.
+    image = random_image((256, 256), seed=9)
+    viewer.add_image(image, name="plain")
+    widget.image_combo.setCurrentText("plain")
+    widget.run()
+    _wait(widget, qtbot)
+    assert isinstance(viewer.layers["plain [tiny]"].data, np.ndarray)        # it fits: in memory, as ever
+    viewer.layers.remove("plain [tiny]")
+    monkeypatch.setattr(block_segment, "MEMORY_SHARE", 1e-6)
+    widget.run()
+    _wait(widget, qtbot)
+    assert isinstance(viewer.layers["plain [tiny]"].data, zarr.Array)
+    _assert_equal_where_certain(viewer.layers["plain [tiny]"].data, *_reference(widget, image))

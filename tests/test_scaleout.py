@@ -102,3 +102,21 @@ def test_a_missing_store_is_named(tmp_path, tiny_checkpoint, capsys):
                  str(tmp_path / "out")]) != 0
     assert "gone.zarr does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_local_cluster_leaves_the_callers_environment_as_it_was(monkeypatch):
+    """Dask's nannies set one-thread and malloc variables for their workers in the spawning
+    process's environment; the workers keep them, the caller gets its own back."""
+    import os
+    for key in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    before = dict(os.environ)
+    client = scaleout.connect(workers=1)
+    try:
+        assert dict(os.environ) == before
+        worker_env = next(iter(client.run(lambda: dict(os.environ)).values()))
+        assert worker_env["OMP_NUM_THREADS"] == "1" and "MALLOC_TRIM_THRESHOLD_" in worker_env
+    finally:
+        client.close()
+        client.cluster.close()
+    assert dict(os.environ) == before

@@ -10,6 +10,7 @@ complete, so an output that exists is finished: ``--resume`` skips those.
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -133,8 +134,9 @@ def connect(workers: Optional[int] = None, scheduler: Optional[str] = None, sche
     except ImportError:
         raise ImportError("segment: --workers/--scheduler need Dask: pip install 'napari-medrwkv[scale]'") from None
     if workers is not None:
-        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+        with _environment_kept():
+            cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
         return Client(cluster)
     if scheduler_file is not None and not Path(scheduler_file).is_file():
         raise FileNotFoundError(f"--scheduler-file {scheduler_file} does not exist; give the file the "
@@ -147,6 +149,24 @@ def connect(workers: Optional[int] = None, scheduler: Optional[str] = None, sche
     except (OSError, TimeoutError) as err:
         raise ConnectionError(f"no Dask scheduler answered at {where} within {timeout:g} s ({err}); "
                               "check that it runs and that this machine can reach it") from None
+
+
+@contextmanager
+def _environment_kept():
+    """Give this process's environment back as it was.  A Dask nanny sets its workers' variables
+    (``distributed.nanny.pre-spawn-environ``: MALLOC_TRIM_THRESHOLD_, OMP/MKL/OPENBLAS_NUM_THREADS
+    = 1, ...) in the spawning process's own ``os.environ`` and leaves them there, so that every
+    later subprocess of the caller would run on one thread; the workers, already spawned, keep
+    theirs."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) | set(saved):
+            if key not in saved:
+                del os.environ[key]
+            elif os.environ.get(key) != saved[key]:
+                os.environ[key] = saved[key]
 
 
 def segment_files(client, jobs, model, write, progress=None, **settings) -> int:

@@ -120,3 +120,18 @@ def test_a_local_cluster_leaves_the_callers_environment_as_it_was(monkeypatch):
         client.close()
         client.cluster.close()
     assert dict(os.environ) == before
+
+
+def test_probing_zarr_stores_and_plain_folders_for_a_scan_prints_nothing(tmp_path, capfd):
+    """segment and medrwkv segment ask whether a path is a scan before reading it as zarr: the
+    answer is no, and ITK's "No Series were found" must not reach the user's terminal."""
+    pytest.importorskip("SimpleITK")
+    from napari_medrwkv.engine.scans import is_scan
+    for fmt in (2, 3):
+        zarr.open_array(str(tmp_path / f"v{fmt}.zarr"), mode="w", shape=(64, 64), chunks=(32, 32), dtype=np.uint8,
+                        zarr_format=fmt)[...] = 1
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes").write_text("not an image")
+    assert not any(is_scan(tmp_path / name) for name in ("v2.zarr", "v3.zarr", "plain"))
+    err = capfd.readouterr().err
+    assert "No Series" not in err and "WARNING" not in err

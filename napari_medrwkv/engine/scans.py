@@ -49,8 +49,8 @@ def scan_stem(path: PathLike) -> str:
 def is_dicom_folder(path: PathLike) -> bool:
     """Whether ``path`` is a folder holding at least one DICOM series (and no other images)."""
     path = Path(path)
-    if not path.is_dir():
-        return False
+    if not path.is_dir() or any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup")):
+        return False                       # a zarr store: its chunk files have no suffix either
     files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
     if not files or any(p.suffix.lower() in SUPPORTED_EXTENSIONS or scan_suffix(p) not in ("", ".dcm")
                         for p in files):
@@ -59,7 +59,13 @@ def is_dicom_folder(path: PathLike) -> bool:
         sitk = _sitk()
     except ImportError:                    # without SimpleITK no folder is read as DICOM
         return False
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    # A folder that holds no series is an answer here, not a problem: ITK would print a warning.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def is_scan(path: PathLike) -> bool:

@@ -278,3 +278,18 @@ def test_a_lazy_stack_by_slice_and_an_image_past_the_memory_share(widget, qtbot,
     _wait(widget, qtbot)
     assert isinstance(viewer.layers["plain [tiny]"].data, zarr.Array)
     _assert_equal_where_certain(viewer.layers["plain [tiny]"].data, *_reference(widget, image))
+
+
+def test_removing_the_layer_while_it_fills_stops_the_run_and_removes_its_store(widget, qtbot, tmp_path):
+    from pathlib import Path
+    viewer = widget.viewer
+    viewer.add_image(_zarr_image(tmp_path, (1024, 1024), seed=11), name="gone")
+    widget.image_combo.setCurrentText("gone")
+    widget.run()
+    layer = viewer.layers["gone [tiny]"]
+    store = Path(layer.metadata[block_segment.STORE_KEY]["path"])
+    qtbot.waitUntil(lambda: widget.progress_bar.value() >= 1, timeout=120000)
+    viewer.layers.remove(layer)
+    _wait(widget, qtbot)
+    assert widget.status.text().startswith("Cancelled:") and widget.progress_bar.value() < 64
+    assert not store.parent.exists()                      # not half made again by a block written late

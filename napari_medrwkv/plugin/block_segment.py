@@ -115,6 +115,8 @@ class BlockSegmenter:
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.store_edit)
         row.addWidget(browse)
+        self.running = None               # the _Run in progress
+        self.temporary = set()            # temporary folders made for this viewer's layers
         connect_while_alive(widget, widget.viewer.layers.events.removed, self._on_removed)
 
     def _choose_store(self):
@@ -182,6 +184,7 @@ class BlockSegmenter:
             probs, prob_layer = self._probability_target(f"{layer.name} probability", shape, image_layer,
                                                          Path(_store_of(layer)))
         run = _Run(image_layer, source, layer, prob_layer, made, len(tasks), len(every))
+        self.running = run
         w._cancel.clear()
         w._set_running(True)
         w.progress_bar.setMaximum(len(tasks))
@@ -221,7 +224,7 @@ class BlockSegmenter:
     def _new_store_path(self, chosen: str, name: str) -> Optional[Path]:
         if not chosen:
             folder = Path(tempfile.mkdtemp(prefix="medrwkv-labels-"))
-            _TEMPORARY.add(str(folder))
+            self._made(folder)
             return folder / f"{_safe(name)}.zarr"
         path = Path(chosen).expanduser()
         if not path.parent.is_dir():
@@ -246,14 +249,14 @@ class BlockSegmenter:
         path = labels_path.with_name(labels_path.stem + "-probability.zarr")
         if path.exists():
             path = Path(tempfile.mkdtemp(prefix="medrwkv-probability-")) / path.name
-            _TEMPORARY.add(str(path.parent))
+            self._made(path.parent)
         probs = _open_store(path, shape, np.uint8)
         layer = w.viewer.add_image(probs, name=name, colormap="magma", opacity=0.5, blending="additive",
                                    contrast_limits=(0, 255), scale=image_layer.scale[-len(shape):],
                                    translate=image_layer.translate[-len(shape):],
                                    metadata={"napari_medrwkv": {"probability_of": image_layer.name},
                                              STORE_KEY: {"path": str(path), "temporary": True}})
-        if str(path.parent) not in _TEMPORARY:
+        if str(path.parent) not in self.temporary:
             layer.metadata[STORE_KEY]["temporary"] = False
         return probs, layer
 
@@ -318,6 +321,8 @@ class BlockSegmenter:
         from napari.utils.notifications import show_error
         w = self.widget
         kind, value = outcome
+        self.running = None
+        self._remove_unused_stores()          # a layer removed while its blocks were being written
         for layer in (run.layer, run.prob_layer):
             if layer is not None and layer in w.viewer.layers:
                 layer.refresh()
@@ -344,16 +349,26 @@ class BlockSegmenter:
         w.status.setText(f"Done: {part} of {run.image_layer.name} segmented into {where}{kept}.")
 
     def _on_removed(self, event) -> None:
-        """A temporary store goes with its layer (the labels were saved, or are no longer wanted)."""
-        store = event.value.metadata.get(STORE_KEY) or {}
-        if not store.get("temporary"):
+        """A temporary store goes with its layer (the labels were saved, or are no longer wanted);
+        a run writing into it is cancelled first, and the store removed when it has stopped."""
+        run = self.running
+        if run is not None and event.value in (run.layer, run.prob_layer):
+            self.widget.cancel()
             return
-        folder = str(Path(store["path"]).parent)
+        self._remove_unused_stores()
+
+    def _remove_unused_stores(self) -> None:
         # The folder may hold the labels' store and the probabilities' beside it: gone when both are.
-        if folder in _TEMPORARY and not any(str(Path(_store_of(layer)).parent) == folder
-                                            for layer in self.widget.viewer.layers if _store_of(layer)):
-            shutil.rmtree(folder, ignore_errors=True)
-            _TEMPORARY.discard(folder)
+        used = {str(Path(_store_of(layer)).parent) for layer in self.widget.viewer.layers if _store_of(layer)}
+        for folder in list(self.temporary):
+            if folder not in used and (self.running is None or folder not in self.running.folders()):
+                shutil.rmtree(folder, ignore_errors=True)
+                self.temporary.discard(folder)
+                _TEMPORARY.discard(folder)
+
+    def _made(self, folder: Path) -> None:
+        self.temporary.add(str(folder))
+        _TEMPORARY.add(str(folder))
 
 
 class _Run:
@@ -362,6 +377,9 @@ class _Run:
     def __init__(self, image_layer, source, layer, prob_layer, made, tasks, every):
         self.image_layer, self.source, self.layer, self.prob_layer = image_layer, source, layer, prob_layer
         self.made, self.tasks, self.every, self.done = made, tasks, every, 0
+
+    def folders(self):
+        return {str(Path(_store_of(layer)).parent) for layer in (self.layer, self.prob_layer) if layer is not None}
 
 
 def _task_side(plane_shape, info, device, tile) -> int:

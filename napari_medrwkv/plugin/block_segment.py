@@ -13,6 +13,7 @@ layer to keep it), or a path the user names; an existing store is never replaced
 already in a store written over, without asking.
 """
 import atexit
+import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
@@ -134,11 +135,9 @@ class BlockSegmenter:
     def run(self, image_layer, source: str) -> None:
         """Check the input, find or make the store and its layer, start the worker (GUI thread)."""
         from ..engine.model import read_model_info, resolve_device
-        try:
-            import zarr  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("zarr") is None:
             raise ValueError("Segmenting a large, lazy or multiscale image (or the part in view) needs zarr: "
-                             "pip install 'napari-medrwkv[scale]'") from None
+                             "pip install 'napari-medrwkv[scale]'")
         w = self.widget
         info = read_model_info(source)
         if info is not None and info.instances:
@@ -409,7 +408,7 @@ def _store_of(layer) -> Optional[str]:
 
 def _store_words(layer) -> str:
     store = layer.metadata.get(STORE_KEY) or {}
-    return f"a temporary store: save the layer to keep it" if store.get("temporary") else store.get("path", "")
+    return "a temporary store: save the layer to keep it" if store.get("temporary") else store.get("path", "")
 
 
 def _safe(name: str) -> str:

@@ -286,3 +286,33 @@ def test_a_dicom_folder_with_two_series_opens_a_layer_per_series_named_by_its_de
     # ...which opens that file's series.
     [one] = viewer.open(str(tmp_path / "study" / "11_001.dcm"), plugin="napari-medrwkv")
     np.testing.assert_array_equal(one.data, scout)
+
+
+def test_correct_edits_the_acquired_plane_on_screen_of_a_sagittal_scan(make_napari_viewer, tmp_path):
+    from napari_medrwkv.plugin.correct_widget import DELETE, CorrectWidget
+    path, _ = nuclei_scan(tmp_path)
+    viewer = make_napari_viewer()
+    image = open_scan(viewer, path)                           # (64, 80, 5): sagittal planes across axis 2
+    data = np.zeros(image.data.shape, np.int32)
+    data[10:30, 10:30, 3] = 1
+    data[18:22, 18:22, 3] = 0                                 # a hole in object 1 of plane 3
+    data[40:50, 50:60, 3] = 2
+    data[10:30, 10:30, 1] = 1
+    data[18:22, 18:22, 1] = 0                                 # the same hole in plane 1, left alone
+    labels = viewer.add_labels(data.copy(), name="mask", scale=image.scale, translate=image.translate,
+                               metadata={METADATA_KEY: image.metadata[METADATA_KEY]})
+    correct = CorrectWidget(viewer)
+    viewer.window.add_dock_widget(correct)
+    correct.labels_combo.setCurrentText("mask")
+    assert correct.fill_holes() == 0 and "sagittal" in correct.status.text()     # axial planes on screen
+    viewer.dims.order = (2, 0, 1)
+    viewer.dims.set_current_step(2, 3)
+    assert correct.fill_holes() == 16
+    assert (labels.data[18:22, 18:22, 3] == 1).all() and (labels.data[18:22, 18:22, 1] == 0).all()
+    world = labels.data_to_world((45, 55, 3))
+    assert correct.apply_at(DELETE, labels, world) == 100
+    assert not (labels.data[..., 3] == 2).any()
+    expected = data.copy()
+    expected[18:22, 18:22, 3] = 1
+    expected[40:50, 50:60, 3] = 0
+    np.testing.assert_array_equal(labels.data, expected)

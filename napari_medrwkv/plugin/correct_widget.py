@@ -213,38 +213,41 @@ class CorrectWidget(QWidget):
         return layer
 
     def _slice_index(self, layer: Labels, position=None) -> int:
-        """The slice shown (0 for a 2-D layer), from the viewer's dims or a clicked world position."""
-        if layer.ndim == 2:
-            return 0
-        dims = self.viewer.dims
-        if dims.ndisplay != 2 or tuple(dims.displayed) != (dims.ndim - 2, dims.ndim - 1):
-            raise ValueError(f"{layer.name} is a stack: show it in 2-D with Y and X on screen (slices along "
-                             "the first axis) to correct one slice.")
-        point = dims.point if position is None else position
-        z = int(np.round(layer.world_to_data(point)[0]))
-        if not 0 <= z < layer.data.shape[0]:
-            raise ValueError(f"The slice shown ({z}) is outside {layer.name} (0..{layer.data.shape[0] - 1}).")
-        return z
-
-    def _review_index(self, layer: Labels) -> int:
-        """The slice shown, counted as the layer's reviewed slices are: across its slice axis (a
-        scan's acquired planes, e.g. sagittal), which the viewer must be sliding through."""
+        """The slice shown (0 for a 2-D layer), from the viewer's dims or a clicked world position:
+        its index across the layer's slice axis (the first, or a scan's acquired planes), which the
+        viewer must be sliding through."""
         if layer.ndim == 2:
             return 0
         axis = review.slice_axis(layer)
-        if axis == 0:
-            return self._slice_index(layer)
         dims = self.viewer.dims
-        if dims.ndisplay != 2 or dims.ndim - layer.ndim + axis in dims.displayed:
+        offset = dims.ndim - layer.ndim
+        if dims.ndisplay != 2 or set(dims.displayed) != {offset + a for a in range(3) if a != axis}:
+            if axis == 0:
+                raise ValueError(f"{layer.name} is a stack: show it in 2-D with Y and X on screen (slices along "
+                                 "the first axis) to correct one slice.")
             from ..engine.scans import PLANES
             planes = next(name for name, a in PLANES.items() if a == axis)
             raise ValueError(f"{layer.name}'s slices are its scan's acquired {planes} planes (across axis {axis}): "
-                             "show them in 2-D to mark one (napari's Roll dimensions button, under the layer "
-                             f"list, until the slider moves across axis {axis}).")
-        index = int(np.round(layer.world_to_data(dims.point)[axis]))
-        if not 0 <= index < layer.data.shape[axis]:
-            raise ValueError(f"The slice shown ({index}) is outside {layer.name} (0..{layer.data.shape[axis] - 1}).")
-        return index
+                             "show them in 2-D to correct or mark one (napari's Roll dimensions button, under the "
+                             f"layer list, until the slider moves across axis {axis}).")
+        point = dims.point if position is None else position
+        z = int(np.round(layer.world_to_data(point)[axis]))
+        if not 0 <= z < layer.data.shape[axis]:
+            raise ValueError(f"The slice shown ({z}) is outside {layer.name} (0..{layer.data.shape[axis] - 1}).")
+        return z
+
+    @staticmethod
+    def _plane(layer: Labels, index: int):
+        """Slice ``index`` of ``layer`` (the layer itself when 2-D)."""
+        return layer.data if layer.ndim == 2 else review.take_slice(layer.data, index, review.slice_axis(layer))
+
+    @staticmethod
+    def _plane_point(layer: Labels, world_position):
+        """(row, column) of a world position in the layer's slices."""
+        point = np.asarray(layer.world_to_data(world_position), dtype=float)
+        if layer.ndim == 3:
+            point = np.delete(point, review.slice_axis(layer))
+        return tuple(int(v) for v in np.round(point[-2:]))
 
     # ------------------------------------------------------------------ editing
     def _edit(self, title: str, func: Callable[[np.ndarray], np.ndarray], layer: Optional[Labels] = None,
@@ -256,7 +259,7 @@ class CorrectWidget(QWidget):
         except ValueError as err:
             self._error(str(err))
             return 0
-        before = np.asarray(layer.data if layer.ndim == 2 else layer.data[index])
+        before = np.asarray(self._plane(layer, index))
         after = func(before)
         indices, values = edit.changed(before, after)
         count = int(indices[0].size)
@@ -265,7 +268,8 @@ class CorrectWidget(QWidget):
             self.status.setText(f"{title}: nothing to change in {layer.name}{where}.")
             return 0
         if layer.ndim == 3:
-            indices = (np.full(count, index, dtype=np.intp),) + tuple(indices)
+            axis = review.slice_axis(layer)
+            indices = tuple(indices[:axis]) + (np.full(count, index, dtype=np.intp),) + tuple(indices[axis:])
         with layer.block_history():                 # everything inside is one undo step
             layer.data_setitem(indices, values.astype(layer.data.dtype, copy=False))
         self.status.setText(f"{title}: {count} pixel{'s' if count != 1 else ''} changed in {layer.name}{where}. "
@@ -298,12 +302,11 @@ class CorrectWidget(QWidget):
         except ValueError as err:
             self._error(str(err))
             return 0
-        data_position = layer.world_to_data(world_position)
-        y, x = (int(v) for v in np.round(data_position[-2:]))
-        height, width = layer.data.shape[-2:]
+        y, x = self._plane_point(layer, world_position)
+        height, width = review.plane_shape(layer)
         if not (0 <= y < height and 0 <= x < width):
             return 0
-        plane = layer.data if layer.ndim == 2 else layer.data[index]
+        plane = self._plane(layer, index)
         if plane[y, x] == 0:
             self.status.setText("No object under the click (background).")
             return 0
@@ -318,11 +321,11 @@ class CorrectWidget(QWidget):
         except ValueError as err:
             self._error(str(err))
             return False
-        y, x = (int(v) for v in np.round(layer.world_to_data(world_position)[-2:]))
-        height, width = layer.data.shape[-2:]
+        y, x = self._plane_point(layer, world_position)
+        height, width = review.plane_shape(layer)
         if not (0 <= y < height and 0 <= x < width):
             return False
-        plane = layer.data if layer.ndim == 2 else layer.data[index]
+        plane = self._plane(layer, index)
         if plane[y, x] == 0:
             self.status.setText("No object under the click (background); click inside an object.")
             return False
@@ -438,7 +441,7 @@ class CorrectWidget(QWidget):
         """Mark (or unmark) the slice shown of the chosen layer as reviewed."""
         try:
             layer = self._labels_layer()
-            index = self._review_index(layer)
+            index = self._slice_index(layer)
         except ValueError as err:
             self._error(str(err))
             return
@@ -485,7 +488,7 @@ class CorrectWidget(QWidget):
             text += "\nNot linked to an image layer: fine-tuning cannot use this layer's slices."
         self.review_label.setText(text)
         try:
-            index = self._review_index(layer)
+            index = self._slice_index(layer)
         except ValueError:
             index = None
         self.mark_button.setEnabled(index is not None and index not in marks)

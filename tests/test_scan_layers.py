@@ -316,3 +316,29 @@ def test_correct_edits_the_acquired_plane_on_screen_of_a_sagittal_scan(make_napa
     expected[18:22, 18:22, 3] = 1
     expected[40:50, 50:60, 3] = 0
     np.testing.assert_array_equal(labels.data, expected)
+
+
+def test_segment_current_slice_of_a_sagittal_scan_is_the_acquired_plane_at_the_slider(make_napari_viewer, qtbot,
+                                                                                       tmp_path):
+    from napari_medrwkv.engine.infer import segment
+    from napari_medrwkv.plugin import review
+    from napari_medrwkv.plugin.segment_widget import SegmentWidget
+    path, _ = nuclei_scan(tmp_path)
+    viewer = make_napari_viewer()
+    image = open_scan(viewer, path)
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.image_combo.setCurrentText(image.name)
+    widget.model_combo.setCurrentText("rwkv_unet_t-dsb2018")
+    widget.device_combo.setCurrentText("cpu")
+    widget.scope_combo.setCurrentText("current slice")
+    viewer.dims.order = (2, 0, 1)                             # the acquired (sagittal) planes on screen
+    viewer.dims.set_current_step(2, 1)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120000)
+    labels = viewer.layers[f"{image.name} [rwkv_unet_t-dsb2018]"]
+    expected = segment(image.data[:, :, 1], model="rwkv_unet_t-dsb2018", device="cpu")
+    assert 0.05 < expected.mean() < 0.6                       # nuclei found, not everything
+    np.testing.assert_array_equal(labels.data[:, :, 1], expected)
+    assert not np.delete(labels.data, 1, axis=2).any()        # the other planes untouched
+    assert review.slice_axis(labels) == 2 and review.edited_slices(labels) == []

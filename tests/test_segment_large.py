@@ -173,7 +173,8 @@ def test_only_the_part_in_view_and_then_more_after_panning(widget, qtbot, monkey
     assert len(asked) == 1 and "wide [tiny] (2)" in viewer.layers
 
 
-def test_a_multiscale_layer_is_segmented_at_full_resolution(widget, qtbot, tmp_path):
+def test_a_multiscale_layer_is_segmented_at_full_resolution_into_a_pyramid(widget, qtbot, tmp_path, monkeypatch):
+    monkeypatch.setattr(block_segment, "PYRAMID_SMALLEST", 128)       # 512 -> 256 -> 128: three levels
     viewer = widget.viewer
     full = _zarr_image(tmp_path, (512, 384, 3), seed=6)
     viewer.add_image([full, np.asarray(full)[::2, ::2]], multiscale=True, rgb=True, name="pyramid")
@@ -181,18 +182,21 @@ def test_a_multiscale_layer_is_segmented_at_full_resolution(widget, qtbot, tmp_p
     widget.probability_check.setChecked(True)
     widget.run()
     _wait(widget, qtbot)
-    labels = viewer.layers["pyramid [tiny]"].data
-    assert labels.shape == (512, 384)
+    layer = viewer.layers["pyramid [tiny]"]
+    assert layer.multiscale and [level.shape for level in layer.data] == [(512, 384), (256, 192), (128, 96)]
+    labels = np.asarray(layer.data[0])
     reference, unsure = _reference(widget, full)
     _assert_equal_where_certain(labels, reference, unsure)
-    probs = np.asarray(viewer.layers["pyramid [tiny] probability"].data)      # x 255, rounded
-    assert probs.dtype == np.uint8
-    _assert_equal_where_certain((probs >= 128).astype(np.uint8), reference, unsure)
+    for k in (1, 2):                                       # each level: every 2^k-th pixel of the full one
+        assert np.array_equal(np.asarray(layer.data[k]), labels[::2 ** k, ::2 ** k])
+    probs = viewer.layers["pyramid [tiny] probability"].data             # x 255, rounded
+    assert probs[0].dtype == np.uint8 and np.array_equal(np.asarray(probs[2]), np.asarray(probs[0])[::4, ::4])
+    _assert_equal_where_certain((np.asarray(probs[0]) >= 128).astype(np.uint8), reference, unsure)
     # the two stores share a temporary folder: it goes when both layers are gone
     from pathlib import Path
-    store = Path(viewer.layers["pyramid [tiny]"].metadata[block_segment.STORE_KEY]["path"])
+    store = Path(layer.metadata[block_segment.STORE_KEY]["path"])
     viewer.layers.remove("pyramid [tiny] probability")
-    assert zarr.open_array(str(store), mode="r").shape == (512, 384)
+    assert np.array_equal(zarr.open_group(str(store), mode="r")["0"][...], labels)
     viewer.layers.remove("pyramid [tiny]")
     assert not store.parent.exists()
 
@@ -293,3 +297,33 @@ def test_removing_the_layer_while_it_fills_stops_the_run_and_removes_its_store(w
     _wait(widget, qtbot)
     assert widget.status.text().startswith("Cancelled:") and widget.progress_bar.value() < 64
     assert not store.parent.exists()                      # not half made again by a block written late
+
+
+def test_the_part_in_view_of_a_scaled_multiscale_layer(widget, qtbot, tmp_path, monkeypatch):
+    """World to image pixels through the layer's scale and translation; the pyramid follows."""
+    monkeypatch.setattr(block_segment, "PYRAMID_SMALLEST", 256)
+    viewer = widget.viewer
+    full = _zarr_image(tmp_path, (1024, 768), seed=12)
+    viewer.add_image([full, np.asarray(full)[::2, ::2]], multiscale=True, name="wsi", scale=(0.5, 0.5),
+                     translate=(100, -50))
+    widget.image_combo.setCurrentText("wsi")
+    widget._blocks.view_check.setChecked(True)
+    camera = block_segment._camera(viewer)
+    camera.center = (100 + 0.5 * 700, -50 + 0.5 * 200)    # the world position of image pixel (700, 200)
+    camera.zoom = min(viewer.canvas.size) / 60             # about 120 image pixels across
+    corners = viewer.window._qt_viewer.canvas._viewbox_corners_in_world[:, -2:]
+    low, high = (corners.min(0) - (100, -50)) / 0.5, (corners.max(0) - (100, -50)) / 0.5
+    widget.run()
+    _wait(widget, qtbot)
+    layer = viewer.layers["wsi [tiny]"]
+    assert layer.multiscale and np.allclose(layer.scale, (0.5, 0.5)) and np.allclose(layer.translate, (100, -50))
+    got = np.asarray(layer.data[0])
+    labels, unsure = _reference(widget, full)
+    seen = [w for w in _blocks(got.shape) if all(s.start < hi and s.stop > lo for s, lo, hi in zip(w, low, high))]
+    assert 0 < len(seen) <= 9 and (slice(640, 768), slice(128, 256)) in seen
+    for where in _blocks(got.shape):
+        if where in seen:
+            _assert_equal_where_certain(got[where], labels[where], unsure[where])
+        else:
+            assert not got[where].any()
+    assert np.array_equal(np.asarray(layer.data[1]), got[::2, ::2])

@@ -23,6 +23,7 @@ import numpy as np
 from napari.qt.threading import thread_worker
 from qtpy.QtWidgets import QCheckBox, QFileDialog, QHBoxLayout, QLineEdit, QMessageBox, QPushButton, QWidget
 
+from ..engine.scans import METADATA_KEY as SCAN_GEOMETRY
 from .qt_helpers import connect_while_alive
 from .review import link
 
@@ -32,6 +33,9 @@ BLOCK = 512
 STORE_KEY = "napari_medrwkv_store"
 #: An in-memory segmentation may take at most this share of the memory the system says is available.
 MEMORY_SHARE = 0.5
+#: A multiscale image's labels get a pyramid of their own, each level half the one above (nearest
+#: pixel), down to this side: napari then reads only what the canvas shows, at its zoom.
+PYRAMID_SMALLEST = 1024
 
 _TEMPORARY = set()             # folders made here, removed with their layer or when Python exits
 
@@ -174,14 +178,16 @@ class BlockSegmenter:
         every = task_regions(plane_regions(shape[-2:], shape[0] if spatial == 3 else 1, unit), planes)
         tasks = task_regions(every, planes, rows, cols)
         name = f"{image_layer.name} [{Path(source).stem if source.endswith('.safetensors') else source}]"
-        target = self._labels_target(name, shape, np.uint8 if classes <= 256 else np.int32, image_layer, tasks)
+        levels = pyramid_levels(shape) if image_layer.multiscale else 1
+        target = self._labels_target(name, shape, np.uint8 if classes <= 256 else np.int32, image_layer, tasks,
+                                     levels)
         if target is None:
             return
         labels, layer, made = target
         probs, prob_layer = None, None
         if w.probability_check.isChecked() and classes == 1:
             probs, prob_layer = self._probability_target(f"{layer.name} probability", shape, image_layer,
-                                                         Path(_store_of(layer)))
+                                                         Path(_store_of(layer)), levels)
         run = _Run(image_layer, source, layer, prob_layer, made, len(tasks), len(every))
         self.running = run
         w._cancel.clear()
@@ -197,26 +203,30 @@ class BlockSegmenter:
         w.worker = worker
         worker.start()
 
-    def _labels_target(self, name, shape, dtype, image_layer, tasks):
-        """(zarr array, its Labels layer, whether made now) to write into, or None when the user stops."""
+    def _labels_target(self, name, shape, dtype, image_layer, tasks, levels: int):
+        """(zarr arrays (full resolution first), their Labels layer, whether made now) to write into,
+        or None when the user stops."""
         w = self.widget
         chosen = self.store_edit.text().strip()
         layer = w.viewer.layers[name] if name in w.viewer.layers else None
         store = _store_of(layer) if layer is not None else None
-        if layer is not None and store is not None and tuple(layer.data.shape) == shape and \
+        if layer is not None and store is not None and _full(layer).shape == shape and \
                 (not chosen or Path(chosen).expanduser().resolve() == Path(store).resolve()):
-            if not _holds_labels(layer.data, tasks) or self._confirm_write_over(layer.name):
-                return layer.data, layer, False
+            if not _holds_labels(_full(layer), tasks) or self._confirm_write_over(layer.name):
+                return _levels_of(layer), layer, False
             name = w._free_name(name)
         elif layer is not None:
             name = w._free_name(name)                # other labels under this name: never replaced
         path = self._new_store_path(chosen, name)
         if path is None:
             return None
-        labels = _open_store(path, shape, dtype)
-        temporary = not chosen
-        layer = w._new_labels(name, labels, image_layer)
-        layer.metadata[STORE_KEY] = {"path": str(path), "temporary": temporary}
+        labels = _open_store(path, shape, dtype, levels)
+        # A scan's geometry goes with its labels, as in SegmentWidget._new_labels.
+        geometry = {key: image_layer.metadata[key] for key in (SCAN_GEOMETRY,) if key in image_layer.metadata}
+        layer = w.viewer.add_labels(labels if len(labels) > 1 else labels[0], name=name,
+                                    multiscale=len(labels) > 1, scale=image_layer.scale[-len(shape):],
+                                    translate=image_layer.translate[-len(shape):],
+                                    metadata={**geometry, STORE_KEY: {"path": str(path), "temporary": not chosen}})
         link(layer, image_layer.name)
         return labels, layer, True
 
@@ -237,20 +247,22 @@ class BlockSegmenter:
             shutil.rmtree(path)
         return path
 
-    def _probability_target(self, name, shape, image_layer, labels_path: Path):
-        """(uint8 zarr array of probabilities x 255, its Image layer) beside the labels' store."""
+    def _probability_target(self, name, shape, image_layer, labels_path: Path, levels: int):
+        """(uint8 zarr arrays of probabilities x 255, full resolution first; their Image layer)
+        beside the labels' store."""
         w = self.widget
         layer = w.viewer.layers[name] if name in w.viewer.layers else None
-        if layer is not None and layer.metadata.get(STORE_KEY) and tuple(layer.data.shape) == shape:
-            return layer.data, layer
+        if layer is not None and layer.metadata.get(STORE_KEY) and _full(layer).shape == shape:
+            return _levels_of(layer), layer
         if layer is not None:
             name = w._free_name(name)
         path = labels_path.with_name(labels_path.stem + "-probability.zarr")
         if path.exists():
             path = Path(tempfile.mkdtemp(prefix="medrwkv-probability-")) / path.name
             self._made(path.parent)
-        probs = _open_store(path, shape, np.uint8)
-        layer = w.viewer.add_image(probs, name=name, colormap="magma", opacity=0.5, blending="additive",
+        probs = _open_store(path, shape, np.uint8, levels)
+        layer = w.viewer.add_image(probs if len(probs) > 1 else probs[0], multiscale=len(probs) > 1, name=name,
+                                   colormap="magma", opacity=0.5, blending="additive",
                                    contrast_limits=(0, 255), scale=image_layer.scale[-len(shape):],
                                    translate=image_layer.translate[-len(shape):],
                                    metadata={"napari_medrwkv": {"probability_of": image_layer.name},
@@ -277,7 +289,10 @@ class BlockSegmenter:
         return answer == QMessageBox.StandardButton.Yes
 
     # ------------------------------------------------------------------ running
-    def _make_worker(self, data, source, device, tile, rgb, choices, out, planes, rows, cols):
+    def _make_worker(self, data, source, device, tile, rgb, choices, targets, planes, rows, cols):
+        """``targets``: the labels' levels, or (labels' levels, probabilities' levels)."""
+        pyramids = [t for t in (targets if isinstance(targets, tuple) else (targets,)) if len(t) > 1]
+        out = tuple(t[0] for t in targets) if isinstance(targets, tuple) else targets[0]
         cancel, models = self.widget._cancel, self.widget._models
 
         @thread_worker
@@ -295,8 +310,16 @@ class BlockSegmenter:
                 steps = iter_blocks(data, model, out, planes=planes, rows=rows, cols=cols, tile=tile, block=BLOCK,
                                     return_probabilities=isinstance(out, tuple), rgb=rgb, cancel=cancel.is_set,
                                     **choices)
-                for done, total, _ in steps:
+                written = []
+                for done, total, region in steps:
+                    for levels in pyramids:
+                        downsample(levels, *region)
+                    written.append(region)
                     yield done, total
+                if pyramids and choices.get("largest_component"):     # the filter changed whole planes
+                    for region in written:
+                        for levels in pyramids:
+                            downsample(levels, *region)
             except Cancelled:
                 return "cancelled", done
             except Exception as err:  # noqa: BLE001 -- reported to the user, never swallowed
@@ -392,10 +415,46 @@ def _holds_labels(array, tasks) -> bool:
     return any(np.asarray(array[((z,) if stack else ()) + (rows, cols)]).any() for z, rows, cols in tasks)
 
 
-def _open_store(path: Path, shape, dtype):
+def pyramid_levels(shape) -> int:
+    """Levels of a pyramid of ``shape`` halving down to :data:`PYRAMID_SMALLEST` a side; a factor
+    never past :data:`BLOCK`, so that every block maps onto whole pixels of every level."""
+    levels = 1
+    while max(shape[-2:]) / 2 ** (levels - 1) > PYRAMID_SMALLEST and 2 ** levels <= BLOCK:
+        levels += 1
+    return levels
+
+
+def downsample(levels, z: int, rows: slice, cols: slice) -> None:
+    """Carry a block of the full-resolution level down the pyramid (every 2^k-th pixel at level k)."""
+    lead = (z,) if levels[0].ndim == 3 else ()
+    region = np.asarray(levels[0][lead + (rows, cols)])
+    for k, level in enumerate(levels[1:], 1):
+        f = 2 ** k
+        part = region[::f, ::f]
+        top, left = rows.start // f, cols.start // f
+        level[lead + (slice(top, top + part.shape[0]), slice(left, left + part.shape[1]))] = part
+
+
+def _open_store(path: Path, shape, dtype, levels: int = 1):
+    """[full-resolution array, half, quarter, ...]: a zarr array at ``path``, or with several
+    levels a zarr group there holding them as "0", "1", ..."""
     import zarr
     chunks = ((1,) if len(shape) == 3 else ()) + (BLOCK, BLOCK)
-    return zarr.open_array(str(path), mode="w-", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+    if levels == 1:
+        return [zarr.open_array(str(path), mode="w-", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)]
+    group = zarr.open_group(str(path), mode="w-")
+    group.attrs["napari_medrwkv"] = {"levels": levels, "downsampling": "level k: every 2^k-th pixel of level 0"}
+    return [zarr.open_array(str(path / str(k)), mode="w-", chunks=chunks, dtype=dtype, fill_value=0,
+                            shape=shape[:-2] + tuple(-(-n // 2 ** k) for n in shape[-2:])) for k in range(levels)]
+
+
+def _full(layer):
+    """The full-resolution array of a layer (its level 0 when multiscale)."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
+def _levels_of(layer):
+    return list(layer.data) if layer.multiscale else [layer.data]
 
 
 def _is_zarr(path: Path) -> bool:

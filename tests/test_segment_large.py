@@ -327,3 +327,31 @@ def test_the_part_in_view_of_a_scaled_multiscale_layer(widget, qtbot, tmp_path, 
         else:
             assert not got[where].any()
     assert np.array_equal(np.asarray(layer.data[1]), got[::2, ::2])
+
+
+def test_the_temporary_store_is_saved_as_a_zarr_store_chunk_by_chunk(widget, qtbot, tmp_path, monkeypatch):
+    monkeypatch.setattr(block_segment, "PYRAMID_SMALLEST", 128)
+    viewer = widget.viewer
+    image = _zarr_image(tmp_path, (384, 256), seed=13)
+    viewer.add_image(image, name="flat")
+    viewer.add_image([image, np.asarray(image)[::2, ::2]], multiscale=True, name="levels")
+    for name in ("flat", "levels"):
+        widget.image_combo.setCurrentText(name)
+        widget.run()
+        _wait(widget, qtbot)
+    flat, levels = viewer.layers["flat [tiny]"], viewer.layers["levels [tiny]"]
+    viewer.layers.selection = {flat}
+    path = tmp_path / "kept.zarr"
+    assert viewer.layers.save(str(path), selected=True, plugin="napari-medrwkv") == [str(path)]
+    saved = zarr.open_array(str(path), mode="r")
+    assert saved.chunks == (BLOCK, BLOCK) and np.array_equal(saved[...], np.asarray(flat.data))
+    assert saved.attrs["napari_medrwkv"]["name"] == "flat [tiny]"
+    with pytest.raises(Exception, match="already exists"):
+        viewer.layers.save(str(path), selected=True, plugin="napari-medrwkv")
+    viewer.layers.selection = {levels}
+    path = tmp_path / "pyramid.zarr"
+    viewer.layers.save(str(path), selected=True, plugin="napari-medrwkv")
+    group = zarr.open_group(str(path), mode="r")
+    for k in range(3):
+        assert np.array_equal(group[str(k)][...], np.asarray(levels.data[k]))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # no partial folder left

@@ -355,3 +355,31 @@ def test_the_temporary_store_is_saved_as_a_zarr_store_chunk_by_chunk(widget, qtb
     for k in range(3):
         assert np.array_equal(group[str(k)][...], np.asarray(levels.data[k]))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # no partial folder left
+
+
+def test_the_part_in_view_of_the_current_slice_of_an_rgb_stack(widget, qtbot, tmp_path):
+    viewer = widget.viewer
+    stack = zarr.open_array(str(tmp_path / "rgb.zarr"), mode="w", shape=(2, 512, 512, 3), chunks=(1, 256, 256, 3),
+                            dtype=np.uint8)
+    stack[...] = random_image((2, 512, 512, 3), seed=14)
+    viewer.add_image(stack, rgb=True, name="rgb")
+    viewer.dims.set_current_step(0, 1)
+    widget.image_combo.setCurrentText("rgb")
+    widget._blocks.view_check.setChecked(True)
+    camera = block_segment._camera(viewer)
+    camera.center = (400, 100)
+    camera.zoom = min(viewer.canvas.size) / 100
+    corners = viewer.window._qt_viewer.canvas._viewbox_corners_in_world[:, -2:]
+    low, high = corners.min(0), corners.max(0)
+    widget.run()
+    _wait(widget, qtbot)
+    got = np.asarray(viewer.layers["rgb [tiny]"].data)
+    assert got.shape == (2, 512, 512) and not got[0].any()
+    labels, unsure = _reference(widget, stack)
+    seen = [w for w in _blocks(got.shape[1:]) if all(s.start < hi and s.stop > lo for s, lo, hi in zip(w, low, high))]
+    assert 0 < len(seen) <= 4 and (slice(384, 512), slice(0, 128)) in seen
+    for where in _blocks(got.shape[1:]):
+        if where in seen:
+            _assert_equal_where_certain(got[1][where], labels[1][where], unsure[1][where])
+        else:
+            assert not got[1][where].any()

@@ -86,7 +86,7 @@ def view_region(viewer, layer, plane_shape):
         for dx in (-1, 1):
             point = np.asarray(dims.point, float)
             point[-2:] = centre + half * (dy, dx)
-            corners.append(np.asarray(layer.world_to_data(point), float)[-2 - (1 if layer.rgb else 0):][:2])
+            corners.append(np.asarray(layer.world_to_data(point), float)[-2:])     # (row, column), rgb or not
     low = np.floor(np.min(corners, axis=0)).astype(int)
     high = np.ceil(np.max(corners, axis=0)).astype(int)
     low, high = np.maximum(low, 0), np.minimum(high, plane_shape)

@@ -12,6 +12,9 @@ SAMPLES = ROOT / "napari_medrwkv" / "plugin" / "samples"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # What MedRWKV remembers between napari sessions (plugin/reader_preference.py) stays out of the home folder.
 os.environ.setdefault("MEDRWKV_CONFIG_DIR", tempfile.mkdtemp(prefix="medrwkv-config-"))
+# Subprocesses (the CLI, npe2, launch) print UTF-8 (✔, ², …) and the tests read it as UTF-8,
+# whatever locale the machine runs the suite under.
+os.environ["PYTHONUTF8"] = "1"
 
 
 @pytest.fixture(autouse=True)

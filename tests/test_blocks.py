@@ -196,7 +196,7 @@ def test_peak_memory_on_a_large_zarr_image_is_bounded(tmp_path):
     for r in range(0, side, 1024):
         store[r:r + 1024] = rng.integers(0, 255, (1024, side), dtype=np.uint8)
     run = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(tmp_path / "big.zarr"), os.path.dirname(__file__)],
-                         capture_output=True, text=True, timeout=600, env=_clean_environment())
+                         capture_output=True, text=True, encoding="utf-8", timeout=600, env=_clean_environment())
     assert run.returncode == 0, run.stderr[-2000:]
     before, peak, found = map(int, run.stdout.split()[-3:])
     plane = side * side * 4

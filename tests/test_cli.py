@@ -100,13 +100,13 @@ def test_train_then_evaluate_json(sample_folder, tmp_path):
                                   "--patch-size", "48", "--batch-size", "2", "--samples-per-epoch", "4",
                                   "--input-scale", "0.5", "--foreground", "0.5", "--ema", "0.9", "--device", "cpu",
                                   "--val-include", "nuclei_*", "--out", str(ckpt)],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, encoding="utf-8")
     assert train.returncode == 0, train.stderr
     assert ckpt.exists() and "best epoch 1" in train.stdout
     # an existing checkpoint is not replaced by the next run into the same --out, unless asked
     before = ckpt.read_bytes()
     again = subprocess.run(run + ["train", "--model", "ds_vrwkv_t", "--data", str(sample_folder), "--epochs", "1",
-                                  "--device", "cpu", "--out", str(ckpt)], capture_output=True, text=True)
+                                  "--device", "cpu", "--out", str(ckpt)], capture_output=True, text=True, encoding="utf-8")
     assert again.returncode == 2 and "--overwrite" in again.stderr and "epoch" not in again.stdout
     assert ckpt.read_bytes() == before
     assert read_info(ckpt).input_scale == 0.5
@@ -114,19 +114,19 @@ def test_train_then_evaluate_json(sample_folder, tmp_path):
     assert read_info(ckpt).training["config"]["ema"] == 0.9
     assert read_info(ckpt).training["val_include"] == ["nuclei_*"]
     ev = subprocess.run(run + ["evaluate", "--model", str(ckpt), "--data", str(sample_folder), "--json"],
-                        capture_output=True, text=True)
+                        capture_output=True, text=True, encoding="utf-8")
     assert ev.returncode == 0, ev.stderr
     scores = json.loads(ev.stdout.strip().splitlines()[-1])
     assert scores["n"] == 2 and {"dice", "iou", "hd95"} <= scores.keys()
     one = subprocess.run(run + ["evaluate", "--model", str(ckpt), "--data", str(sample_folder), "--json",
-                                "--include", "nuclei_bright*"], capture_output=True, text=True)
+                                "--include", "nuclei_bright*"], capture_output=True, text=True, encoding="utf-8")
     scores = json.loads(one.stdout.strip().splitlines()[-1])
     assert scores["n"] == 1 and scores["per_image"][0]["name"] == "nuclei_brightfield"
     # from those trained weights, a blend of the best epoch with them, or them, and the line says which
     tuned = tmp_path / "tuned.safetensors"
     again = subprocess.run(run + ["train", "--model", str(ckpt), "--data", str(sample_folder), "--epochs", "1",
                                   "--patch-size", "48", "--batch-size", "2", "--samples-per-epoch", "4",
-                                  "--blend", "0.5", "--device", "cpu", "--out", str(tuned)], capture_output=True, text=True)
+                                  "--blend", "0.5", "--device", "cpu", "--out", str(tuned)], capture_output=True, text=True, encoding="utf-8")
     assert again.returncode == 0, again.stderr
     training = read_info(tuned).training
     if training["best_epoch"] == 0:
@@ -182,5 +182,5 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys):
 
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "medrwkv"      # the venv's console script
-    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, encoding="utf-8")
     assert result.returncode == 0 and "segment" in result.stdout

@@ -26,7 +26,7 @@ def test_torchrun_two_processes_train_the_same_weights(tmp_path):
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "napari_medrwkv", "train",
          "--model", "rwkv_unet_t", "--data", str(data), "--epochs", "1", "--batch-size", "2", "--patch-size", "64",
          "--samples-per-epoch", "8", "--out", str(tmp_path / "ddp.safetensors")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True, text=True, encoding="utf-8", timeout=300, cwd=tmp_path,
         env={**os.environ, "MEDRWKV_DDP_CHECK": "1", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     # 8 samples an epoch, 4 on each rank, batches of 2: two steps, each checked on both ranks.

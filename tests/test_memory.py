@@ -37,7 +37,7 @@ print(json.dumps({"retained": retain_freed_memory(), "faults": faults}))
 
 def _faults_per_call(retain: str):
     env = dict(os.environ, MEDRWKV_RETAIN_MEMORY=retain, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, encoding="utf-8", env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     return json.loads(run.stdout.splitlines()[-1])
 

@@ -45,7 +45,7 @@ def one_line_error(err: str) -> str:
 
 def run_cli(*args, **kwargs):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MEDRWKV_TRACEBACK": ""}
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=env, **kwargs)
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, encoding="utf-8", env=env, **kwargs)
 
 
 # ------------------------------------------------------------------- an input is never a write target
@@ -108,7 +108,7 @@ def test_two_segment_runs_into_one_folder_one_wins_and_nothing_is_replaced(sampl
     out = tmp_path / "labels"
     images = sample_folder / "images"
     runs = [subprocess.Popen([*CLI, "segment", "--model", "ds_vrwkv_t", "--device", "cpu", str(images),
-                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
             for _ in range(2)]
     results = [(r.wait(timeout=120), *r.communicate()) for r in runs]
     codes = sorted(code for code, _, _ in results)
@@ -248,7 +248,7 @@ def test_ctrl_c_during_train_keeps_the_best_weights_so_far(sample_folder, tmp_pa
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([*CLI, "train", "--model", ckpt, "--data", str(sample_folder), *FAST_TRAIN[:-2],
                              "--epochs", "10000", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8", env=env, start_new_session=True)
     try:
         for line in proc.stdout:               # after the first validated epoch, as a user would
             if line.startswith("epoch 1:"):
@@ -293,7 +293,7 @@ def test_sigterm_during_segment_leaves_only_complete_files(sample_folder, tmp_pa
         out = tmp_path / f"out{trial}"
         proc = subprocess.Popen([*CLI, "segment", "--model", "ds_vrwkv_t", "--device", "cpu", "--probabilities",
                                  str(images), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, encoding="utf-8")
         deadline = time.time() + 120
         while not (out.exists() and any(out.iterdir())) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.01)
@@ -363,13 +363,13 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(sample_folder, tmp_p
     out = tmp_path / "labels"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     seg = subprocess.run([*CLI, "segment", "--model", "ds_vrwkv_t", "--probabilities", sample_folder / "images",
-                          "--out", out], capture_output=True, text=True, env=env, preexec_fn=_small_file_limit)
+                          "--out", out], capture_output=True, text=True, encoding="utf-8", env=env, preexec_fn=_small_file_limit)
     line = one_line_error(seg.stderr)
     assert seg.returncode == 2 and "File too large" in line and str(out) in line
     assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(".")]
     ckpt = tmp_path / "m.safetensors"
     tr = subprocess.run([*CLI, "train", "--model", "ds_vrwkv_t", "--data", sample_folder, *FAST_TRAIN,
-                         "--epochs", "1", "--out", ckpt], capture_output=True, text=True, env=env,
+                         "--epochs", "1", "--out", ckpt], capture_output=True, text=True, encoding="utf-8", env=env,
                         preexec_fn=_small_file_limit)
     assert tr.returncode == 2 and "nothing was saved" in one_line_error(tr.stderr), tr.stderr
     assert not ckpt.exists() and not list(tmp_path.glob(".*")) and not list(Path(tempfile.gettempdir()).glob(".m.*"))

@@ -38,7 +38,7 @@ def test_wheel_carries_kernels_weights_manifest_and_samples(wheel):
 def test_wheel_carries_every_module_of_the_package(wheel):
     # A subpackage missing from setup.cfg's list builds without a word and breaks on import.
     names = set(zipfile.ZipFile(wheel).namelist())
-    tracked = subprocess.run(["git", "ls-files", "napari_medrwkv"], cwd=ROOT, capture_output=True, text=True,
+    tracked = subprocess.run(["git", "ls-files", "napari_medrwkv"], cwd=ROOT, capture_output=True, text=True, encoding="utf-8",
                              check=True).stdout.split()
     modules = [name for name in tracked if name.endswith(".py")]
     assert modules and [name for name in modules if name not in names] == []
@@ -51,7 +51,7 @@ def test_installed_wheel_segments_and_runs_its_command_line(wheel, tmp_path):
             "assert napari_medrwkv.__file__.startswith(%r), napari_medrwkv.__file__; "
             "print(tuple(create_model('rwkv_unet_t').eval()(torch.rand(1, 3, 37, 45)).shape)); "
             "main(['models'])" % str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, encoding="utf-8",
                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert "(1, 1, 37, 45)" in out.stdout and "rwkv_unet_t-dsb2018" in out.stdout
@@ -80,7 +80,7 @@ def test_installed_wheel_imports_every_python_name_of_its_manifest(wheel, tmp_pa
         print("imported", len({names!r}))
     """)
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", env=env)
     assert out.returncode == 0, out.stderr
     assert f"imported {len(names)}" in out.stdout
 
@@ -90,7 +90,7 @@ def test_installed_wheel_finds_its_kernels_and_weights(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path)
     code = ("from napari_medrwkv._resources import kernels_dir, weights_dir; "
             "print(kernels_dir()); print(weights_dir())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, encoding="utf-8", check=True,
                          env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     kernels, weights = out.stdout.split()
     assert Path(kernels) == tmp_path / "napari_medrwkv" / "kernels"
@@ -102,7 +102,7 @@ def test_core_imports_without_qt_or_napari():
             "m.create_model('rwkv_unet_t'); "
             "bad = [n for n in sys.modules if n.split('.')[0] in ('napari', 'qtpy', 'PyQt5', 'PyQt6', 'PySide2', "
             "'PySide6', 'magicgui', 'vispy')]; print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, encoding="utf-8")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -20,7 +20,7 @@ MANIFEST = Path(__file__).resolve().parents[1] / "napari_medrwkv" / "plugin" / "
 
 
 def _run_python(code: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, encoding="utf-8",
                           timeout=timeout, env=dict(os.environ), **kwargs)
 
 
@@ -55,7 +55,7 @@ def test_manifest_validates():
     # the CLI, by file and by installed plugin name (the entry point), importing every python_name
     for target in (str(MANIFEST), PLUGIN):
         proc = subprocess.run([sys.executable, "-m", "npe2", "validate", target, "--imports"],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, encoding="utf-8", timeout=120)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "valid" in proc.stdout
 
@@ -148,7 +148,7 @@ def test_models_widget_lists_every_model(make_napari_viewer, qtbot):
 def test_launch_screenshot_smoke(tmp_path):
     shot = tmp_path / "shot.png"
     proc = subprocess.run([sys.executable, "-m", "napari_medrwkv.plugin.launch", "--screenshot", str(shot)],
-                          capture_output=True, text=True, timeout=240, env=dict(os.environ))
+                          capture_output=True, text=True, encoding="utf-8", timeout=240, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Done: nuclei fluorescence [rwkv_unet_t-dsb2018]" in proc.stdout    # the model suggested for nuclei
     assert shot.is_file()

@@ -91,7 +91,7 @@ SHIPPED = ["rwkv_unet_t-dsb2018", "rwkv_unet_t-kvasir", "rwkv_unet_t-busi", "rwk
 
 def _reproduce_script(*args, env=None):
     return subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_weights.sh"), *map(str, args)],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, encoding="utf-8", env=env)
 
 
 def _recipe(name, tmp_path):

@@ -10,7 +10,7 @@ from napari_medrwkv.engine.checkpoint import save_checkpoint  # noqa: E402
 from napari_medrwkv.plugin import block_segment  # noqa: E402
 from napari_medrwkv.plugin.segment_widget import SegmentWidget  # noqa: E402
 
-from conftest import random_image  # noqa: E402
+from conftest import SAMPLES, random_image  # noqa: E402
 from test_blocks import tiny_model  # noqa: E402
 
 BLOCK = 128
@@ -383,3 +383,29 @@ def test_the_part_in_view_of_the_current_slice_of_an_rgb_stack(widget, qtbot, tm
             _assert_equal_where_certain(got[1][where], labels[1][where], unsure[1][where])
         else:
             assert not got[1][where].any()
+
+
+def test_an_instance_model_fills_the_store_with_one_id_per_nucleus(widget, qtbot, tmp_path):
+    """The block path with an instance model: uint32 ids, the in-memory path's objects."""
+    import napari_medrwkv as nm
+    from napari_medrwkv.engine.imageio import read_image
+    from napari_medrwkv.engine.model import with_instances
+    from test_block_instances import assert_same_objects
+    model = with_instances(nm.load_model("rwkv_unet_t-dsb2018", device="cpu"), "distance")
+    path = tmp_path / "nuclei.safetensors"
+    save_checkpoint(model.net, path, model.info, half=False)
+    nuclei = np.tile(read_image(SAMPLES / "nuclei_fluorescence.png"), (2, 2, 1))[:300, :340]
+    image = zarr.open_array(str(tmp_path / "nuclei.zarr"), mode="w", shape=nuclei.shape, chunks=(128, 128, 3),
+                            dtype=np.uint8)
+    image[...] = nuclei
+    widget.add_model_source(str(path))
+    widget.viewer.add_image(image, name="nuclei", rgb=True)
+    widget.image_combo.setCurrentText("nuclei")
+    widget.run()
+    _wait(widget, qtbot)
+    assert widget.status.text().startswith("Done"), widget.status.text()
+    labels = widget.viewer.layers["nuclei [nuclei]"].data
+    assert labels.dtype == np.uint32
+    whole, probs = nm.segment(nuclei, model, tile=TILE, return_probabilities=True)
+    assert whole.max() > 50
+    assert_same_objects(labels, whole, np.abs(probs - 0.5) < 1e-4)

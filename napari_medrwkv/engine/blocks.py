@@ -11,7 +11,9 @@ rounding.  Intensity normalisation comes from the whole plane (a strided sample 
 :data:`SAMPLE_PIXELS` pixels; all of it when it has fewer), never from one tile.  Resizing for
 a model's ``input_scale`` is done with the rows of the whole-plane resize that a block needs
 (:func:`resize_weights`), so scaled models agree across blocks too.  The largest-object filter
-joins objects across block faces before it chooses (:func:`keep_largest_objects`).
+joins objects across block faces before it chooses (:func:`keep_largest_objects`).  An
+instance model's blocks keep both probability channels in a temporary store, from which its
+objects are found per foreground component once every block ran (:mod:`.block_instances`).
 
 Each block writes whole chunks of its own, so blocks run in any order, on any Dask worker,
 with no locks.  zarr and Dask are imported only here (the ``scale`` extra).
@@ -355,7 +357,7 @@ def block_probabilities(image: LazyImage, z: int, rows: slice, cols: slice, plan
     x = _net_input(image, z, (ta, tb), (tc, td), plan, intensity, model.info.in_chans)
     if model.info.prompt_channels:             # a prompt-aware model, asked with no prompt
         x = np.concatenate([x, np.zeros((model.info.prompt_channels,) + x.shape[1:], np.float32)])
-    probs = np.zeros((model.info.num_classes, tb - ta, td - tc), np.float32)
+    probs = np.zeros((model.info.out_channels, tb - ta, td - tc), np.float32)
     weight = np.zeros((tb - ta, td - tc), np.float32)
     for y0 in ys:
         for x0 in xs:
@@ -438,7 +440,7 @@ def segment_blocks(image, model=None, out=None, *, tile: Optional[int] = None, b
             _run_here(job, regions, targets, progress, cancel)
         else:
             _run_on(client, job, regions, targets, progress, cancel)
-        _keep_largest(job, targets, block)
+        _whole_plane_steps(job, targets, block, regions=regions)
         return targets.finish()
     except BaseException:
         targets.discard()
@@ -455,7 +457,9 @@ def iter_blocks(image, model=None, out=None, *, planes=None, rows=None, cols=Non
     stop) in the image's pixels) keep only the tasks that meet them: whole blocks, snapped
     outward, written into the full-size ``out``.  The intensity range still comes from the whole
     plane, so a block holds what a run over the whole image writes there.  The largest-object
-    filter needs whole planes: it runs only when every task of the image ran.  ``cancel()``
+    filter needs whole planes: it runs only when every task of the image ran.  An instance
+    model's objects are found once the last task ran, over the tasks run (an object is cut
+    where they end); in a zarr ``out`` their ids follow those an earlier part of the plane got.  ``cancel()``
     returning True stops before the next tile; a task stopped so writes nothing.  Its return
     value (``StopIteration.value``) is :func:`segment_blocks`'s."""
     job, targets, block = _prepare(image, model, out, tile, block, return_probabilities, rgb, device, flips,
@@ -468,7 +472,7 @@ def iter_blocks(image, model=None, out=None, *, planes=None, rows=None, cols=Non
             yield done, len(chosen), (z, r, c)
         whole = [z for z in range(job.image.planes) if
                  sum(region[0] == z for region in chosen) == sum(region[0] == z for region in every)]
-        _keep_largest(job, targets, block, whole)
+        _whole_plane_steps(job, targets, block, whole, chosen)
         return targets.finish()
     except BaseException:
         targets.discard()
@@ -509,9 +513,6 @@ def _prepare(image, model, out, tile, block, return_probabilities, rgb, device, 
         raise ValueError("segment: pass model= (a shipped name, a checkpoint path, or a loaded model)")
     model = model if isinstance(model, SegmentationModel) else load_model(model, device=device)
     settings = inference_settings(model.info, flips, threshold, largest_component)
-    if getattr(model.info, "instances", False):
-        raise ValueError(f"segment: {model.name} finds instances, which are found on a whole plane at once; read the "
-                         "image into memory (np.asarray) to segment it, block by block it is not supported yet")
     source = image if isinstance(image, LazyImage) else LazyImage(image, rgb)
     if tile is not None and int(tile) < 32:
         raise ValueError(f"segment: tile={tile} is too small; use 32 or more, or leave it out")
@@ -530,10 +531,21 @@ def _regions(job: "Job", block: int):
     return plane_regions(job.image.plane_shape, job.image.planes, job.plans[0].unit(block))
 
 
-def _keep_largest(job: "Job", targets, block: int, planes=None) -> None:
+def _whole_plane_steps(job: "Job", targets, block: int, planes=None, regions=None) -> None:
+    """What needs every block of a plane: an instance model's objects, the largest-object filter."""
+    if job.model.info.instances:
+        targets.find_instances(job, block, regions, planes)
+        return
     if job.model.binary and job.settings["largest_component"]:
         for z in range(job.image.planes) if planes is None else planes:
             targets.keep_largest(z, block)
+
+
+def _grid_in(rows: slice, cols: slice, block: int):
+    """The blocks of a task region, as :func:`_grid` places them over the plane."""
+    for r in range(rows.start, rows.stop, block):
+        for c in range(cols.start, cols.stop, block):
+            yield slice(r, min(r + block, rows.stop)), slice(c, min(c + block, cols.stop))
 
 
 def _grid(shape, block: int):
@@ -630,6 +642,9 @@ class _Targets:
 
     def __init__(self, labels, probs, binary: bool, stack: bool, made: List[Tuple[Path, Path]]):
         self.labels, self.probs, self.binary, self.stack, self.made = labels, probs, binary, stack, made
+        # An instance model's probabilities, both channels, for finding objects once all blocks ran.
+        self.scratch = self.scratch_folder = None
+        self.labels_made = False
 
     @classmethod
     def make(cls, out, image: LazyImage, model, block: int, with_probs: bool) -> "_Targets":
@@ -637,10 +652,13 @@ class _Targets:
         stack = bool(image.stack_axes)
         spatial = ((image.planes,) if stack else ()) + tuple(image.plane_shape)
         label_dtype = np.uint8 if classes <= 256 else np.int32
+        if model.info.instances:
+            label_dtype = np.uint32          # narrowed to uint16 at the end when the objects fit
         prob_shape = spatial if model.binary else (classes,) + spatial
         if out is None:
-            return cls(np.zeros(spatial, label_dtype),
-                       np.zeros(prob_shape, np.float32) if with_probs else None, model.binary, stack, [])
+            targets = cls(np.zeros(spatial, label_dtype),
+                          np.zeros(prob_shape, np.float32) if with_probs else None, model.binary, stack, [])
+            return targets.with_scratch(model, None, spatial, block)
         if with_probs:
             if not (isinstance(out, (tuple, list)) and len(out) == 2):
                 raise ValueError("segment: with return_probabilities, out= takes a pair (labels, probabilities), "
@@ -655,7 +673,15 @@ class _Targets:
         if prob_out is not None:
             probs = _zarr_target(prob_out, prob_shape, np.uint8, chunks if model.binary else (1,) + chunks, made,
                                  "probabilities")
-        return cls(labels, probs, model.binary, stack, made)
+        targets = cls(labels, probs, model.binary, stack, made)
+        targets.labels_made = isinstance(label_out, (str, os.PathLike))
+        return targets.with_scratch(model, label_out, spatial, block)
+
+    def with_scratch(self, model, out, spatial, block: int) -> "_Targets":
+        if model.info.instances:
+            from .block_instances import scratch_store
+            self.scratch, self.scratch_folder = scratch_store(out, spatial, block)
+        return self
 
     def writer(self):
         return None if isinstance(self.labels, np.ndarray) else self
@@ -663,6 +689,8 @@ class _Targets:
     def write(self, z, rows, cols, labels, probs) -> None:
         where = ((z,) if self.stack else ()) + (rows, cols)
         self.labels[where] = labels
+        if self.scratch is not None:
+            self.scratch[(slice(None),) + where] = probs[:2]
         if self.probs is not None:
             values = probs[0] if self.binary else probs
             if isinstance(self.probs, np.ndarray):
@@ -678,7 +706,30 @@ class _Targets:
         else:
             keep_largest_objects(self.labels, z if self.stack else None, block)
 
+    def find_instances(self, job: "Job", block: int, regions, whole=None) -> None:
+        """Each plane's objects from the probabilities of ``regions`` (engine/block_instances.py),
+        written over the foreground the blocks wrote; then the labels' type fits their number.
+        The largest-object filter runs on the ``whole`` planes only (None: all)."""
+        from .block_instances import last_id, narrowed, plane_instances_by_blocks, record_last_id
+        from .tiling import memory_budget
+        budget, most = memory_budget(), 0
+        for z in sorted({z for z, _, _ in regions}):
+            blocks = [b for zz, rows, cols in regions if zz == z for b in _grid_in(rows, cols, block)]
+            plane = z if self.stack else None
+            part = whole is not None and z not in whole      # the rest of the plane keeps its objects and ids
+            last = plane_instances_by_blocks(
+                self.scratch, self.labels, plane, blocks, job.model.info.instances, job.settings["threshold"],
+                job.settings["largest_component"] and not part, budget, last_id(self.labels, plane) if part else 0)
+            record_last_id(self.labels, plane, last)
+            most = max(most, last)
+        path = self.made[0][0] if self.labels_made else None
+        self.labels, new = narrowed(self.labels, most, path)
+        if path is not None:
+            self.made[0] = (new, self.made[0][1])
+
     def finish(self):
+        from .block_instances import remove_scratch
+        remove_scratch(self.scratch_folder)
         for tmp, final in self.made:
             if final.exists():
                 raise FileExistsError(f"segment: {final} appeared while segmenting; the result is in {tmp}")
@@ -692,6 +743,8 @@ class _Targets:
         return (self.labels, self.probs) if self.probs is not None else self.labels
 
     def discard(self) -> None:
+        from .block_instances import remove_scratch
+        remove_scratch(self.scratch_folder)
         for tmp, _ in self.made:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -70,6 +70,8 @@ def segment_to_ome_zarr(source, model, target, *, name: str = "labels", tile=Non
         labels_group = zarr.open_group(str(tmp), mode="w-").require_group("labels")
         group = labels_group.require_group(name)
         dtype = np.uint8 if getattr(model, "info", None) is None or model.info.num_classes <= 256 else np.int32
+        if getattr(model, "info", None) is not None and model.info.instances:
+            dtype = np.uint32            # one id per object: as many as a whole slide holds
         level0 = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
         segment_blocks(image, model, level0, tile=tile, block=block, client=client, progress=progress,
                        cancel=cancel, **settings)

@@ -144,9 +144,6 @@ class BlockSegmenter:
                              "pip install 'napari-medrwkv[scale]'")
         w = self.widget
         info = read_model_info(source)
-        if info is not None and info.instances:
-            raise ValueError(f"{Path(source).stem} finds instances, which needs a whole plane at once; this image "
-                             "is segmented block by block. Choose a foreground model, or open the image in memory.")
         choices = w.inference_choices()
         if "window" in choices:
             raise ValueError("CT windows work on images held in memory; this image is segmented block by block: "
@@ -179,8 +176,9 @@ class BlockSegmenter:
         tasks = task_regions(every, planes, rows, cols)
         name = f"{image_layer.name} [{Path(source).stem if source.endswith('.safetensors') else source}]"
         levels = pyramid_levels(shape) if image_layer.multiscale else 1
-        target = self._labels_target(name, shape, np.uint8 if classes <= 256 else np.int32, image_layer, tasks,
-                                     levels)
+        # An instance model's object ids: uint32, as many as a whole slide holds (a store's type is fixed).
+        dtype = np.uint32 if info is not None and info.instances else np.uint8 if classes <= 256 else np.int32
+        target = self._labels_target(name, shape, dtype, image_layer, tasks, levels)
         if target is None:
             return
         labels, layer, made = target
@@ -316,7 +314,8 @@ class BlockSegmenter:
                         downsample(levels, *region)
                     written.append(region)
                     yield done, total
-                if pyramids and choices.get("largest_component"):     # the filter changed whole planes
+                if pyramids and (choices.get("largest_component") or model.info.instances):
+                    # The filter, or the objects found once every block ran, changed whole planes.
                     for region in written:
                         for levels in pyramids:
                             downsample(levels, *region)

@@ -10,9 +10,9 @@ without a whole plane in memory:
    temporary float32 zarr store (:func:`scratch_store`), written by whoever runs the block;
 2. each block's foreground components are labelled, and those that meet across block faces
    (8-connected, corners too) are joined (:func:`find_components`);
-3. components inside one block are post-processed with that block read once; a component
-   across blocks on its bounding box, read from the store (an error names one whose box would
-   not fit the memory budget).  Object ids are unique in each plane, as the whole-plane path's
+3. components inside one block are post-processed with that block read once; components
+   across blocks on their joint bounding box (those starting in one block together), read from
+   the store (an error names one whose own box would not fit the memory budget).  Object ids are unique in each plane, as the whole-plane path's
    are, numbered block by block (the partition of pixels is the whole-plane one; the numbers
    differ), uint16 up to 65535 objects and uint32 beyond.
 
@@ -99,13 +99,17 @@ def plane_instances_by_blocks(probs, labels, z: Optional[int], blocks, kind: str
         labels[plane + (rows, cols)] = np.where(ids > 0, ids + total, 0).astype(labels.dtype)
         sizes.append(np.bincount(ids.ravel(), minlength=count + 1)[1:])
         total += count
-    for c in np.flatnonzero(comps.members > 1):
-        r0, r1, c0, c1 = (int(v) for v in comps.box[c])
+    for group in _crossing_groups(comps, budget):
+        boxes = comps.box[group]
+        r0, c0 = (int(v) for v in boxes[:, [0, 2]].min(0))
+        r1, c1 = (int(v) for v in boxes[:, [1, 3]].max(0))
         _check_budget((r1 - r0, c1 - c0), (r0, c0), z, budget)
         where = plane + (slice(r0, r1), slice(c0, c1))
         pair = np.asarray(probs[(slice(None),) + where])
         objects, _ = ndimage.label(pair[0] > threshold, structure=_EIGHT)
-        mask = objects == objects[comps.first[c][0] - r0, comps.first[c][1] - c0]
+        chosen = np.zeros(int(objects.max()) + 1, bool)
+        chosen[objects[comps.first[group, 0] - r0, comps.first[group, 1] - c0]] = True
+        mask = chosen[objects]
         ids = separate(pair[0] * mask, pair[1], threshold).astype(np.int64)
         count = int(ids.max())
         check(total + count)
@@ -122,6 +126,26 @@ def plane_instances_by_blocks(probs, labels, z: Optional[int], blocks, kind: str
             labels[where] = (np.asarray(labels[where]) == keep).astype(labels.dtype)
         total = 1
     return total
+
+
+def _crossing_groups(comps: Components, budget: int):
+    """The components across blocks in groups post-processed together, one read each: those whose
+    boxes start in one block, while their joint box fits the budget (else one at a time)."""
+    crossing = np.flatnonzero(comps.members > 1)
+    if not crossing.size:
+        return
+    side = max(max(rows.stop - rows.start, cols.stop - cols.start) for rows, cols in comps.blocks)
+    keys = comps.box[crossing][:, [0, 2]] // side
+    order = np.lexsort((keys[:, 1], keys[:, 0]))
+    crossing, keys = crossing[order], keys[order]
+    starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(1)])
+    for group in np.split(crossing, starts[1:]):
+        box = comps.box[group]
+        pixels = (box[:, 1].max() - box[:, 0].min()) * (box[:, 3].max() - box[:, 2].min())
+        if pixels * BYTES_PER_PIXEL <= budget:
+            yield group
+        else:
+            yield from ([c] for c in group)
 
 
 def find_components(probs, plane, blocks, threshold: float) -> Components:

@@ -158,27 +158,32 @@ def find_components(probs, plane, blocks, threshold: float) -> Components:
     for rows, cols in blocks:
         objects, count = ndimage.label(np.asarray(probs[(0,) + plane + (rows, cols)]) > threshold, structure=_EIGHT)
         offsets.append(total)
-        for k, found in enumerate(ndimage.find_objects(objects)):
-            boxes.append((found[0].start + rows.start, found[0].stop + rows.start,
-                          found[1].start + cols.start, found[1].stop + cols.start))
-            r = found[0].start
-            c = found[1].start + int(np.argmax(objects[r, found[1]] == k + 1))
-            firsts.append((r + rows.start, c + cols.start))
-        ids = np.where(objects > 0, objects + total, 0)      # 1-based here; 0 is background
-        edges[(rows.start, cols.start)] = (ids[0], ids[-1], ids[:, 0], ids[:, -1], rows.stop, cols.stop)
+        found = ndimage.find_objects(objects)
+        r0 = np.array([f[0].start for f in found], np.int64)
+        c0 = np.array([f[1].start for f in found], np.int64)
+        boxes.append(np.stack([r0, [f[0].stop for f in found], c0, [f[1].stop for f in found]], 1).reshape(-1, 4)
+                     + np.array([rows.start, rows.start, cols.start, cols.start]))
+        # a pixel of each: the first in its box's top row
+        c_first = c0 + np.array([np.argmax(objects[r, f[1]] == k + 1) for k, (r, f) in enumerate(zip(r0, found))],
+                                np.int64)
+        firsts.append(np.stack([r0 + rows.start, c_first + cols.start], 1).reshape(-1, 2))
+        # The block's four edge lines as new arrays (not views: the block is let go), ids 1-based.
+        lines = objects[0], objects[-1], objects[:, 0], objects[:, -1]
+        edges[(rows.start, cols.start)] = tuple(np.where(x > 0, x.astype(np.int64) + total, 0) for x in lines) + \
+            (rows.stop, cols.stop)
         total += count
     pairs = _face_pairs(edges)
     graph = coo_matrix((np.ones(len(pairs[0])), pairs), shape=(total, total))
     _, joined = connected_components(graph, directed=False) if total else (0, np.zeros(0, np.int64))
     n = int(joined.max()) + 1 if total else 0
-    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4), np.int64)
     box = np.empty((n, 4), np.int64)
     box[:, 0] = box[:, 2] = np.iinfo(np.int64).max
     box[:, 1] = box[:, 3] = np.iinfo(np.int64).min
     for k, fold in ((0, np.minimum), (1, np.maximum), (2, np.minimum), (3, np.maximum)):
         fold.at(box[:, k], joined, boxes[:, k])
-    first = np.zeros((n, 2), np.int64)
-    first[joined[::-1]] = np.asarray(firsts, np.int64).reshape(-1, 2)[::-1]   # any part's pixel will do
+    first = np.zeros((n, 2), np.int64)             # a pixel of any of its parts will do
+    first[joined] = np.concatenate(firsts) if firsts else np.zeros((0, 2), np.int64)
     return Components(list(blocks), offsets, joined, np.bincount(joined, minlength=n), box, first)
 
 

@@ -147,7 +147,7 @@ class FineTuneWidget(QWidget):
         self.samples_spin = QSpinBox()
         self.samples_spin.setRange(1, 1000000)
         self.samples_spin.setValue(FEW_SHOT["samples_per_epoch"])
-        self.instances_check = QCheckBox("Separate touching objects (one label per object)")
+        self.instances_check = QCheckBox("Separate touching objects")
         self.instances_check.setToolTip(INSTANCES_TIP)
         self.output_edit = QLineEdit()
         self.output_button = QPushButton("Save as…")

@@ -59,6 +59,25 @@ def random_image(shape, dtype=np.uint8, seed=0):
     return rng.random(shape).astype(dtype)
 
 
+def tiny_finetune(viewer, qtbot, base, out, batch_size=2):
+    """The Fine-tune widget docked in ``viewer`` and run on its reviewed pairs from ``base`` into
+    ``out``: one epoch of two 64-pixel patches on the CPU.  Returns the widget once it is done."""
+    from napari_medrwkv.plugin.finetune_widget import FineTuneWidget
+    finetune = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(finetune)
+    finetune.refresh_pairs()
+    finetune.add_model_source(base)
+    finetune.epochs_spin.setValue(1)
+    finetune.patch_spin.setValue(64)
+    finetune.batch_spin.setValue(batch_size)
+    finetune.samples_spin.setValue(2)
+    finetune.device_combo.setCurrentText("cpu")
+    finetune.output_edit.setText(str(out))
+    finetune.run()
+    qtbot.waitUntil(lambda: finetune.worker is None, timeout=180000)
+    return finetune
+
+
 def untrained_checkpoint(path, num_classes=1):
     """A real checkpoint file of the fastest architecture, untrained (seeded), for widget tests."""
     import torch

@@ -136,10 +136,9 @@ def test_the_loop_on_a_scan_keeps_its_grid_from_segment_to_the_saved_mask(make_n
                                                                           monkeypatch):
     """Segment a scan stored RAS, correct and review two slices, fine-tune, re-segment the rest,
     save: every layer on the scan's scale, and the mask file on the scan's own grid."""
-    from conftest import SAMPLES, untrained_checkpoint
+    from conftest import SAMPLES, tiny_finetune, untrained_checkpoint
     from napari_medrwkv.engine.imageio import read_image, read_mask
     from napari_medrwkv.plugin import finetune_widget, review
-    from napari_medrwkv.plugin.finetune_widget import FineTuneWidget
     from napari_medrwkv.plugin.segment_widget import SegmentWidget
     grey = read_image(SAMPLES / "nuclei_fluorescence.png")
     grey = grey[..., 0] if grey.ndim == 3 else grey
@@ -166,18 +165,7 @@ def test_the_loop_on_a_scan_keeps_its_grid_from_segment_to_the_saved_mask(make_n
     for z, target in truths.items():                         # the corrections, as brush strokes would paint
         labels.data[z] = target.astype(labels.data.dtype)
         review.set_reviewed(labels, z)
-    finetune = FineTuneWidget(viewer)
-    viewer.window.add_dock_widget(finetune)
-    finetune.refresh_pairs()
-    finetune.add_model_source(base)
-    finetune.epochs_spin.setValue(1)
-    finetune.patch_spin.setValue(64)
-    finetune.batch_spin.setValue(2)
-    finetune.samples_spin.setValue(2)
-    finetune.device_combo.setCurrentText("cpu")
-    finetune.output_edit.setText(str(tmp_path / "tuned.safetensors"))
-    finetune.run()
-    qtbot.waitUntil(lambda: finetune.worker is None, timeout=180000)
+    finetune = tiny_finetune(viewer, qtbot, base, tmp_path / "tuned.safetensors")
     monkeypatch.setattr(finetune_widget.QMessageBox, "question",
                         lambda *a, **k: finetune_widget.QMessageBox.StandardButton.Yes)
     finetune.resegment_button.click()
@@ -200,11 +188,10 @@ def test_review_fine_tune_and_resegment_follow_a_sagittal_scans_acquired_planes(
     """A scan acquired sagittally (slices across its last axis): Mark reviewed marks the acquired
     plane on screen, fine-tuning learns from that plane, and Re-segment fills the other acquired
     planes, keeping the reviewed one."""
-    from conftest import untrained_checkpoint
+    from conftest import tiny_finetune, untrained_checkpoint
     from napari_medrwkv.engine.infer import segment
     from napari_medrwkv.plugin import finetune_widget, review
     from napari_medrwkv.plugin.correct_widget import CorrectWidget
-    from napari_medrwkv.plugin.finetune_widget import FineTuneWidget
     from napari_medrwkv.plugin.segment_widget import SegmentWidget
     path, _ = nuclei_scan(tmp_path)
     viewer = make_napari_viewer()
@@ -235,18 +222,7 @@ def test_review_fine_tune_and_resegment_follow_a_sagittal_scans_acquired_planes(
     assert review.reviewed(labels) == [3]
     [pair] = review.reviewed_pairs(viewer.layers)
     assert pair.index == 3 and np.array_equal(pair.image, image.data[:, :, 3]) and np.array_equal(pair.mask, truth)
-    finetune = FineTuneWidget(viewer)
-    viewer.window.add_dock_widget(finetune)
-    finetune.refresh_pairs()
-    finetune.add_model_source(base)
-    finetune.epochs_spin.setValue(1)
-    finetune.patch_spin.setValue(64)
-    finetune.batch_spin.setValue(1)
-    finetune.samples_spin.setValue(2)
-    finetune.device_combo.setCurrentText("cpu")
-    finetune.output_edit.setText(str(tmp_path / "tuned.safetensors"))
-    finetune.run()
-    qtbot.waitUntil(lambda: finetune.worker is None, timeout=180000)
+    finetune = tiny_finetune(viewer, qtbot, base, tmp_path / "tuned.safetensors", batch_size=1)
     assert finetune.result is not None, finetune.status.text()
     monkeypatch.setattr(finetune_widget.QMessageBox, "question",
                         lambda *a, **k: finetune_widget.QMessageBox.StandardButton.Yes)

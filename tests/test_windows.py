@@ -3,7 +3,7 @@ with that model uses it unless another is asked for; older checkpoints keep the 
 import numpy as np
 import pytest
 
-from conftest import untrained_checkpoint
+from conftest import tiny_finetune, untrained_checkpoint
 
 from napari_medrwkv.engine.checkpoint import ModelInfo, read_info
 from napari_medrwkv.engine.infer import segment
@@ -119,7 +119,6 @@ def test_segment_widget_records_its_window_and_fine_tune_learns_with_it(make_nap
     that window, and the menu then offers it as the model's own (and the percentiles beside it)."""
     pytest.importorskip("napari")
     from napari_medrwkv.plugin import review
-    from napari_medrwkv.plugin.finetune_widget import FineTuneWidget
     from napari_medrwkv.plugin.segment_widget import PERCENTILES, SegmentWidget
     viewer = make_napari_viewer()
     image = viewer.add_image(np.stack([ct_slice(seed)[0] for seed in range(3)]), name="ct")
@@ -139,18 +138,7 @@ def test_segment_widget_records_its_window_and_fine_tune_learns_with_it(make_nap
     for z in range(3):
         labels.data[z] = ct_slice(z)[1]
         review.set_reviewed(labels, z)
-    finetune = FineTuneWidget(viewer)
-    viewer.window.add_dock_widget(finetune)
-    finetune.refresh_pairs()
-    finetune.add_model_source(base)
-    finetune.epochs_spin.setValue(1)
-    finetune.patch_spin.setValue(64)
-    finetune.batch_spin.setValue(2)
-    finetune.samples_spin.setValue(2)
-    finetune.device_combo.setCurrentText("cpu")
-    finetune.output_edit.setText(str(tmp_path / "tuned.safetensors"))
-    finetune.run()
-    qtbot.waitUntil(lambda: finetune.worker is None, timeout=180000)
+    tiny_finetune(viewer, qtbot, base, tmp_path / "tuned.safetensors")
     assert read_info(tmp_path / "tuned.safetensors").window == "lung"
     widget.add_model_source(str(windowed))
     assert widget.window_combo.itemText(0) == "the model's own: CT window soft tissue (40 / 400 HU)"

@@ -10,11 +10,12 @@ without a whole plane in memory:
    temporary float32 zarr store (:func:`scratch_store`), written by whoever runs the block;
 2. each block's foreground components are labelled, and those that meet across block faces
    (8-connected, corners too) are joined (:func:`find_components`);
-3. components inside one block are post-processed with that block read once; components
-   across blocks on their joint bounding box (those starting in one block together), read from
-   the store (an error names one whose own box would not fit the memory budget).  Object ids
-   are unique in each plane, as the whole-plane path's are, numbered block by block (the partition of pixels is the whole-plane one; the numbers
-   differ), uint16 up to 65535 objects and uint32 beyond.
+3. components inside one block are post-processed with that block read once; components across
+   blocks on their joint bounding box (those starting in one block together), read from the
+   store (an error names one whose own box would not fit the memory budget). Object ids are
+   unique in each plane, as the whole-plane path's are, numbered block by block (the partition
+   of pixels is the whole-plane one; the numbers differ), uint16 up to 65535 objects and uint32
+   beyond.
 
 The largest-object filter keeps the object with the most pixels, as id 1.
 """

@@ -2,10 +2,11 @@
 the size past which a pass slows down), placed to cover the plane with the fewest pixels,
 overlapping by what the network needs at a tile's border.
 
-A plane that fits runs whole, in one pass: the Bi-WKV mixes the whole input, so one pass runs
-no pixel twice and is the reference every tiling is compared with.  A larger plane is cut into ``ny`` x ``nx`` tiles, each of at most the budget's pixels;
-among the counts that fit, :func:`plan_tiles` takes the one that runs the fewest pixels in all,
-and each tile is no larger than it needs to be for that count.
+A plane that fits runs whole, in one pass: the Bi-WKV mixes the whole input, so one pass runs no
+pixel twice and is the reference every tiling is compared with. A larger plane is cut into
+``ny`` x ``nx`` tiles, each of at most the budget's pixels; among the counts that fit,
+:func:`plan_tiles` takes the one that runs the fewest pixels in all, and each tile is no larger
+than it needs to be for that count.
 
 The numbers behind the policy are measured per architecture and kept here as data
 (``python bench/tile_policy.py --memory --margin`` prints them; ``bench/RESULTS.md``, "Tiles").

@@ -88,11 +88,13 @@ rwkv_unet_t-interactive)
     DATASET=kvasir-seg
     # Click to fix, for any kind of image: the polyp model grown into a prompt-aware one (its
     # recipe runs first), trained by simulated users on the objects of all three sets (polyps,
-    # lesions, every nucleus its own object).  One CPU thread, beside other work.
+    # lesions, every nucleus its own object).  One CPU thread, beside other work; the second
+    # step continues the first's kept weights at a lower rate.
     BASE=rwkv_unet_t-kvasir
     CLASSES=background,object
     STEPS=(
         "--interactive --extra-data $DATA_ROOT/busi --extra-data $DATA_ROOT/dsb2018 --window 160 --lr 5e-4 --batch-size 8 --ema 0.995 --max-minutes 85"
+        "--class-names background,object --interactive --extra-data $DATA_ROOT/busi --extra-data $DATA_ROOT/dsb2018 --window 160 --lr 3e-4 --batch-size 8 --ema 0.995 --max-minutes 105"
     )
     ;;
 *)
